@@ -1,0 +1,219 @@
+"""The I/O-free description of each endpoint call: its chunked request bodies and how answers merge.
+
+A ``Call`` is what a client method turns into before any byte is sent: method, path, the chunks
+(each a slice of the caller's list with its JSON body) and a ``merge`` that turns the chunks'
+decoded answers, in chunk order, into the typed result. Part of the shared core (see ``_core``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import APIResponseValidationError, APIStatusError
+from .types import Item, ModelInfo, PreferenceResult, Prompt, RerankResult, ScoreResult, Usage
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Elements ``[start, stop)`` of the caller's list, and the JSON body that carries them (``None``: no body)."""
+
+    start: int
+    stop: int
+    body: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    method: str
+    path: str
+    chunks: list[Chunk]
+    merge: Callable[[list[Chunk], list[Any]], T]
+    # The body's list field ("items", "pairs", "groups"): error params of later chunks are re-based on it.
+    param_key: str | None = None
+
+
+def plan_chunks(weights: Sequence[int], max_weight: int) -> list[tuple[int, int]]:
+    """Split elements into contiguous ``(start, stop)`` runs of total weight at most ``max_weight``.
+
+    An element heavier than ``max_weight`` on its own gets a run of its own (the server then decides).
+
+    >>> plan_chunks([1] * 5, 2)
+    [(0, 2), (2, 4), (4, 5)]
+    >>> plan_chunks([3, 1, 4, 1], 4)
+    [(0, 2), (2, 3), (3, 4)]
+    """
+    runs: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for i, weight in enumerate(weights):
+        if i > start and total + weight > max_weight:
+            runs.append((start, i))
+            start, total = i, 0
+        total += weight
+    if len(weights) > start:
+        runs.append((start, len(weights)))
+    return runs
+
+
+def _as_list(name: str, value: Iterable[Any]) -> list[Any]:
+    # A bare string is a Sequence too; zipping it would silently score characters.
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _same_length(**lists: list[Any]) -> None:
+    lengths = {name: len(v) for name, v in lists.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"length mismatch: {', '.join(f'{k}={v}' for k, v in lengths.items())}")
+
+
+def _prompt(prompt: Prompt) -> Any:
+    return prompt if isinstance(prompt, str) else [dict(turn) for turn in prompt]
+
+
+def _validate(cls: type[M], body: Any) -> M:
+    try:
+        return cls.model_validate(body)
+    except ValidationError as exc:
+        raise APIResponseValidationError(f"unexpected response body for {cls.__name__}: {exc}", body=body) from exc
+
+
+def _check_count(what: str, got: int, chunk: Chunk, body: Any) -> None:
+    if got != chunk.stop - chunk.start:
+        raise APIResponseValidationError(f"server returned {got} {what} for {chunk.stop - chunk.start} inputs", body=body)
+
+
+def _chunks(key: str, elements: list[Any], weights: list[int], limit: int, extra: dict[str, Any]) -> list[Chunk]:
+    return [Chunk(a, b, {key: elements[a:b], **extra}) for a, b in plan_chunks(weights, limit)]
+
+
+# --- /v1/score
+
+
+def pair_items(prompts: Iterable[Prompt], responses: Iterable[str]) -> list[dict[str, Any]]:
+    """``[{"prompt": p, "response": r}, ...]``; raises ``ValueError`` when the lengths differ."""
+    prompts, responses = _as_list("prompts", prompts), _as_list("responses", responses)
+    _same_length(prompts=prompts, responses=responses)
+    return [{"prompt": _prompt(p), "response": r} for p, r in zip(prompts, responses)]
+
+
+def _merge_score(chunks: list[Chunk], bodies: list[Any]) -> ScoreResult:
+    rewards: list[float] = []
+    truncated: list[int] = []
+    tokens, model = 0, None
+    for chunk, body in zip(chunks, bodies):
+        part = _validate(ScoreResult, body)
+        _check_count("rewards", len(part.rewards), chunk, body)
+        rewards.extend(part.rewards)
+        truncated.extend(chunk.start + i for i in part.truncated)  # chunk-local -> index in the whole call
+        tokens += part.usage.input_tokens
+        model = model or part.model
+    return ScoreResult(model=model, rewards=rewards, truncated=sorted(truncated), usage=Usage(input_tokens=tokens))
+
+
+def score_call(items: Iterable[Item], *, normalize: bool, max_items: int) -> Call[ScoreResult]:
+    items = [dict(item) for item in _as_list("items", items)]
+    chunks = _chunks("items", items, [1] * len(items), max_items, {"normalize": normalize})
+    return Call("POST", "/v1/score", chunks, _merge_score, "items")
+
+
+# --- /v1/preference
+
+
+class _PreferenceResponse(BaseModel):
+    results: list[PreferenceResult]
+
+
+def _merge_preference(chunks: list[Chunk], bodies: list[Any]) -> list[PreferenceResult]:
+    results: list[PreferenceResult] = []
+    for chunk, body in zip(chunks, bodies):
+        part = _validate(_PreferenceResponse, body).results
+        _check_count("results", len(part), chunk, body)
+        results.extend(part)
+    return results
+
+
+def preference_call(
+    prompts: Iterable[Prompt], responses_a: Iterable[str], responses_b: Iterable[str], *, normalize: bool, max_items: int
+) -> Call[list[PreferenceResult]]:
+    prompts, a, b = _as_list("prompts", prompts), _as_list("responses_a", responses_a), _as_list("responses_b", responses_b)
+    _same_length(prompts=prompts, responses_a=a, responses_b=b)
+    pairs = [{"prompt": _prompt(p), "response_a": ra, "response_b": rb} for p, ra, rb in zip(prompts, a, b)]
+    # Each pair is two sequences for the model, so it counts twice against the per-request item limit.
+    chunks = _chunks("pairs", pairs, [2] * len(pairs), max_items, {"normalize": normalize})
+    return Call("POST", "/v1/preference", chunks, _merge_preference, "pairs")
+
+
+# --- /v1/rerank
+
+
+class _RerankResponse(BaseModel):
+    results: list[RerankResult]
+
+
+def _merge_rerank(chunks: list[Chunk], bodies: list[Any]) -> list[RerankResult]:
+    results: list[RerankResult] = []
+    for chunk, body in zip(chunks, bodies):
+        part = _validate(_RerankResponse, body).results
+        _check_count("results", len(part), chunk, body)
+        results.extend(part)
+    return results
+
+
+def rerank_call(
+    prompts: Iterable[Prompt],
+    groups_of_responses: Iterable[Iterable[str]],
+    *,
+    top_k: int | None,
+    normalize: bool,
+    max_items: int,
+) -> Call[list[RerankResult]]:
+    prompts = _as_list("prompts", prompts)
+    groups = [_as_list("each group of responses", g) for g in _as_list("groups_of_responses", groups_of_responses)]
+    _same_length(prompts=prompts, groups_of_responses=groups)
+    bodies = [{"prompt": _prompt(p), "responses": g} for p, g in zip(prompts, groups)]
+    # Groups are never split (the ranking is per group); a chunk holds whole groups up to the item limit.
+    weights = [max(len(g), 1) for g in groups]
+    chunks = _chunks("groups", bodies, weights, max_items, {"top_k": top_k, "normalize": normalize})
+    return Call("POST", "/v1/rerank", chunks, _merge_rerank, "groups")
+
+
+# --- operational routes
+
+
+class _ModelList(BaseModel):
+    data: list[ModelInfo]
+
+
+def models_call() -> Call[list[ModelInfo]]:
+    return Call("GET", "/v1/models", [Chunk(0, 0, None)], lambda _, bodies: _validate(_ModelList, bodies[0]).data)
+
+
+def probe_call(path: str) -> Call[bool]:
+    """``/health`` or ``/ready``: any 2xx is a yes, whatever the body."""
+    return Call("GET", path, [Chunk(0, 0, None)], lambda _, __: True)
+
+
+# --- errors of later chunks
+
+
+def rebase_error(error: APIStatusError, key: str | None, offset: int) -> APIStatusError:
+    """Make ``items[3]`` / ``item 3:`` of a chunk starting at ``offset`` name the index in the whole call."""
+    if key is None or offset == 0:
+        return error
+    singular = key[:-1]
+    if error.param:
+        error.param = re.sub(rf"^{key}\[(\d+)\]", lambda m: f"{key}[{int(m.group(1)) + offset}]", error.param)
+    new_message = re.sub(rf"^{singular} (\d+):", lambda m: f"{singular} {int(m.group(1)) + offset}:", error.message)
+    if new_message != error.message:
+        error.message = new_message
+        error.args = (new_message,)
+    return error

@@ -1,0 +1,100 @@
+"""Typed results of the client. Field names follow the response bodies of API.md.
+
+Example::
+
+    result = client.score_detailed([{"prompt": "Hi", "response": "Hello!"}])
+    result.rewards, result.truncated, result.usage.input_tokens
+    best = client.rerank(["Hi"], [["Hello!", "Go away."]])[0]
+    best.best_index, [(r.index, r.reward) for r in best.ranking]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple, Union
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "Item",
+    "Message",
+    "ModelInfo",
+    "PreferenceResult",
+    "Prompt",
+    "RankedResponse",
+    "RerankResult",
+    "ScoreResult",
+    "Usage",
+]
+
+Message = Mapping[str, str]
+"""One chat turn: ``{"role": "user" | "assistant" | "system", "content": str}``."""
+Prompt = Union[str, Sequence[Message]]
+"""A prompt: plain text or a list of chat turns (the server applies the model's chat template)."""
+Item = Mapping[str, Any]
+"""One item in any of API.md's four forms: ``{prompt, response}``, ``{messages}``, ``{text}``, ``{input_ids}``."""
+
+
+class _Result(BaseModel):
+    # Frozen: results are values. Extra fields allowed so a newer server does not break an older client.
+    model_config = ConfigDict(frozen=True, extra="allow", protected_namespaces=())
+
+
+class Usage(_Result):
+    """Token accounting of a call, summed over its chunks."""
+
+    input_tokens: int = 0
+
+
+class ScoreResult(_Result):
+    """The full answer of ``/v1/score``: ``rewards[i]`` belongs to ``items[i]``.
+
+    ``truncated`` lists the indices (into the whole call, not one chunk) that were left-truncated.
+    ``model`` is ``None`` only for an empty call, which sends no request.
+    """
+
+    model: str | None = None
+    rewards: list[float]
+    truncated: list[int] = []
+    usage: Usage = Usage()
+
+
+class PreferenceResult(_Result):
+    """One pair of ``/v1/preference``: ``prob_a = sigmoid(reward_a - reward_b)``; ties prefer ``"a"``.
+
+    Example: ``PreferenceResult(reward_a=1.0, reward_b=0.0, prob_a=0.731, preferred="a")``.
+    """
+
+    reward_a: float
+    reward_b: float
+    prob_a: float
+    preferred: Literal["a", "b"]
+
+
+class RankedResponse(NamedTuple):
+    """One entry of a ranking; a tuple, so ``for index, reward in result.ranking`` works."""
+
+    index: int
+    reward: float
+
+
+class RerankResult(_Result):
+    """One group of ``/v1/rerank``: ``ranking`` is sorted by reward, best first (cut to ``top_k``).
+
+    ``index`` refers to the group's own ``responses`` list; ``best_index == ranking[0].index``.
+    """
+
+    ranking: list[RankedResponse]
+    best_index: int
+
+
+class ModelInfo(_Result):
+    """One entry of ``GET /v1/models``. ``head``, ``normalization`` and ``template`` are as the server reports them."""
+
+    id: str
+    dtype: str | None = None
+    quantization: str | None = None
+    max_length: int | None = None
+    head: Any = None
+    normalization: Any = None
+    template: Any = None

@@ -1,0 +1,62 @@
+"""``ModelSpec``: everything needed to load and run one reward model, in one validated object."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+Quantization = Literal["none", "int8", "nf4"]
+HeadName = Literal["auto", "score", "reward_head", "v_head", "value_head"]
+
+
+class ModelSpec(BaseModel):
+    """How to load and run a reward model.
+
+    Example::
+
+        spec = ModelSpec(path="/ckpt/my-rm", dtype="bf16", max_length=4096)
+        rm = load_reward_model(spec)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field("demo", description="Local checkpoint directory, or 'demo' for the built-in demo reward model.")
+    dtype: Dtype = Field("auto", description="Weights/activation dtype. 'auto': bf16 on CUDA, fp32 on CPU.")
+    quantization: Quantization = Field(
+        "none", description="bitsandbytes weight quantisation of the backbone (the reward head is never quantised)."
+    )
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    max_length: int | None = Field(
+        None, ge=8, le=1_048_576, description="Longest input in tokens; default: the model's context, at most 8192."
+    )
+    truncation: Literal["left", "error"] = Field(
+        "left",
+        description="Over-long items: 'left' drops the oldest prompt tokens (keeps BOS and the whole response end) "
+        "and flags the item; 'error' rejects it with context_length_exceeded.",
+    )
+    template: Literal["auto", "chat", "raw"] = Field(
+        "auto",
+        description="'chat' renders items with the tokenizer's chat template; 'raw' joins prompt and response with "
+        "`separator`; 'auto' uses the template when the tokenizer has one.",
+    )
+    separator: str = Field("\n", max_length=64, description="Joins prompt and response in 'raw' formatting.")
+    eos: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="EOS after the response (pair and conversation items): 'auto' keeps what the template renders "
+        "(raw: none), 'always' ensures one, 'never' removes a trailing one.",
+    )
+    head: HeadName = Field("auto", description="Which reward head to use; 'auto' detects it from the weights.")
+    head_file: str | None = Field(
+        None, description="Safetensors file holding the reward head, when it is not in the model's own weights."
+    )
+    reward_mean: float | None = Field(None, description="Normalisation mean; overrides config.json.")
+    reward_std: float | None = Field(None, gt=0, description="Normalisation std; overrides config.json.")
+    max_batch_tokens: int = Field(
+        16384, ge=1, le=10_000_000, description="Padded-token budget (rows x longest row) of one forward micro-batch."
+    )
+    padding_side: Literal["right", "left"] = Field(
+        "right", description="Where micro-batches are padded; rewards do not depend on it."
+    )
+    trust_remote_code: bool = Field(False, description="Allow checkpoint code to run (off unless you trust it).")
