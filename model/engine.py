@@ -136,7 +136,9 @@ class ScoringEngine:
             self.stats.oom_splits += 1
             half = len(seqs) // 2
             return self._run_splitting_on_oom(seqs[:half]) + self._run_splitting_on_oom(seqs[half:])
-        return [r if math.isfinite(r) else InternalError(f"the model produced a non-finite reward ({r})") for r in rewards]
+        return [
+            r if math.isfinite(r) else InternalError(f"the model produced a non-finite reward ({r})") for r in rewards
+        ]
 
     def _forward(self, seqs: list[Sequence[int]]) -> list[float]:
         lengths = [len(s) for s in seqs]

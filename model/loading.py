@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -69,23 +70,36 @@ def _quantization_config(spec: ModelSpec, dtype: torch.dtype):
     )
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports and progress bars (the head tensors are 'unexpected' by design)."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_backbone(model_dir: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The decoder without any head (``AutoModel``), every weight loaded from the checkpoint or an error."""
     from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
 
     quant = _quantization_config(spec, dtype)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "use_safetensors": True}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": str(device)})
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the head tensors are "unexpected" for AutoModel by design
     try:
-        backbone, info = AutoModel.from_pretrained(str(model_dir), output_loading_info=True, **kwargs)
+        with quiet_transformers():
+            backbone, info = AutoModel.from_pretrained(str(model_dir), output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load the backbone from {model_dir}: {exc}") from exc
-    finally:
-        hf_logging.set_verbosity(previous)
     missing = [k for k in info.get("missing_keys", []) if "rotary_emb" not in k]
     if missing:
         raise ModelLoadError(
@@ -94,7 +108,17 @@ def load_backbone(model_dir: Path, spec: ModelSpec, device: torch.device, dtype:
         )
     if quant is None:
         backbone = backbone.to(device)
+    elif spec.quantization == "nf4" and device.type == "cpu":
+        _avoid_unsupported_cpu_4bit_packing(backbone)
     return backbone.eval()
+
+
+def _avoid_unsupported_cpu_4bit_packing(backbone: torch.nn.Module) -> None:
+    """bitsandbytes' packed CPU 4-bit kernel needs ``out_features % 32 == 0`` and whole 64-blocks per row;
+    other layers take its generic path."""
+    for module in backbone.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and (module.out_features % 32 or module.in_features % 64):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_reward_model(spec: ModelSpec | str | None = None, **overrides) -> RewardModel:

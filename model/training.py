@@ -36,7 +36,8 @@ class TrainConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 176
     vocab_size: int = 1024
-    max_length: int = 256
+    max_length: int = 256  # longest training sequence
+    context_length: int = 2048  # max_position_embeddings written to the checkpoint
     steps: int = 400
     batch_size: int = 32
     lr: float = 3e-3
@@ -153,7 +154,7 @@ def train_reward_model(
         num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_kv_heads,
-        max_position_embeddings=config.max_length,
+        max_position_embeddings=config.context_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=None,
@@ -185,7 +186,7 @@ def train_reward_model(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        result.losses.append(float(loss))
+        result.losses.append(loss.item())
         if progress:
             steps.set_postfix(loss=f"{loss.item():.3f}")
     save_checkpoint(model, out_dir, config)
@@ -202,11 +203,13 @@ def _first_rows(batch: list[dict]) -> list[int]:
 
 def save_checkpoint(model: _Trainable, out_dir: Path, config: TrainConfig) -> None:
     """``LlamaForCausalLM`` weights + ``reward_head.weight`` in the same safetensors file."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
-    model.lm.save_pretrained(str(out_dir))
+    from .loading import quiet_transformers
+
+    with quiet_transformers():
+        model.lm.save_pretrained(str(out_dir))
     weights_path = out_dir / "model.safetensors"
-    from safetensors.torch import load_file
 
     tensors = load_file(str(weights_path))
     tensors["reward_head.weight"] = model.reward_head.weight.detach().float().contiguous()

@@ -1,0 +1,96 @@
+"""Build tiny real reward-model checkpoints for tests (real ``save_pretrained``, locally trained tokenizers).
+
+Every head format is written from the *same* weights, so the rewards of all formats must agree with
+one reference forward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rmserve.model.synthetic import corpus, make_preference_pairs
+from rmserve.model.tokenizer_builder import train_tokenizer
+from safetensors.torch import load_file, save_file
+
+HEAD_FORMATS = ("score", "reward_head", "v_head_file", "value_head")
+ARCHS = ("llama", "mistral", "qwen2")
+
+
+def build_tokenizer(variant: str = "chat"):
+    """variant: 'chat' (template, no pad), 'raw' (no template), 'pad_eos' (template, pad_token == eos_token)."""
+    texts = corpus(make_preference_pairs(400, seed=7))
+    tok = train_tokenizer(texts, vocab_size=400, chat_template=variant != "raw")
+    if variant == "pad_eos":
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _config(arch: str, vocab: int, tok):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        num_labels=1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch](**common)
+
+
+def reference_model(arch: str, tok, seed: int = 0):
+    """The ``*ForSequenceClassification`` model every format is derived from (head = ``score``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(_config(arch, len(tok), tok))
+    with torch.no_grad():  # a visible reward scale, and a bias-free head like real RMs
+        model.score.weight.normal_(0, 1.0)
+    return model.eval()
+
+
+def reference_reward(model, ids) -> float:
+    """transformers' own forward of the unpadded single sequence: the head on its last token."""
+    saved = model.config.pad_token_id
+    model.config.pad_token_id = None  # a batch of one without padding: the last token is the last real token
+    try:
+        with torch.no_grad():
+            return float(model(torch.tensor([list(ids)])).logits[0, 0])
+    finally:
+        model.config.pad_token_id = saved
+
+
+def save_checkpoint(out: Path, head_format: str, arch: str = "llama", tok_variant: str = "chat", **config_extra):
+    """Write a checkpoint of ``head_format`` and return ``(dir, reference_model, tokenizer)``."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    tok = build_tokenizer(tok_variant)
+    ref = reference_model(arch, tok)
+    for k, v in config_extra.items():
+        setattr(ref.config, k, v)
+    tok.save_pretrained(str(out))
+    if head_format == "score":
+        ref.save_pretrained(str(out))
+        return out, ref, tok
+
+    causal = AutoModelForCausalLM.from_config(ref.config)
+    causal.model.load_state_dict(ref.model.state_dict())
+    for k, v in config_extra.items():
+        setattr(causal.config, k, v)
+    causal.save_pretrained(str(out))
+    head = ref.score.weight.detach().clone()
+    if head_format == "v_head_file":
+        save_file({"v_head.weight": head}, str(out / "v_head.safetensors"))
+    else:
+        weights = load_file(str(out / "model.safetensors"))
+        weights[f"{head_format}.weight"] = head
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out, ref, tok

@@ -1,0 +1,127 @@
+"""Templates, BOS/EOS policy, truncation and item validation."""
+
+from __future__ import annotations
+
+import pytest
+from rmserve.model import ContextLengthExceededError, InvalidRequestError, ItemFormatter, ModelSpec, left_truncate
+
+PAIR = {"prompt": "Tell me about owls.", "response": "Gladly! Owls have a long history."}
+
+
+def _fmt(tokenizer, **spec):
+    return ItemFormatter(
+        tokenizer, ModelSpec(**spec), max_length=spec.pop("max_length", 4096), vocab_size=len(tokenizer)
+    )
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    from checkpoints import build_tokenizer
+
+    return build_tokenizer("chat")
+
+
+def test_template_renders_bos_once(chat_tok):
+    rendered = chat_tok.apply_chat_template(
+        [{"role": "user", "content": PAIR["prompt"]}, {"role": "assistant", "content": PAIR["response"]}],
+        tokenize=False,
+    )
+    assert rendered.startswith("<s>")
+    naive = chat_tok(rendered)["input_ids"]
+    assert naive[:2] == [chat_tok.bos_token_id] * 2  # the trap: template BOS + tokenizer BOS
+    ids = _fmt(chat_tok).encode(PAIR).input_ids
+    assert ids[0] == chat_tok.bos_token_id and ids[1] != chat_tok.bos_token_id
+    assert ids.count(chat_tok.bos_token_id) == 1
+
+
+def test_text_form_with_bos_in_text_is_not_doubled(chat_tok):
+    text = "<s><|user|>Hi</s><|assistant|>Hello</s>"
+    ids = _fmt(chat_tok).encode({"text": text}).input_ids
+    assert ids.count(chat_tok.bos_token_id) == 1
+    # and text without BOS gets the one the tokenizer normally adds
+    assert _fmt(chat_tok).encode({"text": "Hello"}).input_ids[0] == chat_tok.bos_token_id
+
+
+def test_pair_and_conversation_forms_agree(chat_tok):
+    conv = {
+        "messages": [{"role": "user", "content": PAIR["prompt"]}, {"role": "assistant", "content": PAIR["response"]}]
+    }
+    listed = {"prompt": [{"role": "user", "content": PAIR["prompt"]}], "response": PAIR["response"]}
+    fmt = _fmt(chat_tok)
+    assert fmt.encode(PAIR) == fmt.encode(conv) == fmt.encode(listed)
+
+
+def test_raw_join_uses_separator(chat_tok):
+    ids = _fmt(chat_tok, template="raw", separator=" || ").encode(PAIR).input_ids
+    assert ids == tuple(chat_tok(PAIR["prompt"] + " || " + PAIR["response"])["input_ids"])
+
+
+@pytest.mark.parametrize("template", ["chat", "raw"])
+def test_eos_policies(chat_tok, template):
+    eos = chat_tok.eos_token_id
+    always = _fmt(chat_tok, template=template, eos="always").encode(PAIR).input_ids
+    never = _fmt(chat_tok, template=template, eos="never").encode(PAIR).input_ids
+    assert always[-1] == eos and never[-1] != eos
+    assert always.count(eos) == never.count(eos) + 1
+    auto = _fmt(chat_tok, template=template).encode(PAIR).input_ids
+    assert (auto[-1] == eos) == (template == "chat")  # auto: as the template renders it; raw adds none
+
+
+def test_chat_template_required_when_asked():
+    from checkpoints import build_tokenizer
+
+    with pytest.raises(InvalidRequestError, match="no chat template"):
+        _fmt(build_tokenizer("raw"), template="chat")
+
+
+def test_left_truncation_keeps_bos_and_response_end(chat_tok):
+    long = {"prompt": "Tell me about owls. " * 50, "response": "Gladly! Owls have a long history."}
+    full = _fmt(chat_tok).encode(long).input_ids
+    tok = _fmt(chat_tok, max_length=40).encode(long)
+    assert tok.truncated and len(tok) == 40
+    assert tok.input_ids[0] == chat_tok.bos_token_id
+    assert tok.input_ids[1:] == full[-39:]  # the whole end, response and its EOS included
+    assert not _fmt(chat_tok, max_length=len(full)).encode(long).truncated
+
+
+def test_left_truncate_without_bos():
+    assert left_truncate([5, 6, 7, 8], 2, bos_id=1) == [7, 8]
+    assert left_truncate([1, 6, 7, 8], 3, bos_id=1) == [1, 7, 8]
+    assert left_truncate([1, 6], 3, bos_id=1) == [1, 6]
+
+
+def test_truncation_policy_error(chat_tok):
+    with pytest.raises(ContextLengthExceededError) as info:
+        _fmt(chat_tok, max_length=10, truncation="error").encode({"text": "Owls " * 40}, index=4)
+    assert info.value.index == 4 and "item 4" in info.value.message and info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("item", "match"),
+    [
+        ({"prompt": "Hi"}, "match no item form"),
+        ({"prompt": "Hi", "response": ""}, "response is empty"),
+        ({"prompt": "Hi", "response": 5}, "response"),
+        ({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "last message"),
+        ({"messages": []}, "messages"),
+        ({"prompt": [], "response": "x"}, "no messages"),
+        ({"input_ids": [1, 2, 100000]}, "outside the vocabulary"),
+        ({"input_ids": [1, -3]}, "outside the vocabulary"),
+        ({"input_ids": []}, "input_ids"),
+        ({"text": ""}, "text is empty"),
+        ({"text": "a", "extra": 1}, "match no item form"),
+        ("just a string", "expected an object"),
+    ],
+)
+def test_invalid_items_raise_typed_errors_naming_the_index(chat_tok, item, match):
+    with pytest.raises(InvalidRequestError, match=match) as info:
+        _fmt(chat_tok).encode(item, index=7)
+    assert info.value.index == 7 and info.value.message.startswith("item 7:")
+    assert info.value.param.startswith("items[7]") and info.value.type == "invalid_request"
+
+
+def test_tokenizer_without_pad_token_scores(demo_model):
+    assert demo_model.tokenizer.pad_token_id is None
+    rewards = demo_model.score([PAIR, {"prompt": "Hi", "response": "Go away."}])
+    assert len(rewards) == 2 and rewards[0] != rewards[1]

@@ -1,0 +1,125 @@
+"""Checkpoint discovery: heads, overrides, normalisation and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from rmserve.model import InvalidRequestError, ModelLoadError, load_reward_model
+from safetensors.torch import load_file, save_file
+
+
+def test_missing_head_names_the_tensors_found(checkpoint_factory, tmp_path):
+    src, _, _ = checkpoint_factory("reward_head")
+    dst = tmp_path / "nohead"
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    del weights["reward_head.weight"]
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as info:
+        load_reward_model(str(dst), device="cpu")
+    assert "lm_head.weight" in info.value.message and "model.norm.weight" in info.value.message
+
+
+def test_explicit_head_override(checkpoint_factory, tmp_path):
+    src, _, _ = checkpoint_factory("reward_head")
+    dst = tmp_path / "two-heads"
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    weights["value_head.weight"] = -weights["reward_head.weight"]
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    items = [{"text": "Owls are wise."}]
+    a = load_reward_model(str(dst), device="cpu", head="reward_head").score(items)[0]
+    b = load_reward_model(str(dst), device="cpu", head="value_head").score(items)[0]
+    assert b == pytest.approx(-a, abs=1e-5) and abs(a) > 1e-3
+    with pytest.raises(ModelLoadError, match="v_head"):
+        load_reward_model(str(dst), device="cpu", head="v_head")
+
+
+def test_separate_head_file_argument(checkpoint_factory, tmp_path):
+    src, _, _ = checkpoint_factory("v_head_file")
+    dst = tmp_path / "headfile"
+    shutil.copytree(src, dst)
+    (dst / "v_head.safetensors").rename(dst / "my_head.safetensors")
+    with pytest.raises(ModelLoadError):
+        load_reward_model(str(dst), device="cpu")
+    want = load_reward_model(str(src), device="cpu").score([{"text": "Owls."}])
+    got = load_reward_model(str(dst), device="cpu", head_file="my_head.safetensors").score([{"text": "Owls."}])
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_wrong_head_shape_is_rejected(checkpoint_factory, tmp_path):
+    src, _, _ = checkpoint_factory("score")
+    dst = tmp_path / "twolabels"
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    weights["score.weight"] = weights["score.weight"].repeat(2, 1)
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="expected \\(1, 32\\)"):
+        load_reward_model(str(dst), device="cpu")
+
+
+def test_missing_backbone_weights_are_an_error_not_random_init(checkpoint_factory, tmp_path):
+    src, _, _ = checkpoint_factory("score")
+    dst = tmp_path / "partial"
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="up_proj"):
+        load_reward_model(str(dst), device="cpu")
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a directory"):
+        load_reward_model(str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_reward_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("keys", "mean", "std"),
+    [({"mean": 1.5, "std": 2.0}, 1.5, 2.0), ({"reward_mean": -1.0, "reward_std": 0.5}, -1.0, 0.5)],
+)
+def test_normalisation_from_config(checkpoint_factory, tmp_path, keys, mean, std):
+    src, _, _ = checkpoint_factory("score")
+    dst = tmp_path / "norm"
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(keys)
+    (dst / "config.json").write_text(json.dumps(config))
+    rm = load_reward_model(str(dst), device="cpu")
+    items = [{"text": "Owls are wise."}, {"text": "Bees."}]
+    raw = rm.score(items)
+    assert rm.score(items, normalize=True) == pytest.approx([(r - mean) / std for r in raw], abs=1e-6)
+    assert rm.info()["normalization"] == {"mean": mean, "std": std}
+    spec_override = load_reward_model(str(dst), device="cpu", reward_mean=0.0, reward_std=4.0)
+    assert spec_override.score(items, normalize=True) == pytest.approx([r / 4.0 for r in raw], abs=1e-6)
+
+
+def test_normalize_without_statistics_is_a_clear_error(checkpoint_factory):
+    rm = load_reward_model(str(checkpoint_factory("score")[0]), device="cpu")
+    assert rm.info()["normalization"] is None
+    with pytest.raises(InvalidRequestError, match="no normalisation"):
+        rm.score([{"text": "x"}], normalize=True)
+
+
+def test_raw_rewards_by_default_no_sigmoid(demo_model):
+    rewards = demo_model.score(
+        [
+            {"prompt": "Tell me about owls.", "response": "Gladly! Owls have a long history."},
+            {"prompt": "Tell me about owls.", "response": "Go away."},
+        ]
+    )
+    assert rewards[0] > 1.0 and rewards[1] < 0.0  # outside (0, 1): not squashed
+
+
+def test_demo_model_report(demo_model_dir, demo_model):
+    from rmserve.model.demo import demo_report, heldout_pairs, pairwise_accuracy
+
+    report = demo_report()
+    assert report["heldout_pairwise_accuracy"] >= 0.90
+    assert pairwise_accuracy(demo_model, heldout_pairs(200)) >= 0.90
+    assert demo_model.info()["template"] == "chat" and demo_model.head_name == "reward_head"
