@@ -88,7 +88,9 @@ def _validate(cls: type[M], body: Any) -> M:
 
 def _check_count(what: str, got: int, chunk: Chunk, body: Any) -> None:
     if got != chunk.stop - chunk.start:
-        raise APIResponseValidationError(f"server returned {got} {what} for {chunk.stop - chunk.start} inputs", body=body)
+        raise APIResponseValidationError(
+            f"server returned {got} {what} for {chunk.stop - chunk.start} inputs", body=body
+        )
 
 
 def _chunks(key: str, elements: list[Any], weights: list[int], limit: int, extra: dict[str, Any]) -> list[Chunk]:
@@ -102,14 +104,14 @@ def pair_items(prompts: Iterable[Prompt], responses: Iterable[str]) -> list[dict
     """``[{"prompt": p, "response": r}, ...]``; raises ``ValueError`` when the lengths differ."""
     prompts, responses = _as_list("prompts", prompts), _as_list("responses", responses)
     _same_length(prompts=prompts, responses=responses)
-    return [{"prompt": _prompt(p), "response": r} for p, r in zip(prompts, responses)]
+    return [{"prompt": _prompt(p), "response": r} for p, r in zip(prompts, responses, strict=True)]
 
 
 def _merge_score(chunks: list[Chunk], bodies: list[Any]) -> ScoreResult:
     rewards: list[float] = []
     truncated: list[int] = []
     tokens, model = 0, None
-    for chunk, body in zip(chunks, bodies):
+    for chunk, body in zip(chunks, bodies, strict=True):
         part = _validate(ScoreResult, body)
         _check_count("rewards", len(part.rewards), chunk, body)
         rewards.extend(part.rewards)
@@ -134,7 +136,7 @@ class _PreferenceResponse(BaseModel):
 
 def _merge_preference(chunks: list[Chunk], bodies: list[Any]) -> list[PreferenceResult]:
     results: list[PreferenceResult] = []
-    for chunk, body in zip(chunks, bodies):
+    for chunk, body in zip(chunks, bodies, strict=True):
         part = _validate(_PreferenceResponse, body).results
         _check_count("results", len(part), chunk, body)
         results.extend(part)
@@ -142,11 +144,22 @@ def _merge_preference(chunks: list[Chunk], bodies: list[Any]) -> list[Preference
 
 
 def preference_call(
-    prompts: Iterable[Prompt], responses_a: Iterable[str], responses_b: Iterable[str], *, normalize: bool, max_items: int
+    prompts: Iterable[Prompt],
+    responses_a: Iterable[str],
+    responses_b: Iterable[str],
+    *,
+    normalize: bool,
+    max_items: int,
 ) -> Call[list[PreferenceResult]]:
-    prompts, a, b = _as_list("prompts", prompts), _as_list("responses_a", responses_a), _as_list("responses_b", responses_b)
+    prompts, a, b = (
+        _as_list("prompts", prompts),
+        _as_list("responses_a", responses_a),
+        _as_list("responses_b", responses_b),
+    )
     _same_length(prompts=prompts, responses_a=a, responses_b=b)
-    pairs = [{"prompt": _prompt(p), "response_a": ra, "response_b": rb} for p, ra, rb in zip(prompts, a, b)]
+    pairs = [
+        {"prompt": _prompt(p), "response_a": ra, "response_b": rb} for p, ra, rb in zip(prompts, a, b, strict=True)
+    ]
     # Each pair is two sequences for the model, so it counts twice against the per-request item limit.
     chunks = _chunks("pairs", pairs, [2] * len(pairs), max_items, {"normalize": normalize})
     return Call("POST", "/v1/preference", chunks, _merge_preference, "pairs")
@@ -161,7 +174,7 @@ class _RerankResponse(BaseModel):
 
 def _merge_rerank(chunks: list[Chunk], bodies: list[Any]) -> list[RerankResult]:
     results: list[RerankResult] = []
-    for chunk, body in zip(chunks, bodies):
+    for chunk, body in zip(chunks, bodies, strict=True):
         part = _validate(_RerankResponse, body).results
         _check_count("results", len(part), chunk, body)
         results.extend(part)
@@ -179,7 +192,7 @@ def rerank_call(
     prompts = _as_list("prompts", prompts)
     groups = [_as_list("each group of responses", g) for g in _as_list("groups_of_responses", groups_of_responses)]
     _same_length(prompts=prompts, groups_of_responses=groups)
-    bodies = [{"prompt": _prompt(p), "responses": g} for p, g in zip(prompts, groups)]
+    bodies = [{"prompt": _prompt(p), "responses": g} for p, g in zip(prompts, groups, strict=True)]
     # Groups are never split (the ranking is per group); a chunk holds whole groups up to the item limit.
     weights = [max(len(g), 1) for g in groups]
     chunks = _chunks("groups", bodies, weights, max_items, {"top_k": top_k, "normalize": normalize})
@@ -206,13 +219,18 @@ def probe_call(path: str) -> Call[bool]:
 
 
 def rebase_error(error: APIStatusError, key: str | None, offset: int) -> APIStatusError:
-    """Make ``items[3]`` / ``item 3:`` of a chunk starting at ``offset`` name the index in the whole call."""
+    """Make ``items[3]`` / ``item 3:`` of a chunk starting at ``offset`` name the index in the whole call.
+
+    The message is rewritten only at its start, where the server puts the item's name.
+    """
     if key is None or offset == 0:
         return error
-    singular = key[:-1]
+    # The server names items as ``items[3].response`` (param, and validation messages) or ``item 3: ...``.
+    as_path = (re.compile(rf"^{key}\[(\d+)\]"), lambda m: f"{key}[{int(m.group(1)) + offset}]")
+    as_word = (re.compile(rf"^{key[:-1]} (\d+):"), lambda m: f"{key[:-1]} {int(m.group(1)) + offset}:")
     if error.param:
-        error.param = re.sub(rf"^{key}\[(\d+)\]", lambda m: f"{key}[{int(m.group(1)) + offset}]", error.param)
-    new_message = re.sub(rf"^{singular} (\d+):", lambda m: f"{singular} {int(m.group(1)) + offset}:", error.message)
+        error.param = as_path[0].sub(as_path[1], error.param)
+    new_message = as_word[0].sub(as_word[1], as_path[0].sub(as_path[1], error.message))
     if new_message != error.message:
         error.message = new_message
         error.args = (new_message,)

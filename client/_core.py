@@ -1,9 +1,10 @@
 """The I/O-free core shared by ``RewardClient`` and ``AsyncRewardClient``.
 
-Everything that decides *what* to send and *what an answer means* lives here: configuration,
-request building, retry decisions, backoff, ``Retry-After`` parsing and status-to-exception
-mapping. The two clients only own the loop that sends, sleeps and fans chunks out
-(threads or asyncio), so the behaviour cannot drift between them.
+Everything that decides *what* to send and *what an answer means* lives here and in two helpers:
+configuration, request building, retry decisions and status-to-exception mapping here; backoff
+and ``Retry-After`` parsing in ``_retry``; chunking and merging per endpoint in ``_calls``. The two
+clients only own the loop that sends, sleeps and fans chunks out (threads or asyncio), so the
+behaviour cannot drift between them.
 """
 
 from __future__ import annotations
@@ -12,31 +13,25 @@ import json
 import math
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
 from . import _calls
+from ._calls import Call, Chunk
 from ._constants import (
     API_KEY_ENV,
     BASE_URL_ENV,
     DEFAULT_BASE_URL,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
-    INITIAL_BACKOFF,
-    JITTER,
-    MAX_BACKOFF,
     MAX_CONCURRENCY,
     MAX_ITEMS_PER_REQUEST,
-    MAX_RETRY_AFTER,
-    RETRYABLE_STATUSES,
     USER_AGENT,
 )
-from ._calls import Call, Chunk
+from ._retry import backoff_delay, is_retryable_status, parse_retry_after
 from .errors import (
     APIConnectionError,
     APIStatusError,
@@ -51,61 +46,12 @@ from .errors import (
     RewardServerError,
     UnauthorizedError,
 )
+from .types import Item, PreferenceResult, Prompt, RerankResult, ScoreResult
 
-T = TypeVar("T")
+# A probe (health/ready) answers "no" rather than raising for these.
+PROBE_FAILURES = (APIStatusError, APIConnectionError)
+
 Timeout = float | httpx.Timeout | None
-
-# --- retry policy -----------------------------------------------------------------------------
-
-
-def is_retryable_status(status: int) -> bool:
-    """408, 429 and every 5xx: the same request may well succeed later. Other 4xx never will."""
-    return status in RETRYABLE_STATUSES or status >= 500
-
-
-def backoff_delay(
-    retries_taken: int,
-    rng: Callable[[], float] = random.random,
-    *,
-    initial: float = INITIAL_BACKOFF,
-    maximum: float = MAX_BACKOFF,
-    jitter: float = JITTER,
-) -> float:
-    """Seconds before retry number ``retries_taken + 1``: ``min(initial * 2**n, maximum) * (1 - jitter * rng())``.
-
-    >>> [backoff_delay(n, lambda: 0.0) for n in range(6)]
-    [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
-    """
-    base = min(initial * 2.0**retries_taken, maximum)
-    return base * (1.0 - jitter * rng())
-
-
-def parse_retry_after(
-    value: str | None, *, cap: float = MAX_RETRY_AFTER, now: datetime | None = None
-) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), clamped to ``[0, cap]``.
-
-    ``None`` when absent or unparseable, so the caller falls back to its own backoff.
-
-    >>> parse_retry_after("2.5"), parse_retry_after("3600"), parse_retry_after("soon")
-    (2.5, 60.0, None)
-    """
-    if value is None or not value.strip():
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:  # RFC 7231 dates are GMT; a naive parse means the zone was left out
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
-    if math.isnan(seconds):
-        return None
-    return min(max(seconds, 0.0), cap)
-
 
 # --- error parsing ----------------------------------------------------------------------------
 
@@ -156,7 +102,11 @@ def make_status_error(status: int, content: bytes, headers: httpx.Headers | None
     fields: dict[str, Any] = {}
     if isinstance(error, dict):
         message = str(error.get("message") or f"HTTP {status}")
-        fields = {k: error.get(k) for k, kind in (("type", str), ("param", str), ("code", int)) if isinstance(error.get(k), kind)}
+        fields = {
+            k: error.get(k)
+            for k, kind in (("type", str), ("param", str), ("code", int))
+            if isinstance(error.get(k), kind)
+        }
     elif isinstance(body, dict) and "detail" in body:
         message = body["detail"] if isinstance(body["detail"], str) else json.dumps(body["detail"])
     else:
@@ -249,7 +199,11 @@ class BaseRewardClient:
         # httpx applies a timeout only through this extension, so every request carries one.
         timeout_ext = httpx.Timeout(timeout).as_dict()
         return httpx.Request(
-            call.method, self.base_url + call.path, content=content, headers=headers, extensions={"timeout": timeout_ext}
+            call.method,
+            self.base_url + call.path,
+            content=content,
+            headers=headers,
+            extensions={"timeout": timeout_ext},
         )
 
     def _resolve(self, timeout: Timeout, max_retries: int | None) -> tuple[Timeout, int]:
@@ -258,6 +212,26 @@ class BaseRewardClient:
         if retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {retries}")
         return (self.timeout if timeout is None else timeout), retries
+
+    # --- calls (what each public method sends; see _calls)
+
+    def _score_call(self, items: Iterable[Item], normalize: bool) -> Call[ScoreResult]:
+        return _calls.score_call(items, normalize=normalize, max_items=self.max_items_per_request)
+
+    def _pairs_call(self, prompts: Iterable[Prompt], responses: Iterable[str], normalize: bool) -> Call[ScoreResult]:
+        return self._score_call(_calls.pair_items(prompts, responses), normalize)
+
+    def _preference_call(
+        self, prompts: Iterable[Prompt], a: Iterable[str], b: Iterable[str], normalize: bool
+    ) -> Call[list[PreferenceResult]]:
+        return _calls.preference_call(prompts, a, b, normalize=normalize, max_items=self.max_items_per_request)
+
+    def _rerank_call(
+        self, prompts: Iterable[Prompt], groups: Iterable[Iterable[str]], top_k: int | None, normalize: bool
+    ) -> Call[list[RerankResult]]:
+        return _calls.rerank_call(
+            prompts, groups, top_k=top_k, normalize=normalize, max_items=self.max_items_per_request
+        )
 
     # --- retry decisions
 

@@ -141,7 +141,6 @@ class OverloadedError(APIStatusError):
     """429 ``overloaded``: the server's queue is full; ``retry_after`` holds the advised wait in seconds."""
 
 
-
 class NotReadyError(APIStatusError):
     """503 ``not_ready``: the model is still loading or warming up."""
 

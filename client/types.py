@@ -11,7 +11,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -29,7 +29,7 @@ __all__ = [
 
 Message = Mapping[str, str]
 """One chat turn: ``{"role": "user" | "assistant" | "system", "content": str}``."""
-Prompt = Union[str, Sequence[Message]]
+Prompt = str | Sequence[Message]
 """A prompt: plain text or a list of chat turns (the server applies the model's chat template)."""
 Item = Mapping[str, Any]
 """One item in any of API.md's four forms: ``{prompt, response}``, ``{messages}``, ``{text}``, ``{input_ids}``."""
@@ -89,12 +89,15 @@ class RerankResult(_Result):
 
 
 class ModelInfo(_Result):
-    """One entry of ``GET /v1/models``. ``head``, ``normalization`` and ``template`` are as the server reports them."""
+    """One entry of ``GET /v1/models``, e.g. ``ModelInfo(id="rmserve-demo", dtype="float32", max_length=512)``.
+
+    ``normalization`` holds the statistics ``normalize=True`` uses (e.g. ``{"mean": ..., "std": ...}``), if any.
+    """
 
     id: str
     dtype: str | None = None
     quantization: str | None = None
     max_length: int | None = None
-    head: Any = None
-    normalization: Any = None
-    template: Any = None
+    head: str | None = None
+    normalization: dict[str, float] | None = None
+    template: str | None = None

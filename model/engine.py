@@ -25,22 +25,36 @@ import torch
 
 from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError
 
+# A forward pass costs about this many padded tokens' worth of fixed overhead (kernel launches, Python);
+# the planner trades a few extra micro-batches against padding with it.
+MICROBATCH_OVERHEAD_TOKENS = 64
 
-def plan_microbatches(sorted_lengths: Sequence[int], max_batch_tokens: int) -> list[tuple[int, int]]:
-    """Greedy cut of length-sorted (ascending) items into ``[start, end)`` runs whose padded size fits.
 
-    An item longer than the budget gets a micro-batch of its own.
+def plan_microbatches(
+    sorted_lengths: Sequence[int], max_batch_tokens: int, overhead_tokens: int = MICROBATCH_OVERHEAD_TOKENS
+) -> list[tuple[int, int]]:
+    """Cut length-sorted (ascending) items into ``[start, end)`` runs whose padded size fits the budget.
+
+    Minimises total padded tokens plus ``overhead_tokens`` per micro-batch, exactly, by dynamic
+    programming over the cut points (contiguous runs of a sorted list are optimal for this cost). An
+    item longer than the budget gets a micro-batch of its own.
     """
+    n = len(sorted_lengths)
+    best = [0.0] + [math.inf] * n  # best[j]: cost of planning the first j items
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = sorted_lengths[j - 1]
+        max_rows = max(1, max_batch_tokens // max(longest, 1))
+        for i in range(j - 1, max(j - max_rows, 0) - 1, -1):
+            cost = best[i] + (j - i) * longest + overhead_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
     plans: list[tuple[int, int]] = []
-    start = 0
-    for i, length in enumerate(sorted_lengths):
-        rows = i - start + 1
-        if rows > 1 and rows * length > max_batch_tokens:
-            plans.append((start, i))
-            start = i
-    if sorted_lengths:
-        plans.append((start, len(sorted_lengths)))
-    return plans
+    j = n
+    while j > 0:
+        plans.append((cut[j], j))
+        j = cut[j]
+    return plans[::-1]
 
 
 def padded_tokens(lengths: Sequence[int]) -> int:
@@ -123,6 +137,11 @@ class ScoringEngine:
                 for k, value in enumerate(results):
                     outcomes[order[start + k]] = value
         return outcomes
+
+    def score_microbatch(self, seqs: Sequence[Sequence[int]]) -> list[Outcome]:
+        """Score these rows as one padded forward, as given (no sorting or planning; OOM still splits)."""
+        with self._lock:
+            return self._run_splitting_on_oom(list(seqs))
 
     def _run_splitting_on_oom(self, seqs: list[Sequence[int]]) -> list[Outcome]:
         try:

@@ -21,8 +21,33 @@ def test_plan_covers_everything_in_order_and_fits(lengths, budget):
         assert e - s == 1 or padded_tokens(lengths[s:e]) <= budget
 
 
-def test_plan_is_greedy():
-    assert plan_microbatches([2, 2, 2, 2, 3], 8) == [(0, 4), (4, 5)]
+def _brute_force_cost(lengths, budget, overhead):
+    """Cheapest cost over every way to cut the sorted list into fitting contiguous runs."""
+    from itertools import product
+
+    n, best = len(lengths), float("inf")
+    for cuts in product([0, 1], repeat=n - 1):
+        runs, start = [], 0
+        for k, c in enumerate(cuts, start=1):
+            if c:
+                runs.append((start, k))
+                start = k
+        runs.append((start, n))
+        if all(e - s == 1 or padded_tokens(lengths[s:e]) <= budget for s, e in runs):
+            best = min(best, sum(padded_tokens(lengths[s:e]) + overhead for s, e in runs))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_is_optimal(seed):
+    import random
+
+    rng = random.Random(seed)
+    lengths = sorted(rng.randint(1, 40) for _ in range(9))
+    budget, overhead = rng.choice([40, 80, 150]), rng.choice([0, 10])
+    plan = plan_microbatches(lengths, budget, overhead)
+    cost = sum(padded_tokens(lengths[s:e]) + overhead for s, e in plan)
+    assert cost == _brute_force_cost(lengths, budget, overhead)
 
 
 def test_last_token_index_left_and_right_padding():
