@@ -1,14 +1,23 @@
 """Seeded synthetic workloads shaped like RLHF traffic (no downloads).
 
+* PPO rollout: prompt and response lengths lognormal (512 + 512 median, ≤ 4,096 total; ``PPO_CPU`` scales it
+  down for 2-core runs), as token-id items ``{"input_ids"}`` or text items ``{"prompt", "response"}``.
+* GRPO / best-of-n: P prompts × n responses sharing their prompt (``/v1/rerank`` groups).
+* Pairwise evaluation: ``{"prompt", "response_a", "response_b"}`` (``/v1/preference`` pairs).
+* Short items (≤ 64 tokens): where per-request overhead, not compute, dominates.
+
 Example::
 
     lengths = ppo_lengths(1000, seed=0)          # lognormal, median ≈ 300, within [16, 2048]
+    items = ppo_token_items(256, vocab_size=32000, seed=0, shape=PPO_CPU)
+    groups = grpo_groups(8, 4, seed=0)           # 8 prompts × 4 responses
 """
 
 from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 
 def lognormal_lengths(n: int, *, median: float, sigma: float, low: int, high: int, seed: int) -> list[int]:
@@ -32,3 +41,100 @@ def random_token_ids(lengths: list[int], vocab_size: int, seed: int = 0, bos_id:
             seq[0] = bos_id
         seqs.append(seq)
     return seqs
+
+
+# -- RLHF-shaped items ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PPOShape:
+    """Prompt and response lengths of a PPO rollout, in tokens (lognormal each, total clipped)."""
+
+    prompt_median: int = 512
+    response_median: int = 512
+    sigma: float = 0.6
+    min_length: int = 8
+    max_total: int = 4096
+
+
+PPO_FULL = PPOShape()  # the issue's mix: 512 + 512 median, up to 4,096 total (GPU runs)
+PPO_CPU = PPOShape(prompt_median=128, response_median=128, max_total=1024)  # the same shape, scaled for 2 CPU cores
+SHORT_MAX_TOKENS = 64
+
+# A fixed word list for text items: no downloads, reproducible, tokenizes into several tokens per word or one.
+WORDS = (
+    "the of and to in is that it for on with as was at by be this are from or have an they which one you were "
+    "her all she there would their we him been has when who will more no if out so said what up its about into "
+    "than them can only other new some could time these two may then do first any my now such like our over man "
+    "me even most made after also did many before must through back years where much your way well down should "
+    "because each just those people how too little state good very make world still own see men work long get "
+    "here between both life being under never day same another know while last might us great old year off come "
+    "since against go came right used take three reward model policy value token prompt response answer question"
+).split()
+
+
+def ppo_prompt_response_lengths(n: int, shape: PPOShape = PPO_FULL, seed: int = 0) -> list[tuple[int, int]]:
+    """``n`` (prompt, response) lengths: lognormal around their medians, each ≥ ``min_length``, sum ≤ ``max_total``."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        prompt = max(shape.min_length, round(rng.lognormvariate(math.log(shape.prompt_median), shape.sigma)))
+        response = max(shape.min_length, round(rng.lognormvariate(math.log(shape.response_median), shape.sigma)))
+        prompt = min(prompt, shape.max_total - shape.min_length)
+        pairs.append((prompt, min(response, shape.max_total - prompt)))
+    return pairs
+
+
+def ppo_token_items(
+    n: int, vocab_size: int, seed: int = 0, shape: PPOShape = PPO_FULL, bos_id: int | None = None
+) -> list[dict]:
+    """PPO rollout items as ``{"input_ids": [...]}`` (prompt + response token ids, random, seeded)."""
+    lengths = [p + r for p, r in ppo_prompt_response_lengths(n, shape, seed)]
+    return [{"input_ids": ids} for ids in random_token_ids(lengths, vocab_size, seed=seed + 1, bos_id=bos_id)]
+
+
+def ppo_text_items(n: int, seed: int = 0, shape: PPOShape = PPO_FULL) -> list[dict]:
+    """PPO rollout items as ``{"prompt", "response"}`` text; lengths are in words (≈ tokens; BPE gives more)."""
+    rng = random.Random(seed + 2)
+    return [
+        {"prompt": random_text(p, rng), "response": random_text(r, rng)}
+        for p, r in ppo_prompt_response_lengths(n, shape, seed)
+    ]
+
+
+def short_token_items(
+    n: int, vocab_size: int, seed: int = 0, low: int = 16, high: int = SHORT_MAX_TOKENS
+) -> list[dict]:
+    """Short items (``low`` to ``high`` tokens, uniform): the per-request-overhead-bound case."""
+    rng = random.Random(seed + 3)
+    lengths = [rng.randint(low, high) for _ in range(n)]
+    return [{"input_ids": ids} for ids in random_token_ids(lengths, vocab_size, seed=seed + 4)]
+
+
+def grpo_groups(n_prompts: int, n_responses: int, seed: int = 0, shape: PPOShape = PPO_FULL) -> list[dict]:
+    """GRPO / best-of-n: ``n_prompts`` groups ``{"prompt", "responses": [n_responses texts]}`` sharing their prompt."""
+    rng = random.Random(seed + 5)
+    groups = []
+    for prompt_len, _ in ppo_prompt_response_lengths(n_prompts, shape, seed):
+        response_lengths = [r for _, r in ppo_prompt_response_lengths(n_responses, shape, rng.randrange(1 << 30))]
+        budget = shape.max_total - prompt_len
+        responses = [random_text(max(1, min(r, budget)), rng) for r in response_lengths]
+        groups.append({"prompt": random_text(prompt_len, rng), "responses": responses})
+    return groups
+
+
+def pairwise_pairs(n: int, seed: int = 0, shape: PPOShape = PPO_FULL) -> list[dict]:
+    """Pairwise evaluation: ``{"prompt", "response_a", "response_b"}`` (each total within ``max_total``)."""
+    return [
+        {"prompt": g["prompt"], "response_a": g["responses"][0], "response_b": g["responses"][1]}
+        for g in grpo_groups(n, 2, seed=seed + 6, shape=shape)
+    ]
+
+
+def random_text(n_words: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def item_token_count(item: dict) -> int:
+    """Tokens of a token item, words of a text item (the unit the generators' lengths are in)."""
+    if "input_ids" in item:
+        return len(item["input_ids"])
+    return sum(len(str(item[k]).split()) for k in ("prompt", "response", "text") if k in item)

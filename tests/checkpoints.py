@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
 from rmserve.model.synthetic import corpus, make_preference_pairs
 from rmserve.model.tokenizer_builder import train_tokenizer
-from safetensors.torch import load_file, save_file
 
 HEAD_FORMATS = ("score", "reward_head", "v_head_file", "value_head")
 ARCHS = ("llama", "mistral", "qwen2")

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+
 from rmserve.model import load_reward_model
 from rmserve.model.demo import heldout_pairs
 

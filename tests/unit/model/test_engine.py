@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from rmserve.model import ItemTooLargeForMemoryError, last_token_index, padded_tokens, plan_microbatches
 from rmserve.model.errors import InternalError
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from rmserve.model import ContextLengthExceededError, InvalidRequestError, ItemFormatter, ModelSpec, left_truncate
 
 PAIR = {"prompt": "Tell me about owls.", "response": "Gladly! Owls have a long history."}

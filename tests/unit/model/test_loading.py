@@ -6,8 +6,9 @@ import json
 import shutil
 
 import pytest
-from rmserve.model import InvalidRequestError, ModelLoadError, load_reward_model
 from safetensors.torch import load_file, save_file
+
+from rmserve.model import InvalidRequestError, ModelLoadError, load_reward_model
 
 
 def test_missing_head_names_the_tensors_found(checkpoint_factory, tmp_path):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from rmserve.model.losses import bradley_terry_loss, imitation_loss, listwise_ranking_loss, regularized_objective
 
 

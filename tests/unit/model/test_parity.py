@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from rmserve.model import load_reward_model
 
 FP32_TOL = 1e-5
