@@ -1,0 +1,71 @@
+"""``build_app(config)``: the rmserve Ray Serve application (Gateway → Scorer), ready for ``serve.run``.
+
+From Python::
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.run(build_app(ServerConfig()), name="rmserve", route_prefix="/")
+
+From a Ray Serve config file (``serve run`` / ``serve deploy``); ``args`` are ``ServerConfig`` fields
+and ``RMSERVE_*`` environment variables of the process that builds the app override them::
+
+    applications:
+      - name: rmserve
+        route_prefix: /
+        import_path: rmserve.serve.app:app_builder
+        args: {model: {path: demo}, batching: {max_batch_tokens: 16384}}
+
+A trainer in the same Ray cluster then calls the Scorer directly::
+
+    handle = serve.get_deployment_handle("Scorer", app_name="rmserve")
+    rewards = await handle.score.remote([{"prompt": "2+2?", "response": "4"}])   # or .remote(...).result()
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ray.serve import Application
+
+from .config import ServerConfig
+from .config_loading import load_config
+from .gateway import Gateway
+from .scorer import Scorer
+
+# A replica whose constructor fails (e.g. a checkpoint without weights) is retried this often, not Ray's 20 times.
+CONSTRUCTOR_RETRIES = 3
+# Requests a Scorer replica accepts beyond its item queue, so overflow reaches it and gets a quick 429
+# instead of waiting in Ray's router.
+OVERFLOW_REQUESTS = 256
+
+
+def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Application:
+    """The application: a Gateway (FastAPI ingress) bound to a Scorer deployment."""
+    if not isinstance(config, ServerConfig):
+        config = load_config(base=config or {})
+    scorer_requests = config.limits.max_queued_items + OVERFLOW_REQUESTS
+    # In-flight requests end by their deadline (the Gateway cancels them), so shutdown never waits longer.
+    shutdown = {
+        "graceful_shutdown_timeout_s": config.limits.request_timeout_s + 1,
+        "graceful_shutdown_wait_loop_s": 0.5,
+    }
+    scorer = Scorer.options(
+        num_replicas=config.replicas,
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        max_ongoing_requests=scorer_requests,
+        user_config=config.scorer_user_config(),
+        max_constructor_retry_count=CONSTRUCTOR_RETRIES,
+        **shutdown,
+    ).bind(config)
+    return Gateway.options(
+        num_replicas=config.gateway_replicas,
+        ray_actor_options={"num_cpus": config.gateway_num_cpus},
+        max_ongoing_requests=scorer_requests * config.replicas,
+        **shutdown,
+    ).bind(scorer, config)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for a Ray Serve config file's ``import_path`` (``args`` < ``RMSERVE_*`` environment)."""
+    return build_app(load_config(base=args, environ=os.environ))

@@ -1,0 +1,101 @@
+"""CLI flags generated from ``ServerConfig``, so every setting has a flag and its help is the field's description.
+
+Fields of the ``model``, ``batching`` and ``limits`` sections become top-level flags (``--dtype``,
+``--max-batch-tokens``, ``--request-timeout-s``); ``model.path`` is ``--model`` and ``api_keys`` is the
+repeatable ``--api-key``. Values stay strings; ``load_config`` validates them like any other source.
+
+Example::
+
+    add_config_flags(parser)
+    overrides_from_args(parser.parse_args(["--port", "9000", "--model", "demo"]))
+    # {"port": "9000", "model": {"path": "demo"}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from .config import ServerConfig
+
+FLATTENED_SECTIONS = ("model", "batching", "limits")
+SKIPPED = frozenset({("model", "max_batch_tokens"), ("testing",)})
+RENAMED = {("model", "path"): "--model", ("api_keys",): "--api-key"}
+_DEST_PREFIX = "config:"
+
+
+def config_fields() -> Iterator[tuple[tuple[str, ...], FieldInfo]]:
+    """Every setting that has a flag, as (path, field)."""
+    for name, field in ServerConfig.model_fields.items():
+        if (name,) in SKIPPED:
+            continue
+        if name in FLATTENED_SECTIONS:
+            section = typing.cast(type[BaseModel], field.annotation)
+            for sub, subfield in section.model_fields.items():
+                if (name, sub) not in SKIPPED:
+                    yield (name, sub), subfield
+        else:
+            yield (name,), field
+
+
+def flag_name(path: tuple[str, ...]) -> str:
+    return RENAMED.get(path) or "--" + path[-1].replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting, grouped by section; absent flags leave the setting to other sources."""
+    groups = {s: parser.add_argument_group(f"{s} settings") for s in FLATTENED_SECTIONS}
+    groups["server"] = parser.add_argument_group("server settings")
+    seen: set[str] = set()
+    for path, field in config_fields():
+        flag = flag_name(path)
+        if flag in seen:
+            raise AssertionError(f"two settings map to {flag}")
+        seen.add(flag)
+        kwargs: dict[str, Any] = {"dest": _DEST_PREFIX + ".".join(path), "default": argparse.SUPPRESS}
+        annotation = field.annotation
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is list:
+            kwargs.update(action="append", metavar="KEY")
+        elif typing.get_origin(annotation) is Literal:
+            kwargs["choices"] = typing.get_args(annotation)
+        else:
+            kwargs["metavar"] = path[-1].upper()
+        kwargs["help"] = describe_field(field).replace("%", "%%")
+        groups.get(path[0], groups["server"]).add_argument(flag, **kwargs)
+
+
+def describe_field(field: FieldInfo) -> str:
+    """The field's description, its bounds and its default."""
+    bounds = []
+    for item in field.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(item, attr, None) is not None:
+                bounds.append(f"{sign} {getattr(item, attr)}")
+    default = field.get_default(call_default_factory=True)
+    parts = [field.description or ""]
+    if bounds:
+        parts.append(f"[{', '.join(bounds)}]")
+    if default not in (None, []):
+        parts.append(f"(default: {default!r})" if isinstance(default, str) else f"(default: {default})")
+    return " ".join(p for p in parts if p)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given on the command line, as a nested settings mapping."""
+    result: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if not dest.startswith(_DEST_PREFIX):
+            continue
+        path = dest[len(_DEST_PREFIX) :].split(".")
+        node = result
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return result

@@ -1,0 +1,140 @@
+"""``ServerConfig``: every setting of the server in one validated pydantic model.
+
+Sources, lowest to highest precedence: a YAML file < ``RMSERVE_*`` environment variables < CLI flags.
+Unknown keys are rejected everywhere, with the key and where it came from in the message.
+
+Environment variables name a field by its path, upper-cased, sections joined by a double
+underscore: ``RMSERVE_PORT=9000``, ``RMSERVE_MODEL__PATH=/ckpt/rm``, ``RMSERVE_BATCHING__MAX_BATCH_TOKENS=8192``.
+List fields take comma-separated values (``RMSERVE_API_KEYS=key1,key2``). ``RMSERVE_CONFIG`` names the
+YAML file; the variables in ``NON_CONFIG_ENV`` belong to other parts of rmserve and are skipped.
+
+Example::
+
+    config = load_config(yaml_path="server.yaml", environ=os.environ, overrides={"port": 9000})
+    config.batching.max_batch_tokens   # 16384 unless a source set it
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from rmserve.model.spec import ModelSpec
+
+MIB = 1024 * 1024
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BatchingConfig(_Section):
+    """Cross-request dynamic batching of the Scorer (changeable at runtime through ``user_config``)."""
+
+    max_batch_tokens: int = Field(
+        16384,
+        ge=16,
+        le=10_000_000,
+        description="Padded-token budget (rows x longest row) of one batch: a batch closes when the next item would "
+        "exceed it. Also the engine's micro-batch budget. Larger means more throughput and more memory per forward.",
+    )
+    max_batch_items: int = Field(
+        256, ge=1, le=65_536, description="Most items in one batch, whatever their length (bounds per-batch latency)."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005,
+        ge=0.0,
+        le=10.0,
+        description="Longest wait for more items after the first one of a batch arrived. Longer: bigger batches "
+        "under light load, higher idle latency.",
+    )
+
+
+class LimitsConfig(_Section):
+    """Request limits and load shedding (API.md's 413, 429 and 504 rows)."""
+
+    max_items_per_request: int = Field(
+        1024, ge=1, le=1_000_000, description="Most items in one request (pairs count 2, rerank groups their size)."
+    )
+    max_body_bytes: int = Field(32 * MIB, ge=1024, le=1024 * MIB, description="Largest request body in bytes.")
+    max_queued_items: int = Field(
+        8192,
+        ge=1,
+        le=10_000_000,
+        description="Items a Scorer replica holds (queued or in a batch) before it answers 429 with Retry-After.",
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0.0, le=3600.0, description="Deadline of one HTTP request, from arrival to response (504 past it)."
+    )
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Seconds sent in the Retry-After header of a 429.")
+
+
+class ScorerUserConfig(_Section):
+    """The Scorer's ``user_config``: what ``reconfigure`` may change at runtime, without a restart."""
+
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
+    max_queued_items: int = Field(8192, ge=1, le=10_000_000, description="See limits.max_queued_items.")
+
+
+class TestingConfig(_Section):
+    """Hooks for tests only; every one is off by default."""
+
+    __test__ = False  # not a pytest test class
+
+    fault_injection: bool = Field(False, description="Enable Scorer.set_faults (fault injection for tests).")
+    scorer_start_delay_s: float = Field(
+        0.0, ge=0.0, le=600.0, description="Sleep before loading the model (to observe the not-ready state)."
+    )
+
+
+class ServerConfig(_Section):
+    """The whole server configuration (model, batching, limits, resources, network, access)."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The reward model to serve.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and load shedding.")
+    replicas: int = Field(1, ge=1, le=1024, description="Scorer replicas (each holds one copy of the model).")
+    num_gpus: float = Field(0.0, ge=0.0, le=64.0, description="GPUs reserved per Scorer replica (0 on CPU).")
+    num_cpus: float = Field(1.0, ge=0.0, le=1024.0, description="CPUs reserved per Scorer replica.")
+    gateway_replicas: int = Field(1, ge=1, le=1024, description="HTTP gateway replicas.")
+    gateway_num_cpus: float = Field(0.25, ge=0.0, le=1024.0, description="CPUs reserved per gateway replica.")
+    host: str = Field("127.0.0.1", min_length=1, max_length=255, description="Address the HTTP server binds.")
+    port: int = Field(8000, ge=1, le=65_535, description="Port the HTTP server binds.")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="Accepted API keys (Authorization: Bearer <key>); empty: no authentication. Never logged.",
+    )
+    protect_operational_routes: bool = Field(
+        False, description="Require the API key on /health, /ready and /v1/models too."
+    )
+    app_name: str = Field(
+        "rmserve", min_length=1, max_length=128, description="Ray Serve application name (handles use it)."
+    )
+    ray_num_cpus: int | None = Field(
+        None, ge=1, le=65_536, description="CPUs of the local Ray instance `rmserve serve` starts (default: all)."
+    )
+    ray_dashboard: bool = Field(False, description="Start the Ray dashboard with the local Ray instance.")
+    testing: TestingConfig = Field(default_factory=TestingConfig, description="Test hooks (off).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerConfig:
+        if "max_batch_tokens" in self.model.model_fields_set:
+            raise ValueError("set batching.max_batch_tokens, not model.max_batch_tokens (one budget for both)")
+        if self.limits.max_items_per_request > self.limits.max_queued_items:
+            raise ValueError(
+                f"limits.max_items_per_request ({self.limits.max_items_per_request}) exceeds limits.max_queued_items "
+                f"({self.limits.max_queued_items}); such a request could never be admitted"
+            )
+        return self
+
+    def model_spec(self) -> ModelSpec:
+        """The ``ModelSpec`` a replica loads: ``model`` with the batching token budget."""
+        return self.model.model_copy(update={"max_batch_tokens": self.batching.max_batch_tokens})
+
+    def scorer_user_config(self) -> dict:
+        """What the Scorer's ``reconfigure`` receives (JSON-serialisable; changeable without a restart)."""
+        tuning = ScorerUserConfig(batching=self.batching, max_queued_items=self.limits.max_queued_items)
+        return tuning.model_dump()
+
+    def api_key_values(self) -> list[str]:
+        return [key.get_secret_value() for key in self.api_keys]

@@ -1,0 +1,166 @@
+"""Build a ``ServerConfig`` from a YAML file, ``RMSERVE_*`` environment variables and CLI overrides.
+
+Precedence, lowest first: ``base`` (e.g. Ray Serve application args) < YAML < environment < overrides.
+Nothing here reads ``os.environ`` unless it is passed in.
+
+Example::
+
+    load_config(yaml_path="server.yaml", environ=os.environ, overrides={"port": 9000, "model": {"path": "demo"}})
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .config import ServerConfig
+
+ENV_PREFIX = "RMSERVE_"
+ENV_NESTING = "__"
+CONFIG_FILE_ENV = "RMSERVE_CONFIG"
+# Variables of other rmserve parts (model cache, client SDK) that are not server settings.
+NON_CONFIG_ENV = frozenset({CONFIG_FILE_ENV, "RMSERVE_CACHE_DIR", "RMSERVE_BASE_URL", "RMSERVE_API_KEY"})
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message is one line a user can act on."""
+
+
+def load_config(
+    *,
+    yaml_path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Merge the sources (later wins, nested sections merge key by key) and validate."""
+    layers: list[tuple[str, Mapping[str, Any]]] = [("application args", base or {})]
+    if yaml_path is not None:
+        layers.append((f"config file {yaml_path}", read_yaml(yaml_path)))
+    if environ is not None:
+        layers.append(("environment", env_overrides(environ)))
+    layers.append(("command line", overrides or {}))
+    merged: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    for label, layer in layers:
+        _merge(merged, layer, origin, label, ())
+    try:
+        return ServerConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, origin)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``RMSERVE_SECTION__FIELD=value`` → ``{"section": {"field": "value"}}``; unknown names are errors."""
+    result: dict[str, Any] = {}
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING))
+        annotation = field_annotation(path)
+        if annotation is None:
+            raise ConfigError(
+                f"unknown environment variable {name}: no setting {'.'.join(path)!r} "
+                f"(sections nest with '{ENV_NESTING}', e.g. RMSERVE_MODEL__PATH)"
+            )
+        raw = environ[name]
+        value: Any = None if raw == "" else raw
+        if value is not None and _is_list(annotation):
+            value = [v.strip() for v in raw.split(",") if v.strip()]
+        node = result
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return result
+
+
+def field_annotation(path: tuple[str, ...], model: type[BaseModel] = ServerConfig) -> Any:
+    """The annotation of the setting at ``path``, or None when there is no such setting."""
+    field = model.model_fields.get(path[0])
+    if field is None:
+        return None
+    if len(path) == 1:
+        return field.annotation
+    sub = field.annotation
+    if isinstance(sub, type) and issubclass(sub, BaseModel):
+        return field_annotation(path[1:], sub)
+    return None
+
+
+def section_model(path: tuple[str, ...]) -> type[BaseModel]:
+    """The pydantic model that holds the keys under ``path`` (``()`` is ``ServerConfig``)."""
+    model: type[BaseModel] = ServerConfig
+    for part in path:
+        sub = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            break
+        model = sub
+    return model
+
+
+def describe_validation_error(exc: ValidationError, origin: Mapping[tuple[str, ...], str] | None = None) -> str:
+    """One line per problem, joined by '; ': the key, where it came from, and what is wrong."""
+    origin = origin or {}
+    problems = []
+    for err in exc.errors()[:5]:
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "config"
+        source = _source(loc, origin)
+        where = f" (from {source})" if source else ""
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(section_model(loc[:-1]).model_fields)
+            problems.append(f"unknown key {key!r}{where}; known keys here: {known}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}{where}: {msg}" if loc else msg)
+    more = len(exc.errors()) - len(problems)
+    return "invalid configuration: " + "; ".join(problems) + (f"; and {more} more" if more > 0 else "")
+
+
+def _merge(target: dict, layer: Mapping[str, Any], origin: dict, label: str, prefix: tuple[str, ...]) -> None:
+    if not isinstance(layer, Mapping):
+        raise ConfigError(f"{label}: {'.'.join(prefix) or 'config'} must be a mapping")
+    for key, value in layer.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping):
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+                origin[path] = label
+            _merge(target[key], value, origin, label, path)
+        else:
+            target[key] = value
+            origin[path] = label
+
+
+def _source(loc: tuple[str, ...], origin: Mapping[tuple[str, ...], str]) -> str | None:
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in origin:
+            return origin[loc[:end]]
+    return None
+
+
+def _is_list(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) is list

@@ -1,0 +1,114 @@
+"""The one mapping from any exception to API.md's error response (status, JSON body, headers).
+
+The error classes live in ``rmserve.model.errors``; this module only decides how an exception that
+is not one of them (a Ray wrapper, a pydantic validation error, a timeout, a bug) is presented.
+Unknown exceptions become a 500 ``internal`` error whose message carries a reference id and nothing
+else; the details go to the server log under that id.
+
+Example::
+
+    try:
+        ...
+    except Exception as exc:
+        return error_response(exc)   # JSONResponse {"error": {"message", "type", "code", "param"}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException
+
+from rmserve.model.errors import (
+    InternalError,
+    InvalidRequestError,
+    NotReadyError,
+    OverloadedError,
+    RequestTimeoutError,
+    RMServeError,
+    UnauthorizedError,
+)
+
+log = logging.getLogger("rmserve.serve")
+
+# Names pydantic puts in an error's location that are not fields: the item union's tags (right after
+# a list index) and union members' type names.
+_ITEM_TAGS = frozenset({"pair", "conversation", "text", "tokens"})
+_TYPE_LABELS = frozenset({"str", "int", "bool", "float"})
+
+
+def as_rmserve_error(exc: BaseException) -> RMServeError:
+    """The ``RMServeError`` a client sees for ``exc`` (unwrapping Ray's task errors)."""
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    if isinstance(exc, RMServeError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return validation_error(exc)
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return RequestTimeoutError("the request did not finish before its deadline")
+    if isinstance(exc, BackPressureError):
+        return OverloadedError("the server is at capacity; retry later")
+    if isinstance(exc, DeploymentUnavailableError | ActorDiedError | ActorUnavailableError):
+        return NotReadyError("no scorer replica is available right now; retry shortly")
+    if isinstance(exc, HTTPException):
+        err = InvalidRequestError(str(exc.detail))
+        err.status = exc.status_code
+        return err
+    return internal_error(exc)
+
+
+def internal_error(exc: BaseException, context: str = "handling a request") -> InternalError:
+    """A sanitised 500: the client gets a reference id, the log gets the traceback."""
+    reference = secrets.token_hex(6)
+    log.error("internal error %s while %s: %r", reference, context, exc, exc_info=exc)
+    return InternalError(f"internal error (reference {reference}); the details are in the server log")
+
+
+def validation_error(exc: ValidationError) -> InvalidRequestError:
+    """A 422 ``invalid_request`` naming the offending field, e.g. ``items[2].response: Field required``."""
+    errors = exc.errors()
+    # Of the alternatives a union reports, the deepest location is the one the sender meant.
+    first = max(errors, key=lambda e: len(e["loc"]))
+    if first["type"] == "model_type" and not first["loc"]:
+        message = "the request body must be a JSON object"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+    path = field_path(first["loc"])
+    err = InvalidRequestError(f"{path}: {message}" if path else message, param=path or None)
+    err.status = 422
+    return err
+
+
+def field_path(loc: tuple) -> str:
+    """``('items', 0, 'pair', 'response')`` → ``items[0].response``."""
+    out = ""
+    for k, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif k > 0 and (part in _TYPE_LABELS or "[" in part or (part in _ITEM_TAGS and isinstance(loc[k - 1], int))):
+            continue  # a union member's name, not a field
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def error_headers(err: RMServeError) -> dict[str, str] | None:
+    if isinstance(err, OverloadedError):
+        return {"Retry-After": str(max(1, math.ceil(err.retry_after)))}
+    if isinstance(err, UnauthorizedError):
+        return {"WWW-Authenticate": "Bearer"}
+    return None
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """API.md's error response for any exception."""
+    err = as_rmserve_error(exc)
+    return JSONResponse(err.to_dict(), status_code=err.status, headers=error_headers(err))

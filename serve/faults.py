@@ -1,0 +1,41 @@
+"""Fault injection for tests: off unless ``testing.fault_injection`` is set in the server config.
+
+Faults are keyed on an item's exact token length, so a test picks its victim with an ``input_ids``
+item of that length and every other item is untouched.
+
+Example::
+
+    handle.set_faults.remote(fail_on_length=77).result()        # forwards whose longest row is 77 tokens raise
+    handle.set_faults.remote(delays={55: 3.0}).result()         # requests holding a 55-token item wait 3 s
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+class InjectedFault(RuntimeError):
+    """What an injected forward failure raises (an 'unknown' exception to the server)."""
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    fail_on_length: int | None = None  # a micro-batch whose longest row has this many tokens raises
+    delays: Mapping[int, float] = field(default_factory=dict)  # item length -> seconds its request waits first
+
+    def engine_hook(self) -> Callable[[int, int], None] | None:
+        """The ``ScoringEngine.fault_injector`` for this plan (called with rows, longest row)."""
+        if self.fail_on_length is None:
+            return None
+        target = self.fail_on_length
+
+        def fail(rows: int, width: int) -> None:
+            if width == target:
+                raise InjectedFault(f"injected failure at /internal/detail for a {rows}x{width} micro-batch")
+
+        return fail
+
+    def request_delay(self, lengths: Sequence[int]) -> float:
+        """Seconds a request with items of these lengths waits before its items join a batch."""
+        return max((self.delays.get(n, 0.0) for n in lengths), default=0.0)

@@ -1,0 +1,28 @@
+"""The ``Gateway`` deployment: the FastAPI ingress in front of the Scorer.
+
+It holds a ``DeploymentHandle`` to the Scorer and builds its FastAPI app on the replica
+(``__serve_build_asgi_app__``), so the app's routes, limits and API keys come from the config
+object the deployment was bound with.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from ray import serve
+
+from .config import ServerConfig
+from .routes import create_http_app
+from .service import GatewayService
+
+
+@serve.deployment(name="Gateway")
+@serve.ingress()
+class Gateway:
+    """HTTP front of one rmserve application (see API.md for its routes)."""
+
+    def __init__(self, scorer, config: ServerConfig):
+        self.config = config
+        self.service = GatewayService(scorer, config)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_http_app(self.service, self.config)

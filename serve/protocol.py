@@ -1,0 +1,206 @@
+"""Request and response bodies of the native HTTP routes (API.md), as pydantic models.
+
+Native request bodies reject unknown fields; an item is one of the four forms of ``rmserve.model.items``
+(told apart by its keys), and one request uses one form for all its items.
+
+Example::
+
+    ScoreRequest.model_validate({"items": [{"prompt": "2+2?", "response": "4"}]})
+    ScoreResponse(model="rmserve-demo", rewards=[0.7], truncated=[], usage=Usage(input_tokens=9))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag, model_validator
+
+from rmserve.model.items import (
+    ConversationItem,
+    Item,
+    Message,
+    PairItem,
+    TextItem,
+    TokensItem,
+    item_form,
+)
+
+ITEM_FORMS_HELP = "an item is exactly one of {prompt, response}, {messages}, {text}, {input_ids}"
+
+
+def _item_tag(value: Any) -> str | None:
+    """Which item form a raw item is, from its keys (None: no form matches)."""
+    if isinstance(value, PairItem | ConversationItem | TextItem | TokensItem):
+        return item_form(value)
+    if not isinstance(value, dict):
+        return None
+    for key, tag in (("input_ids", "tokens"), ("messages", "conversation"), ("text", "text")):
+        if key in value:
+            return tag
+    return "pair" if "prompt" in value or "response" in value else None
+
+
+ItemField = Annotated[
+    Annotated[PairItem, Tag("pair")]
+    | Annotated[ConversationItem, Tag("conversation")]
+    | Annotated[TextItem, Tag("text")]
+    | Annotated[TokensItem, Tag("tokens")],
+    Discriminator(_item_tag, custom_error_type="invalid_item", custom_error_message=ITEM_FORMS_HELP),
+]
+Prompt = StrictStr | list[Message]
+
+
+class _NativeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    normalize: StrictBool = Field(False, description="Return (r - mean) / std instead of the raw reward.")
+    model: StrictStr | None = Field(None, description="Optional; when given it must be the served model's id.")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- /v1/score ----------------------------------------------------------------------------------
+class ScoreRequest(_NativeRequest):
+    """``{"items": [item, ...], "normalize": false}``."""
+
+    items: list[ItemField] = Field(min_length=1, description="Items to score, all of one form.")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ScoreRequest:
+        forms: dict[str, int] = {}
+        for i, item in enumerate(self.items):
+            forms.setdefault(item_form(item), i)
+        if len(forms) > 1:
+            described = ", ".join(f"item {i} is {form}" for form, i in forms.items())
+            raise ValueError(f"items mix forms ({described}); one request uses one item form")
+        return self
+
+
+class Usage(_Response):
+    input_tokens: int
+
+
+class ScoreResponse(_Response):
+    model: str
+    rewards: list[float]
+    truncated: list[int] = Field(description="Indices of the items that were left-truncated.")
+    usage: Usage
+
+
+# -- /v1/preference -----------------------------------------------------------------------------
+class PreferencePair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Prompt
+    response_a: StrictStr
+    response_b: StrictStr
+
+
+class PreferenceRequest(_NativeRequest):
+    pairs: list[PreferencePair] = Field(min_length=1)
+
+
+class PreferenceResult(_Response):
+    reward_a: float
+    reward_b: float
+    prob_a: float = Field(description="sigmoid(raw reward_a - raw reward_b)")
+    preferred: Literal["a", "b"]
+
+
+class PreferenceResponse(_Response):
+    model: str
+    results: list[PreferenceResult]
+
+
+# -- /v1/rerank ---------------------------------------------------------------------------------
+class RerankGroup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Prompt
+    responses: list[StrictStr] = Field(min_length=1)
+
+
+class RerankRequest(_NativeRequest):
+    groups: list[RerankGroup] = Field(min_length=1)
+    top_k: StrictInt | None = Field(None, ge=1, description="Keep the best top_k of each group's ranking.")
+
+
+class RankedResponse(_Response):
+    index: int
+    reward: float
+
+
+class RerankResult(_Response):
+    ranking: list[RankedResponse]
+    best_index: int
+
+
+class RerankResponse(_Response):
+    model: str
+    results: list[RerankResult]
+
+
+# -- operational --------------------------------------------------------------------------------
+class ModelCard(_Response):
+    id: str
+    dtype: str
+    quantization: str
+    max_length: int
+    head: str
+    normalization: dict[str, float] | None
+    template: str
+
+
+class ModelsResponse(_Response):
+    data: list[ModelCard]
+
+
+class HealthResponse(_Response):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(_Response):
+    status: Literal["ready"] = "ready"
+    model: str
+
+
+# -- Gateway ↔ Scorer (Ray handle) --------------------------------------------------------------
+@dataclass
+class ScoredItems:
+    """What ``Scorer.score_request`` returns for one request's items, in input order."""
+
+    model: str
+    rewards: list[float]  # raw
+    normalized: list[float] | None = None  # when asked for
+    truncated: list[int] = field(default_factory=list)
+    input_tokens: int = 0
+
+    @property
+    def shown(self) -> list[float]:
+        """The rewards the response reports: normalised when asked for, else raw."""
+        return self.normalized if self.normalized is not None else self.rewards
+
+
+__all__ = [
+    "Item",
+    "ModelCard",
+    "ModelsResponse",
+    "PreferencePair",
+    "PreferenceRequest",
+    "PreferenceResponse",
+    "PreferenceResult",
+    "RankedResponse",
+    "RerankGroup",
+    "RerankRequest",
+    "RerankResponse",
+    "RerankResult",
+    "ScoreRequest",
+    "ScoreResponse",
+    "ScoredItems",
+    "HealthResponse",
+    "ReadyResponse",
+    "Usage",
+]

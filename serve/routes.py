@@ -1,0 +1,228 @@
+"""The FastAPI app of the Gateway: thin routes over ``GatewayService``, plus the HTTP plumbing every route
+shares (API key, bounded body read, JSON parsing, request deadline, error mapping).
+
+``create_http_app(service, config)`` needs no Ray: give it any object with the Scorer's methods.
+
+Example::
+
+    app = create_http_app(GatewayService(scorer_handle, config), config)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException
+
+from rmserve.model.errors import InvalidRequestError, RequestTooLargeError
+
+from .auth import ApiKeyAuth
+from .config import ServerConfig
+from .errors import error_response
+from .protocol import (
+    HealthResponse,
+    ModelsResponse,
+    PreferenceRequest,
+    PreferenceResponse,
+    ReadyResponse,
+    RerankRequest,
+    RerankResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
+from .service import GatewayService
+
+_ERROR_BODY = {
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "properties": {
+                            "message": {"type": "string"},
+                            "type": {"type": "string"},
+                            "code": {"type": "integer"},
+                            "param": {"type": ["string", "null"]},
+                        },
+                        "required": ["message", "type", "code", "param"],
+                    }
+                },
+                "required": ["error"],
+            }
+        }
+    }
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, **_ERROR_BODY}
+    for code, text in [
+        (400, "invalid_request / context_length_exceeded"),
+        (401, "unauthorized"),
+        (413, "request_too_large"),
+        (422, "invalid_request"),
+        (429, "overloaded"),
+        (500, "internal"),
+        (503, "not_ready"),
+        (504, "timeout"),
+    ]
+}
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8 (or UTF-16/32), no NaN/Infinity literals; errors are 400 invalid_request."""
+    if not raw.strip():
+        raise InvalidRequestError("the request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidRequestError("the JSON body is nested too deeply") from None
+    except UnicodeDecodeError:
+        raise InvalidRequestError("the request body is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidRequestError(f"malformed JSON: {name} is not a JSON number")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(f"the request body ({declared} bytes) exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLargeError(f"the request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+REQUEST_MODELS = (ScoreRequest, PreferenceRequest, RerankRequest)
+
+
+def _json_body(model: type[BaseModel]) -> dict:
+    """OpenAPI request body of a route that reads its body itself (``_document_request_models`` adds the schema)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _document_request_models(app: FastAPI) -> None:
+    """Put the request models (and the item models they use) into the OpenAPI document's components."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            _, defs = models_json_schema(
+                [(m, "validation") for m in REQUEST_MODELS], ref_template="#/components/schemas/{model}"
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_http_app(service: GatewayService, config: ServerConfig) -> FastAPI:
+    auth = ApiKeyAuth(config.api_key_values())
+    limits = config.limits
+
+    async def respond(
+        request: Request,
+        schema: type[BaseModel] | None,
+        action: Callable[..., Awaitable[BaseModel]],
+        *,
+        protected: bool = True,
+    ) -> Response:
+        """Authenticate, read and validate the body, run ``action`` within the deadline, map errors."""
+
+        async def run() -> BaseModel:
+            if protected:
+                auth.check(request.headers)
+            if schema is None:
+                return await action()
+            body = parse_json(await read_body(request, limits.max_body_bytes))
+            return await action(schema.model_validate(body))
+
+        try:
+            result = await asyncio.wait_for(run(), limits.request_timeout_s)
+        except Exception as exc:
+            return error_response(exc)
+        return JSONResponse(result.model_dump(mode="json"))
+
+    app = FastAPI(title="rmserve", version="0.1.0", summary="Reward-model inference server for RLHF.")
+    app.add_exception_handler(HTTPException, _http_error)
+    _document_request_models(app)
+    ops = config.protect_operational_routes
+
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_json_body(ScoreRequest),
+        summary="Rewards for items",
+    )
+    async def score(request: Request) -> Response:
+        return await respond(request, ScoreRequest, service.score)
+
+    app.add_api_route(
+        "/score",
+        score,
+        methods=["POST"],
+        response_model=ScoreResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_json_body(ScoreRequest),
+        summary="Alias of /v1/score",
+    )
+
+    @app.post(
+        "/v1/preference",
+        response_model=PreferenceResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_json_body(PreferenceRequest),
+        summary="Which of two responses is preferred (Bradley–Terry)",
+    )
+    async def preference(request: Request) -> Response:
+        return await respond(request, PreferenceRequest, service.preference)
+
+    @app.post(
+        "/v1/rerank",
+        response_model=RerankResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_json_body(RerankRequest),
+        summary="Best-of-n: responses of each group ranked by reward",
+    )
+    async def rerank(request: Request) -> Response:
+        return await respond(request, RerankRequest, service.rerank)
+
+    @app.get("/health", response_model=HealthResponse, responses=ERROR_RESPONSES, summary="The process is up")
+    async def health(request: Request) -> Response:
+        return await respond(request, None, _healthy, protected=ops)
+
+    @app.get("/ready", response_model=ReadyResponse, responses=ERROR_RESPONSES, summary="The model can score")
+    async def ready(request: Request) -> Response:
+        return await respond(request, None, service.ready, protected=ops)
+
+    @app.get("/v1/models", response_model=ModelsResponse, responses=ERROR_RESPONSES, summary="The served model")
+    async def models(request: Request) -> Response:
+        return await respond(request, None, service.models, protected=ops)
+
+    return app
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    return error_response(exc)  # 404 / 405 from routing, in the API's error body
+
+
+async def _healthy() -> HealthResponse:
+    return HealthResponse()

@@ -1,0 +1,99 @@
+"""Run the application in a local Ray instance until SIGINT/SIGTERM: what ``rmserve serve`` does.
+
+Example::
+
+    run_until_signalled(ServerConfig(port=8000))   # blocks; returns 0 after Ctrl-C or SIGTERM
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from typing import Any
+
+from .config import ServerConfig
+
+log = logging.getLogger("rmserve.serve")
+
+
+class StartupError(RuntimeError):
+    """The application could not be deployed (the message is the cause, in one line)."""
+
+
+def install_stop_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM, so a signal during startup still ends in a clean shutdown."""
+    stop = threading.Event()
+
+    def _on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    return stop
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before starting Ray when the HTTP port is taken (Ray's own error is a remote traceback)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def run_until_signalled(config: ServerConfig, stop: threading.Event | None = None) -> int:
+    """Start local Ray (dashboard off unless asked), deploy, print the URL, wait for a signal, shut down."""
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    check_port_free(config.host, config.port)
+    ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=config.ray_dashboard)
+    # After ray.init: it installs its own SIGTERM handling (an abort in the driver), which ours replaces.
+    stop = stop or install_stop_signals()
+    try:
+        try:
+            serve.start(http_options={"host": config.host, "port": config.port})
+            serve.run(build_app(config), name=config.app_name, route_prefix="/")
+        except Exception as exc:
+            cause = _deployment_failure(config.app_name) or _root_cause(exc)
+            raise StartupError(f"the application failed to start: {cause}") from None
+        url = f"http://{config.host}:{config.port}"
+        print(f"rmserve: serving {config.model.path!r} at {url} (GET {url}/ready; Ctrl-C to stop)", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("rmserve: shutting down", flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def _deployment_failure(app_name: str) -> str | None:
+    """The cause Serve recorded for a deployment that failed (e.g. the Scorer's ModelLoadError), if any."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # Serve itself may be what failed
+        return None
+    for name, deployment in (app.deployments if app else {}).items():
+        if deployment.message and "Error" in deployment.message:
+            return f"{name}: {_root_cause(RuntimeError(deployment.message))}"
+    return None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The most specific line of a Ray deployment failure (its tracebacks run to hundreds of lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error:" in line or "Exception:" in line:
+            return line
+    return lines[-1] if lines else type(exc).__name__

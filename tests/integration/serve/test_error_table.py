@@ -1,0 +1,260 @@
+"""Every row of API.md's error table, provoked against a real Ray Serve app, each while a concurrent valid
+request still gets its correct reward. Small limits, an API key and fault injection are configured so
+each row can be reached quickly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from serve_harness import LiveApp, async_client, demo_config, running_app
+
+pytestmark = pytest.mark.ray
+
+TOL = 1e-5
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_LENGTH = 48
+DEADLINE_S = 2.5
+SLOW_APP, SLOW_PREFIX = "rmserve-slow", "/slow"
+
+
+@pytest.fixture(scope="module")
+def app(demo_model_dir):
+    config = demo_config(
+        demo_model_dir,
+        model={"max_length": MAX_LENGTH, "truncation": "error"},
+        limits={
+            "max_items_per_request": 8,
+            "max_body_bytes": 4096,
+            "max_queued_items": 16,
+            "request_timeout_s": DEADLINE_S,
+            "retry_after_s": 2,
+        },
+        api_keys=[KEY],
+        testing={"fault_injection": True},
+        batching={"batch_wait_timeout_s": 0.02},
+    )
+    with running_app(config) as live:
+        yield live
+
+
+def ids(length: int, start: int = 10) -> list[int]:
+    """A tokens item of exactly ``length`` tokens (fault injection keys on the length)."""
+    return [(start + k) % 600 + 5 for k in range(length)]
+
+
+VALID = {"items": [{"prompt": "Tell me about owls.", "response": "Of course. Owls have inspired many stories."}]}
+
+
+@pytest.fixture
+async def client(app):
+    async with async_client(app, headers=AUTH) as c:
+        yield c
+
+
+async def with_valid_request(client: httpx.AsyncClient, offline, bad_request) -> httpx.Response:
+    """Run ``bad_request`` concurrently with a valid one; the valid one must succeed with the right reward."""
+    bad, good = await asyncio.gather(bad_request, client.post("/v1/score", json=VALID))
+    assert good.status_code == 200, good.text
+    assert good.json()["rewards"] == pytest.approx(offline.score(VALID["items"]), abs=TOL)
+    return bad
+
+
+def assert_error(response: httpx.Response, status: int, type_: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code", "param"}
+    assert (body["error"]["type"], body["error"]["code"]) == (type_, status)
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+# -- 400 / 422 invalid_request ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "kwargs", "status", "fragment"),
+    [
+        ("/v1/score", {"content": b'{"items": [{"text": "x"}'}, 400, "malformed JSON"),
+        ("/v1/score", {"content": b'{"items": [{"input_ids": [1, NaN]}]}'}, 400, "NaN is not a JSON number"),
+        ("/v1/score", {"json": {"items": [{"prompt": 1, "response": "r"}]}}, 422, "items[0].prompt"),
+        ("/v1/score", {"json": {"items": [{"text": "x"}], "temperature": 1}}, 422, "temperature: Extra inputs"),
+        ("/v1/score", {"json": {"items": []}}, 422, "items: List should have at least 1 item"),
+        ("/v1/score", {"json": {"items": [{"text": "x"}, {"input_ids": [1]}]}}, 422, "items mix forms"),
+        ("/v1/preference", {"json": {"pairs": []}}, 422, "pairs: List should have at least 1 item"),
+        ("/v1/rerank", {"json": {"groups": [{"prompt": "q", "responses": ["a"]}], "top_k": -1}}, 422, "top_k"),
+        ("/score", {"json": {"items": [{"input_ids": [1, 2, 100000]}]}}, 400, "item 0: token id 100000"),
+        ("/v1/score", {"json": {"items": [{"messages": [{"role": "user", "content": "q"}]}]}}, 400, "item 0:"),
+        ("/v1/score", {"json": {"items": [{"text": "x"}], "normalize": True}}, 400, "no normalisation"),
+        ("/v1/score", {"json": {"items": [{"text": "x"}], "model": "other-model"}}, 400, "'other-model' is not served"),
+    ],
+)
+async def test_invalid_request(client, offline, path, kwargs, status, fragment):
+    error = assert_error(
+        await with_valid_request(client, offline, client.post(path, **kwargs)), status, "invalid_request"
+    )
+    assert fragment in error["message"]
+
+
+async def test_unknown_route_and_method_use_the_error_body(client, offline):
+    assert_error(await with_valid_request(client, offline, client.get("/v1/nothing")), 404, "invalid_request")
+    assert_error(await with_valid_request(client, offline, client.get("/v1/score")), 405, "invalid_request")
+
+
+# -- 400 context_length_exceeded -------------------------------------------------------------------
+async def test_context_length_exceeded_names_the_item(client, offline):
+    body = {"items": [{"input_ids": ids(10)}, {"input_ids": ids(MAX_LENGTH + 1)}, {"input_ids": ids(12)}]}
+    error = assert_error(
+        await with_valid_request(client, offline, client.post("/v1/score", json=body)), 400, "context_length_exceeded"
+    )
+    assert error["param"] == "items[1]" and error["message"].startswith("item 1:")
+    assert f"max_length={MAX_LENGTH}" in error["message"]
+
+
+# -- 413 request_too_large -------------------------------------------------------------------------
+async def test_body_over_the_limit(client, offline):
+    big = {"items": [{"text": "word " * 2000}]}
+    assert_error(
+        await with_valid_request(client, offline, client.post("/v1/score", json=big)), 413, "request_too_large"
+    )
+
+    async def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(10):
+            yield b" " * 1000
+
+    chunked = client.post("/v1/score", content=chunks())
+    assert_error(await with_valid_request(client, offline, chunked), 413, "request_too_large")
+
+
+async def test_item_count_over_the_limit(client, offline):
+    nine = {"items": [{"input_ids": ids(3, start=k)} for k in range(9)]}
+    error = assert_error(
+        await with_valid_request(client, offline, client.post("/v1/score", json=nine)), 413, "request_too_large"
+    )
+    assert "9 items exceed the limit of 8" in error["message"]
+    five_pairs = {"pairs": [{"prompt": "q", "response_a": "a", "response_b": "b"}] * 5}  # 10 items
+    too_many = client.post("/v1/preference", json=five_pairs)
+    assert_error(await with_valid_request(client, offline, too_many), 413, "request_too_large")
+
+
+# -- 401 unauthorized ------------------------------------------------------------------------------
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"X-API-Key": KEY + "x"}])
+@pytest.mark.parametrize("path", ["/v1/score", "/score", "/v1/preference", "/v1/rerank"])
+async def test_missing_or_wrong_api_key(app, client, offline, headers, path):
+    async with async_client(app, headers=headers) as anonymous:
+        response = await with_valid_request(client, offline, anonymous.post(path, json=VALID))
+    assert_error(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_operational_routes_are_open_by_default(app):
+    async with async_client(app) as anonymous:
+        assert (await anonymous.get("/health")).status_code == 200
+        assert (await anonymous.get("/ready")).status_code == 200
+
+
+# -- 429 overloaded --------------------------------------------------------------------------------
+async def test_queue_full_is_429_with_retry_after(app, client, offline):
+    scorer = app.scorer()
+    await scorer.set_faults.remote(delays={40: 1.0})  # requests holding a 40-token item stay queued for 1 s
+    try:
+        valid = {"items": [{"input_ids": ids(40, start=1)}]}
+        fillers = [{"items": [{"input_ids": ids(40, start=s)} for s in range(2, 10)]}]  # 8 items
+        fillers.append({"items": [{"input_ids": ids(40, start=s)} for s in range(10, 17)]})  # 7 items
+        admitted = [asyncio.create_task(client.post("/v1/score", json=body)) for body in [valid, *fillers]]
+        for _ in range(100):  # until the scorer holds 1 + 8 + 7 = 16 items, its limit
+            if (await app.stats())["queued_items"] == 16:
+                break
+            await asyncio.sleep(0.02)
+        rejected = await client.post("/v1/score", json={"items": [{"input_ids": ids(5)}]})
+        error = assert_error(rejected, 429, "overloaded")
+        assert rejected.headers["retry-after"] == "2" and "retry after 2 s" in error["message"]
+        for task, body in zip(admitted, [valid, *fillers], strict=True):
+            response = await task  # admitted before the queue filled: all succeed, with their own rewards
+            assert response.status_code == 200, response.text
+            assert response.json()["rewards"] == pytest.approx(offline.score(body["items"]), abs=TOL)
+        stats = await app.stats()
+        assert stats["queued_items"] == 0 and stats["rejected_requests"] >= 1
+    finally:
+        await scorer.set_faults.remote()
+    assert (await client.post("/v1/score", json=VALID)).status_code == 200
+
+
+# -- 503 not_ready ---------------------------------------------------------------------------------
+@pytest.fixture
+def slow_app(app: LiveApp):
+    """A second application whose Scorer takes minutes to load; its Gateway answers meanwhile.
+
+    Deployed without waiting for it to be running (``serve.run`` would wait), and deleted afterwards.
+    """
+    from ray import serve
+
+    from rmserve.serve import build_app
+
+    slow = app.config.model_copy(
+        update={"app_name": SLOW_APP, "testing": app.config.testing.model_copy(update={"scorer_start_delay_s": 300})}
+    )
+    target = serve.RunTarget(build_app(slow), name=SLOW_APP, route_prefix=SLOW_PREFIX)
+    serve.run_many([target], wait_for_applications_running=False)
+    yield SLOW_PREFIX
+    serve.delete(SLOW_APP)
+
+
+async def test_model_not_loaded_yet_is_503(client, offline, slow_app):
+    for _ in range(300):  # until the slow app's Gateway is routed (its Scorer is still loading)
+        if (await client.get(f"{slow_app}/health")).status_code == 200:
+            break
+        await asyncio.sleep(0.1)
+    ready = await with_valid_request(client, offline, client.get(f"{slow_app}/ready"))
+    assert_error(ready, 503, "not_ready")
+    score = await with_valid_request(client, offline, client.post(f"{slow_app}/v1/score", json=VALID))
+    assert "not loaded yet" in assert_error(score, 503, "not_ready")["message"]
+    assert (await client.get("/ready")).json() == {"status": "ready", "model": offline.model_id}
+
+
+# -- 504 timeout -----------------------------------------------------------------------------------
+async def test_request_past_its_deadline_is_504_and_cancelled(app, client, offline):
+    scorer = app.scorer()
+    await scorer.set_faults.remote(delays={44: 30.0})
+    try:
+        slow = client.post("/v1/score", json={"items": [{"input_ids": ids(44)}]})
+        error = assert_error(await with_valid_request(client, offline, slow), 504, "timeout")
+        assert "deadline" in error["message"]
+        for _ in range(100):  # the cancellation reached the replica: the item left its queue
+            if (await app.stats())["queued_items"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await app.stats())["queued_items"] == 0
+    finally:
+        await scorer.set_faults.remote()
+
+
+# -- 500 internal ----------------------------------------------------------------------------------
+async def test_unexpected_failure_is_a_sanitised_500_for_its_own_request_only(app, client, offline):
+    scorer = app.scorer()
+    await scorer.set_faults.remote(fail_on_length=33)  # a forward whose longest row has 33 tokens raises
+    try:
+        bad = client.post("/v1/score", json={"items": [{"input_ids": ids(33)}]})
+        error = assert_error(await with_valid_request(client, offline, bad), 500, "internal")
+        assert "reference" in error["message"] and "/internal/detail" not in error["message"]
+        assert "Injected" not in error["message"]
+        assert error["message"].startswith("item 0: internal error") and error["param"] == "items[0]"
+
+        # The failing item shares a batch with shorter items of other requests: they still get their rewards.
+        before = (await app.stats())["rescored_batches"]
+        for attempt in range(5):
+            others = [{"items": [{"input_ids": ids(10 + k, start=k)}]} for k in range(12)]  # 13 items <= queue of 16
+            responses = await asyncio.gather(
+                client.post("/v1/score", json={"items": [{"input_ids": ids(33, start=attempt)}]}),
+                *(client.post("/v1/score", json=body) for body in others),
+            )
+            assert_error(responses[0], 500, "internal")
+            for response, body in zip(responses[1:], others, strict=True):
+                assert response.status_code == 200, response.text
+                assert response.json()["rewards"] == pytest.approx(offline.score(body["items"]), abs=TOL)
+            if (await app.stats())["rescored_batches"] > before:
+                break
+        assert (await app.stats())["rescored_batches"] > before, "the failing item never shared a batch"
+    finally:
+        await scorer.set_faults.remote()

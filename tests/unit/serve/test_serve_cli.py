@@ -1,0 +1,80 @@
+"""`rmserve` argument handling that needs no Ray: help, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from rmserve.serve.cli import main
+from rmserve.serve.cli_flags import config_fields, flag_name
+
+
+def test_serve_help_documents_every_flag(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one line per flag, whatever the terminal
+    assert main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    for path, _ in config_fields():
+        assert flag_name(path) in out
+    for text in ("--config", "RMSERVE_MODEL__PATH", "(default: 8000)", "demo"):
+        assert text in out
+
+
+def test_top_level_help_lists_the_subcommands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("serve", "score", "demo", "train", "bench"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        ([], "required: COMMAND"),
+        (["serve", "--port", "abc"], "port (from command line): Input should be a valid integer"),
+        (["serve", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["serve", "--dtype", "fp64"], "invalid choice: 'fp64'"),
+        (["serve", "--model", "/definitely/not/here"], "is not a directory"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_error_line(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert "Traceback" not in err
+    assert sum(line.startswith("rmserve") and "error:" in line for line in err.splitlines()) == 1
+
+
+def test_bad_config_file_exits_2(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "server.yaml"
+    config.write_text("prot: 9000\n")
+    monkeypatch.delenv("RMSERVE_CONFIG", raising=False)
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rmserve: error: invalid configuration: unknown key 'prot'") and "\n" not in err
+
+
+def test_unknown_environment_variable_exits_2(capsys, monkeypatch):
+    monkeypatch.setenv("RMSERVE_PROT", "9000")
+    assert main(["serve"]) == 2
+    assert "unknown environment variable RMSERVE_PROT" in capsys.readouterr().err
+
+
+def test_a_taken_port_is_reported_before_ray_starts():
+    import socket
+
+    from rmserve.serve.server import StartupError, check_port_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{port}"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # free again
+
+
+def test_deployment_failures_are_cut_to_their_cause():
+    from rmserve.serve.server import _root_cause
+
+    ray_text = "ray::ProxyActor.ready() (pid=1)\n  File 'proxy.py', line 3\n    raise e\nRuntimeError: Failed to bind\n"
+    assert _root_cause(RuntimeError(ray_text)) == "RuntimeError: Failed to bind"
+    assert _root_cause(RuntimeError("plain")) == "plain"
