@@ -1,8 +1,9 @@
 """CLI flags generated from ``ServerConfig``, so every setting has a flag and its help is the field's description.
 
-Fields of the ``model``, ``batching`` and ``limits`` sections become top-level flags (``--dtype``,
-``--max-batch-tokens``, ``--request-timeout-s``); ``model.path`` is ``--model`` and ``api_keys`` is the
-repeatable ``--api-key``. Values stay strings; ``load_config`` validates them like any other source.
+Fields of the ``model``, ``batching``, ``limits`` and ``compat`` sections become top-level flags (``--dtype``,
+``--max-batch-tokens``, ``--request-timeout-s``); ``model.path`` is ``--model``, ``compat.normalize`` is
+``--compat-normalize`` and ``api_keys`` is the repeatable ``--api-key``. Values stay strings; ``load_config``
+validates them like any other source.
 
 Example::
 
@@ -23,9 +24,9 @@ from pydantic.fields import FieldInfo
 
 from .config import ServerConfig
 
-FLATTENED_SECTIONS = ("model", "batching", "limits")
+FLATTENED_SECTIONS = ("model", "batching", "limits", "compat")
 SKIPPED = frozenset({("model", "max_batch_tokens"), ("testing",)})
-RENAMED = {("model", "path"): "--model", ("api_keys",): "--api-key"}
+RENAMED = {("model", "path"): "--model", ("api_keys",): "--api-key", ("compat", "normalize"): "--compat-normalize"}
 _DEST_PREFIX = "config:"
 
 

@@ -86,12 +86,24 @@ class TestingConfig(_Section):
     )
 
 
+class CompatConfig(_Section):
+    """The compatibility routes for existing trainers (OpenRLHF's /get_reward, vLLM's /classify)."""
+
+    normalize: bool = Field(
+        False,
+        description="Answer /get_reward and /classify with normalised rewards (r - mean) / std; OpenRLHF's trainer "
+        "cannot normalise remote rewards itself. The model must define mean and std (config.json or "
+        "model.reward_mean/reward_std), else the Scorer refuses to start.",
+    )
+
+
 class ServerConfig(_Section):
     """The whole server configuration (model, batching, limits, resources, network, access)."""
 
     model: ModelSpec = Field(default_factory=ModelSpec, description="The reward model to serve.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and load shedding.")
+    compat: CompatConfig = Field(default_factory=CompatConfig, description="Compatibility routes.")
     replicas: int = Field(1, ge=1, le=1024, description="Scorer replicas (each holds one copy of the model).")
     num_gpus: float = Field(0.0, ge=0.0, le=64.0, description="GPUs reserved per Scorer replica (0 on CPU).")
     num_cpus: float = Field(1.0, ge=0.0, le=1024.0, description="CPUs reserved per Scorer replica.")

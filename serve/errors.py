@@ -19,6 +19,7 @@ import asyncio
 import logging
 import math
 import secrets
+from collections.abc import Callable
 
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -108,7 +109,9 @@ def error_headers(err: RMServeError) -> dict[str, str] | None:
     return None
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    """API.md's error response for any exception."""
+def error_response(exc: BaseException, adapt: Callable[[RMServeError], RMServeError] | None = None) -> JSONResponse:
+    """API.md's error response for any exception; ``adapt`` lets a compatibility route restyle it (e.g. vLLM's 400)."""
     err = as_rmserve_error(exc)
+    if adapt is not None:
+        err = adapt(err)
     return JSONResponse(err.to_dict(), status_code=err.status, headers=error_headers(err))

@@ -7,6 +7,7 @@ Example::
 
     handle.set_faults.remote(fail_on_length=77).result()        # forwards whose longest row is 77 tokens raise
     handle.set_faults.remote(delays={55: 3.0}).result()         # requests holding a 55-token item wait 3 s
+    handle.set_faults.remote(oom_on_length=40).result()         # forwards of 2+ rows of 40 tokens run out of memory
 """
 
 from __future__ import annotations
@@ -19,20 +20,27 @@ class InjectedFault(RuntimeError):
     """What an injected forward failure raises (an 'unknown' exception to the server)."""
 
 
+class InjectedOutOfMemory(RuntimeError):
+    """An injected out-of-memory error: the engine splits the micro-batch in half and retries."""
+
+
 @dataclass(frozen=True)
 class FaultPlan:
     fail_on_length: int | None = None  # a micro-batch whose longest row has this many tokens raises
     delays: Mapping[int, float] = field(default_factory=dict)  # item length -> seconds its request waits first
+    oom_on_length: int | None = None  # a micro-batch of 2+ rows whose longest row has this many tokens runs OOM
 
     def engine_hook(self) -> Callable[[int, int], None] | None:
         """The ``ScoringEngine.fault_injector`` for this plan (called with rows, longest row)."""
-        if self.fail_on_length is None:
+        if self.fail_on_length is None and self.oom_on_length is None:
             return None
-        target = self.fail_on_length
+        fail_width, oom_width = self.fail_on_length, self.oom_on_length
 
         def fail(rows: int, width: int) -> None:
-            if width == target:
+            if width == fail_width:
                 raise InjectedFault(f"injected failure at /internal/detail for a {rows}x{width} micro-batch")
+            if width == oom_width and rows > 1:
+                raise InjectedOutOfMemory(f"CUDA out of memory (injected) for a {rows}x{width} micro-batch")
 
         return fail
 

@@ -1,7 +1,9 @@
 """The FastAPI app of the Gateway: thin routes over ``GatewayService``, plus the HTTP plumbing every route
 shares (API key, bounded body read, JSON parsing, request deadline, error mapping).
 
-``create_http_app(service, config)`` needs no Ray: give it any object with the Scorer's methods.
+``create_http_app(service, config)`` needs no Ray: give it any object with the Scorer's methods. The
+compatibility routes (``compat.py``) use the same plumbing; ``GET /metrics`` renders ``metrics.scrape()``
+(the Gateway passes ``ClusterMetrics``: totals over all replicas) and a middleware counts every request.
 
 Example::
 
@@ -12,20 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
-from rmserve.model.errors import InvalidRequestError, RequestTooLargeError
+from rmserve.model.errors import InvalidRequestError, RequestTooLargeError, RMServeError
 
 from .auth import ApiKeyAuth
+from .compat import CompatService, classify_error, get_reward_error
+from .compat_protocol import ClassifyRequest, ClassifyResponse, GetRewardRequest, GetRewardResponse
 from .config import ServerConfig
 from .errors import error_response
+from .instrumentation import RequestMetricsMiddleware
+from .metrics_hub import ClusterMetrics, LocalMetrics
 from .protocol import (
     HealthResponse,
     ModelsResponse,
@@ -77,17 +84,35 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON: UTF-8 (or UTF-16/32), no NaN/Infinity literals; errors are 400 invalid_request."""
+    """Strict JSON: UTF-8 (or UTF-16/32), no NaN/Infinity literals, no unpaired surrogates, integers of at most
+    4,300 digits; errors are 400 invalid_request."""
     if not raw.strip():
         raise InvalidRequestError("the request body is empty; expected a JSON object")
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        value = json.loads(raw, parse_constant=_reject_constant)
     except RecursionError:
         raise InvalidRequestError("the JSON body is nested too deeply") from None
     except UnicodeDecodeError:
         raise InvalidRequestError("the request body is not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError:  # Python's limit on digits in an integer literal
+        raise InvalidRequestError("malformed JSON: a number has too many digits") from None
+    if _SURROGATE_ESCAPE.search(raw) or not json.detect_encoding(raw).startswith("utf-8"):
+        _reject_unpaired_surrogates(value)
+    return value
+
+
+# A \uD800-\uDFFF escape: json.loads turns an unpaired one into a string that is not valid Unicode, which
+# the tokenizer cannot encode (the check re-encodes the whole body, so it runs only when such an escape is there).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _reject_unpaired_surrogates(value: Any) -> None:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError("malformed JSON: a string holds an unpaired UTF-16 surrogate") from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -108,7 +133,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-REQUEST_MODELS = (ScoreRequest, PreferenceRequest, RerankRequest)
+REQUEST_MODELS = (ScoreRequest, PreferenceRequest, RerankRequest, GetRewardRequest, ClassifyRequest)
 
 
 def _json_body(model: type[BaseModel]) -> dict:
@@ -133,20 +158,29 @@ def _document_request_models(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_http_app(service: GatewayService, config: ServerConfig) -> FastAPI:
+def create_http_app(
+    service: GatewayService,
+    config: ServerConfig,
+    *,
+    compat: CompatService | None = None,
+    metrics: ClusterMetrics | LocalMetrics | None = None,
+) -> FastAPI:
     auth = ApiKeyAuth(config.api_key_values())
     limits = config.limits
+    compat = compat or CompatService(service, config)
+    metrics = metrics or LocalMetrics()
 
     async def respond(
         request: Request,
         schema: type[BaseModel] | None,
-        action: Callable[..., Awaitable[BaseModel]],
+        action: Callable[..., Awaitable[BaseModel | Response]],
         *,
         protected: bool = True,
+        adapt_error: Callable[[RMServeError], RMServeError] | None = None,
     ) -> Response:
         """Authenticate, read and validate the body, run ``action`` within the deadline, map errors."""
 
-        async def run() -> BaseModel:
+        async def run() -> BaseModel | Response:
             if protected:
                 auth.check(request.headers)
             if schema is None:
@@ -157,11 +191,17 @@ def create_http_app(service: GatewayService, config: ServerConfig) -> FastAPI:
         try:
             result = await asyncio.wait_for(run(), limits.request_timeout_s)
         except Exception as exc:
-            return error_response(exc)
+            return error_response(exc, adapt_error)
+        if isinstance(result, Response):
+            return result
         return JSONResponse(result.model_dump(mode="json"))
+
+    async def scrape() -> Response:
+        return Response(await metrics.scrape(), media_type=metrics.content_type)
 
     app = FastAPI(title="rmserve", version="0.1.0", summary="Reward-model inference server for RLHF.")
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_middleware(RequestMetricsMiddleware, recorder=metrics.recorder)
     _document_request_models(app)
     ops = config.protect_operational_routes
 
@@ -217,11 +257,43 @@ def create_http_app(service: GatewayService, config: ServerConfig) -> FastAPI:
     async def models(request: Request) -> Response:
         return await respond(request, None, service.models, protected=ops)
 
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses=ERROR_RESPONSES,
+        summary="Prometheus metrics: totals over all replicas",
+    )
+    async def prometheus_metrics(request: Request) -> Response:
+        return await respond(request, None, scrape, protected=ops)
+
+    # -- compatibility routes (compat.py): extra fields are ignored, as their origins do ------------------
+    @app.post(
+        "/get_reward",
+        response_model=GetRewardResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_json_body(GetRewardRequest),
+        summary="OpenRLHF remote reward model",
+    )
+    async def get_reward(request: Request) -> Response:
+        return await respond(request, GetRewardRequest, compat.get_reward, adapt_error=get_reward_error)
+
+    @app.post(
+        "/classify",
+        response_model=ClassifyResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_json_body(ClassifyRequest),
+        summary="vLLM-style classify (verl's reward loop)",
+    )
+    async def classify(request: Request) -> Response:
+        return await respond(request, ClassifyRequest, compat.classify, adapt_error=classify_error)
+
     return app
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:
-    return error_response(exc)  # 404 / 405 from routing, in the API's error body
+    response = error_response(exc)  # 404 / 405 from routing, in the API's error body
+    response.headers.update(getattr(exc, "headers", None) or {})  # e.g. the Allow header of a 405
+    return response
 
 
 async def _healthy() -> HealthResponse:

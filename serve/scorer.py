@@ -26,13 +26,23 @@ from concurrent.futures import ThreadPoolExecutor
 from ray import serve
 
 from rmserve.model import RewardModel, TokenizedItem, load_reward_model
-from rmserve.model.errors import InvalidRequestError, OverloadedError, RequestTooLargeError, RMServeError, item_error
+from rmserve.model.errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    OverloadedError,
+    RequestTooLargeError,
+    RMServeError,
+    item_error,
+)
 from rmserve.model.items import Item
 
 from .batching import BatchLimits, BatchStats, EngineFeeder, batch_cost
 from .config import ScorerUserConfig, ServerConfig
 from .errors import internal_error
 from .faults import FaultPlan
+from .instrumentation import ScorerMetrics
+from .metrics import Snapshot
+from .metrics_hub import start_reporting
 from .protocol import ScoredItems
 
 log = logging.getLogger("rmserve.serve")
@@ -53,7 +63,8 @@ class Scorer:
     """Scores items with one reward model; batches items across concurrent requests.
 
     Methods callable through a ``DeploymentHandle``: ``score(items, normalize=False) -> list[float]``,
-    ``score_request(items, normalize) -> ScoredItems``, ``info()``, ``stats()``.
+    ``score_request(items, normalize) -> ScoredItems``, ``info()``, ``special_tokens()``, ``stats()``,
+    ``metrics_snapshot()``.
     """
 
     def __init__(self, config: ServerConfig):
@@ -71,14 +82,22 @@ class Scorer:
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="rmserve-tokenize")
         self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="rmserve-forward")
         self.model: RewardModel = load_reward_model(config.model_spec())
+        if config.compat.normalize and self.model.normalization is None:
+            raise ModelLoadError(
+                f"compat.normalize is on but model {self.model.model_id} has no normalisation; set "
+                "model.reward_mean and model.reward_std, or add mean/std to its config.json"
+            )
         self._warm_up()
-        self._feeder = EngineFeeder(self._forward, self._limits, self._forward_thread, self._batch_stats.record)
+        self._metrics = ScorerMetrics(self.model.info())
+        self.model.engine.observers.append(self._metrics.on_forward)  # after the warm-up: it is not traffic
+        self._feeder = EngineFeeder(self._forward, self._limits, self._forward_thread, self._on_batch)
         self._score_one = serve.batch(
             max_batch_size=self._limits.max_batch_tokens,
             batch_wait_timeout_s=config.batching.batch_wait_timeout_s,
             max_concurrent_batches=MERGE_WINDOW,
             batch_size_fn=self._batch_size,
         )(self._run_batch)
+        self._metrics_reporter = start_reporting("scorer", self.metrics_snapshot)
         log.info("scorer ready: %s", self.model.info())
 
     # -- handle API -------------------------------------------------------------------------------
@@ -105,6 +124,19 @@ class Scorer:
     def info(self) -> dict:
         """The model card of ``GET /v1/models``."""
         return self.model.info()
+
+    def special_tokens(self) -> dict[str, str | None]:
+        """The tokenizer's special tokens as text (the compatibility routes strip padding with them)."""
+        tokenizer = self.model.tokenizer
+        return {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+
+    def metrics_snapshot(self) -> Snapshot:
+        """This replica's metrics; ``GET /metrics`` shows their sum over all replicas (see ``metrics_hub``)."""
+        return self._metrics.snapshot(
+            queue_depth=self._queued_items,
+            rejected_requests=self._rejected_requests,
+            oom_splits=self.model.engine.stats.oom_splits,
+        )
 
     def stats(self) -> dict:
         """Counters of this replica: batches formed (sizes), engine totals, queue, rejections."""
@@ -161,11 +193,13 @@ class Scorer:
         finally:
             self._queued_items -= len(items)
         rewards = [_reward_or_raise(outcome, i) for i, outcome in enumerate(outcomes)]
+        truncated = [i for i, t in enumerate(tokenized) if t.truncated]
+        self._metrics.on_request(len(items), sum(lengths), len(truncated))
         return ScoredItems(
             model=self.model.model_id,
             rewards=rewards,
             normalized=self.model.normalize(rewards) if normalize else None,
-            truncated=[i for i, t in enumerate(tokenized) if t.truncated],
+            truncated=truncated,
             input_tokens=sum(lengths),
         )
 
@@ -187,6 +221,10 @@ class Scorer:
                 retry_after=retry,
             )
         self._queued_items += count
+
+    def _on_batch(self, lengths: list[int], merged: int) -> None:
+        self._batch_stats.record(lengths, merged)
+        self._metrics.on_batch(lengths, merged)
 
     def _tokenize(self, items: Sequence[Item | dict]) -> list[TokenizedItem]:
         return [self.model.tokenize(item, i) for i, item in enumerate(items)]

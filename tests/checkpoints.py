@@ -19,9 +19,11 @@ ARCHS = ("llama", "mistral", "qwen2")
 
 
 def build_tokenizer(variant: str = "chat"):
-    """variant: 'chat' (template, no pad), 'raw' (no template), 'pad_eos' (template, pad_token == eos_token)."""
+    """variant: 'chat' (template, no pad), 'raw' (no template), 'pad_eos' (template, pad_token == eos_token),
+    'pad' (template, a '<pad>' token of its own)."""
     texts = corpus(make_preference_pairs(400, seed=7))
-    tok = train_tokenizer(texts, vocab_size=400, chat_template=variant != "raw")
+    pad = "<pad>" if variant == "pad" else None
+    tok = train_tokenizer(texts, vocab_size=400, chat_template=variant != "raw", pad_token=pad)
     if variant == "pad_eos":
         tok.pad_token = tok.eos_token
     return tok

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+
 from rmserve.client import AsyncRewardClient, RewardClient
 
 URL = "http://rm.test"

@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 from client_fakes import FakeServer, call, make_client, reward_of
+
 from rmserve.client import InvalidRequestError
 from rmserve.client._calls import plan_chunks
 

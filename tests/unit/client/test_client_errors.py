@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from client_fakes import call, make_client
+
 from rmserve.client import (
     APIResponseValidationError,
     APIStatusError,

@@ -9,6 +9,7 @@ import sys
 import httpx
 import pytest
 from client_fakes import URL, FakeServer, call, make_client
+
 from rmserve.client import AsyncRewardClient, ModelInfo, PreferenceResult, RankedResponse, RewardClient
 
 

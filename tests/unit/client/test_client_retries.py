@@ -8,6 +8,7 @@ from email.utils import format_datetime
 import httpx
 import pytest
 from client_fakes import Sleeps, call, make_client
+
 from rmserve.client import (
     APIConnectionError,
     APIStatusError,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import rmserve.client
 from client_fakes import URL, FakeServer
+
+import rmserve.client
 
 SNIPPETS = Path(rmserve.client.__file__).with_name("README_SNIPPETS.md")
 

@@ -1,0 +1,86 @@
+"""Request and response bodies of the compatibility routes (API.md), shaped as their origins send them.
+
+Unlike the native routes, these accept and ignore fields they do not know, as OpenRLHF's reward
+server and vLLM do (trainers send extra fields such as ``prompts``, ``labels``, ``add_special_tokens``).
+
+Example::
+
+    GetRewardRequest.model_validate({"query": ["<s>Q: 2+2? A: 4</s>"], "prompts": ["Q: 2+2?"], "labels": [""]})
+    ClassifyRequest.model_validate({"model": "rm", "input": "<s>Q: 2+2? A: 4</s>", "use_activation": False})
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+# vLLM applies the classifier's activation (sigmoid for one label) unless told otherwise; so do we.
+DEFAULT_ACTIVATION = True
+
+
+class _CompatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- OpenRLHF remote reward model: POST /get_reward ------------------------------------------------
+class GetRewardRequest(_CompatRequest):
+    """``{"query": [str, ...], "prompts": ..., "labels": ...}``: each query is prompt + response as decoded text."""
+
+    query: list[StrictStr] = Field(min_length=1, description="Formatted texts to score (special tokens included).")
+    prompts: Any = Field(None, description="Sent by OpenRLHF; not used.")
+    labels: Any = Field(None, description="Sent by OpenRLHF; not used.")
+
+
+class GetRewardResponse(_Response):
+    rewards: list[float]
+    scores: list[float] = Field(description="The same values as rewards (OpenRLHF reads either).")
+    extra_logs: dict[str, Any] = Field(default_factory=dict)
+
+
+# -- vLLM-style classify: POST /classify -----------------------------------------------------------
+class ClassifyRequest(_CompatRequest):
+    """``{"model"?, "input": str | [str], "use_activation"?: bool, "activation"?: bool}``."""
+
+    model: StrictStr | None = Field(None, description="Optional; when given it must be the served model's id.")
+    input: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] = Field(
+        description="One formatted text or a non-empty list of them."
+    )
+    use_activation: StrictBool | None = Field(
+        None, description="true: probs[0] = sigmoid(reward); false: the raw reward. Default: true, as vLLM."
+    )
+    activation: StrictBool | None = Field(None, description="Older name of use_activation (which wins if both).")
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def apply_activation(self) -> bool:
+        if self.use_activation is not None:
+            return self.use_activation
+        return self.activation if self.activation is not None else DEFAULT_ACTIVATION
+
+
+class ClassificationData(_Response):
+    index: int
+    label: str | None = Field(None, description="Always null: a reward model has one output and no class names.")
+    probs: list[float]
+    num_classes: Literal[1] = 1
+
+
+class ClassifyUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: Literal[0] = 0
+
+
+class ClassifyResponse(_Response):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassificationData]
+    usage: ClassifyUsage
