@@ -75,7 +75,9 @@ def _prepare_model(config: ServerConfig) -> None:
 
 def _external_command(module: str, run: str) -> Callable[[argparse.Namespace], Any]:
     def handler(args: argparse.Namespace) -> Any:
-        return getattr(importlib.import_module(module), run)(args)
+        mod = importlib.import_module(module)
+        runner = getattr(mod, "run_command", None)  # a module may map its own errors to exit codes
+        return runner(getattr(mod, run), args) if runner else getattr(mod, run)(args)
 
     return handler
 
