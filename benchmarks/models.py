@@ -1,0 +1,147 @@
+"""The models the benchmarks run: the demo model, "bench-20M" (CPU) and "8B-shape" (GPU), random weights.
+
+* ``bench-20M``: LLaMA, hidden 512, 6 layers, 8 heads, intermediate 1376, vocab 32,000 (19.0M non-embedding
+  parameters). Saved once as a real checkpoint (``LlamaForSequenceClassification``, head ``score``, the demo's
+  tokenizer) under the rmserve cache, so the engine benchmark, rmserve and the baseline all load the same weights.
+* ``8B-shape``: Llama-3-8B dimensions (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14,336,
+  vocab 128,256), random weights initialised directly on the GPU in the benchmark dtype (seconds, not minutes).
+
+Example::
+
+    python -m rmserve.benchmarks.models bench-20M              # prints the checkpoint directory
+    python -m rmserve.benchmarks.models 8B-shape --out /scratch/rm-8b --dtype bf16   # 16 GB, for int8/servers
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .flops import DecoderShape
+
+CONFIGS: dict[str, dict] = {
+    "bench-20M": dict(
+        hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
+        intermediate_size=1376, vocab_size=32000, max_position_embeddings=4096,
+    ),
+    "8B-shape": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+}  # fmt: skip
+BENCH_CHECKPOINT_VERSION = "v1"
+MARKER = "rmserve_bench.json"
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def llama_config(name: str, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**CONFIGS[name], **extra)
+
+
+def decoder_shape(name: str) -> DecoderShape:
+    return DecoderShape.from_config(llama_config(name))
+
+
+def random_engine(name: str, dtype: str, device: str, max_batch_tokens: int):
+    """A ``ScoringEngine`` over a randomly initialised backbone, built directly on ``device`` in ``dtype``."""
+    from transformers import AutoModel
+
+    from rmserve.model import ScoringEngine
+
+    config = llama_config(name)
+    torch.manual_seed(0)
+    with torch.device(device):
+        backbone = AutoModel.from_config(config, dtype=TORCH_DTYPES[dtype], attn_implementation="sdpa").eval()
+        head = torch.nn.Linear(config.hidden_size, 1, bias=False, dtype=torch.float32)
+    return ScoringEngine(backbone, head, max_batch_tokens=max_batch_tokens, device=device)
+
+
+def save_random_checkpoint(
+    name: str, out_dir: Path, *, seed: int = 0, device: str = "cpu", dtype: str = "fp32"
+) -> Path:
+    """Write ``name`` with random weights as a ``LlamaForSequenceClassification`` checkpoint + the demo tokenizer.
+
+    Built on ``device`` in ``dtype`` (an 8B-shape checkpoint: ``device="cuda", dtype="bf16"``, 16 GB on disk).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rmserve.model.demo import ensure_demo_model
+    from rmserve.model.loading import quiet_transformers
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_demo_model()))
+    # Pad with <unk>: random token ids start at 2, so the baseline's "rightmost non-pad token" is the last real one.
+    tokenizer.pad_token = tokenizer.unk_token
+    config = llama_config(
+        name, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForSequenceClassification.from_config(config, dtype=TORCH_DTYPES[dtype]).eval()
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)  # a visible reward scale
+    with quiet_transformers():
+        model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def ensure_bench_checkpoint(name: str = "bench-20M", cache_dir: Path | None = None) -> Path:
+    """The cached checkpoint directory of ``name``, written on first use (safe when processes race)."""
+    from rmserve.model.demo import cache_root
+
+    target = (cache_dir or cache_root()) / f"{name.lower()}-{BENCH_CHECKPOINT_VERSION}"
+    if (target / MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / MARKER).exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            save_random_checkpoint(name, tmp)
+            (tmp / MARKER).write_text(json.dumps({"config": name, "version": BENCH_CHECKPOINT_VERSION}))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_dir(name: str) -> Path:
+    """A checkpoint directory for ``demo``, a bench config name, or a path."""
+    if name == "demo":
+        from rmserve.model.demo import ensure_demo_model
+
+        return ensure_demo_model()
+    if name in CONFIGS:
+        return ensure_bench_checkpoint(name)
+    return Path(name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", choices=sorted(CONFIGS))
+    parser.add_argument("--out", default=None, help="write here instead of the cache (built on CUDA when present)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(TORCH_DTYPES), help="weights dtype with --out")
+    args = parser.parse_args(argv)
+    if args.out:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        path = save_random_checkpoint(args.config, Path(args.out), device=device, dtype=args.dtype)
+    else:
+        path = ensure_bench_checkpoint(args.config)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""What the server benchmark sends: each workload as HTTP requests, for rmserve and for the naive baseline.
+
+Both servers get the same items. The baseline only has ``/v1/score``, so a GRPO group or a preference pair
+goes to it as one ``/v1/score`` request holding the same items (what a user of a plain server would do).
+
+Example::
+
+    requests = build_requests("grpo", "rmserve", vocab_size=704, n_requests=64)   # /v1/rerank, 8 per group
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .loadgen import BenchRequest
+from .workloads import (
+    PPO_CPU,
+    PPO_FULL,
+    PPOShape,
+    grpo_groups,
+    pairwise_pairs,
+    ppo_token_items,
+    short_token_items,
+)
+
+# Text lengths are in words; the demo's byte-level BPE makes ≈ 2.7 tokens of each, so this is ≈ 260 tokens.
+TEXT_CPU = PPOShape(prompt_median=48, response_median=48, sigma=0.6, min_length=4, max_total=384)
+BATCHED_ITEMS = 64  # items per request in the batched PPO workload
+GRPO_RESPONSES = 8  # responses per prompt in a GRPO / best-of-n group
+WORKLOADS = ("short-single", "ppo-single", "ppo-batched", "grpo", "pairwise")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A workload on a model at some concurrency levels."""
+
+    model: str
+    workload: str
+    concurrencies: tuple[int, ...]
+    n_requests: int
+    max_seconds: float
+    ppo_shape: PPOShape = PPO_CPU
+
+
+def build_requests(
+    workload: str, server: str, *, vocab_size: int, n_requests: int, seed: int = 0, ppo_shape: PPOShape = PPO_CPU
+) -> list[BenchRequest]:
+    """``n_requests`` requests of ``workload`` in the form ``server`` ("rmserve" or "baseline") accepts."""
+    native = server != "baseline"
+    if workload == "short-single":
+        items = short_token_items(n_requests, vocab_size, seed=seed)
+        return [BenchRequest("/v1/score", {"items": [item]}, 1) for item in items]
+    if workload == "ppo-single":
+        items = ppo_token_items(n_requests, vocab_size, seed=seed, shape=ppo_shape)
+        return [BenchRequest("/v1/score", {"items": [item]}, 1) for item in items]
+    if workload == "ppo-batched":
+        items = ppo_token_items(n_requests * BATCHED_ITEMS, vocab_size, seed=seed, shape=ppo_shape)
+        chunks = [items[i : i + BATCHED_ITEMS] for i in range(0, len(items), BATCHED_ITEMS)]
+        return [BenchRequest("/v1/score", {"items": chunk}, len(chunk)) for chunk in chunks]
+    if workload == "grpo":
+        groups = grpo_groups(n_requests, GRPO_RESPONSES, seed=seed, shape=TEXT_CPU)
+        if native:
+            return [BenchRequest("/v1/rerank", {"groups": [g]}, len(g["responses"])) for g in groups]
+        return [
+            BenchRequest("/v1/score", {"items": [{"prompt": g["prompt"], "response": r} for r in g["responses"]]},
+                         len(g["responses"]))
+            for g in groups
+        ]  # fmt: skip
+    if workload == "pairwise":
+        pairs = pairwise_pairs(n_requests, seed=seed, shape=TEXT_CPU)
+        if native:
+            return [BenchRequest("/v1/preference", {"pairs": [p]}, 2) for p in pairs]
+        return [
+            BenchRequest("/v1/score", {"items": [{"prompt": p["prompt"], "response": p["response_a"]},
+                                                 {"prompt": p["prompt"], "response": p["response_b"]}]}, 2)
+            for p in pairs
+        ]  # fmt: skip
+    raise ValueError(f"unknown workload {workload!r}; one of {WORKLOADS}")
+
+
+def scenario_plan(quick: bool, model: str | None = None) -> list[Scenario]:
+    """The server scenarios of a run. ``quick`` keeps the two headline comparisons and small GRPO/pairwise runs.
+
+    ``model`` (a checkpoint directory, e.g. an 8B-shape one on a GPU machine) replaces the CPU plan with the
+    PPO mix at full size (512 + 512 median, ≤ 4,096 tokens), single-item and batched.
+    """
+    if model is not None:
+        return [
+            Scenario(model, "ppo-single", (1, 64) if quick else (1, 16, 64), 256 if quick else 1024, 120.0, PPO_FULL),
+            Scenario(model, "ppo-batched", (4,), 4 if quick else 16, 120.0, PPO_FULL),
+        ]
+    if quick:
+        return [
+            Scenario("demo", "short-single", (1, 64), 384, 6.0),
+            Scenario("demo", "grpo", (16,), 48, 4.0),
+            Scenario("demo", "pairwise", (16,), 96, 4.0),
+            Scenario("bench-20M", "ppo-single", (64,), 128, 25.0),
+        ]
+    return [
+        Scenario("demo", "short-single", (1, 4, 16, 64), 1024, 15.0),
+        Scenario("demo", "ppo-batched", (1, 4), 16, 15.0),
+        Scenario("demo", "grpo", (4, 16, 64), 256, 10.0),
+        Scenario("demo", "pairwise", (4, 16, 64), 512, 10.0),
+        Scenario("bench-20M", "ppo-single", (1, 64), 192, 45.0),
+        Scenario("bench-20M", "ppo-batched", (2,), 4, 45.0),
+    ]
