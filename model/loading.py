@@ -28,11 +28,27 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), from the kernel's CPU flags."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """'auto' → bf16 on CUDA, fp32 on CPU (bf16 matmuls are several times slower on CPUs without bf16 units)."""
+    """'auto' → bf16 on CUDA; on CPU, bf16 only when the CPU has bf16 units, else fp32.
+
+    Without bf16 units (e.g. AVX2-only CPUs) bf16 matmuls run about 6x slower than fp32; with them they run
+    faster (see benchmarks/README.md). Pass dtype='fp32' for rewards bit-comparable to an fp32 reference.
+    """
     if dtype != "auto":
         return dtype
-    return "bf16" if device.type == "cuda" else "fp32"
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if cpu_has_bf16_units() else "fp32"
 
 
 def resolve_path(path: str) -> Path:

@@ -23,7 +23,11 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str = Field("demo", description="Local checkpoint directory, or 'demo' for the built-in demo reward model.")
-    dtype: Dtype = Field("auto", description="Weights/activation dtype. 'auto': bf16 on CUDA, fp32 on CPU.")
+    dtype: Dtype = Field(
+        "auto",
+        description="Weights/activation dtype. 'auto': bf16 on CUDA; on CPU, bf16 only when the CPU has bf16 units "
+        "(AVX512-BF16/AMX), else fp32.",
+    )
     quantization: Quantization = Field(
         "none", description="bitsandbytes weight quantisation of the backbone (the reward head is never quantised)."
     )

@@ -29,7 +29,9 @@ def test_score_file_matches_python_api(tmp_path, demo_model_dir, demo_model):
     src = tmp_path / "items.jsonl"
     src.write_text("\n".join(json.dumps(it) for it in items) + "\n")
     out = tmp_path / "rewards.jsonl"
-    proc = rmserve("score", "--model", str(demo_model_dir), "--input", str(src), "--output", str(out))
+    proc = rmserve(
+        "score", "--model", str(demo_model_dir), "--dtype", "fp32", "--input", str(src), "--output", str(out)
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     want = demo_model.score([{k: v for k, v in it.items() if k != "id"} for it in items])
@@ -75,7 +77,7 @@ def test_train_writes_a_loadable_checkpoint(tmp_path):
 
     from rmserve.model import load_reward_model
 
-    rm = load_reward_model(str(out), device="cpu")
+    rm = load_reward_model(str(out), device="cpu", dtype="fp32")
     assert rm.head_name == "reward_head" and len(rm.score([{"prompt": "Hi", "response": "Hello"}])) == 1
 
 

@@ -53,7 +53,7 @@ def test_serve_demo_answers_and_exits_0_on_sigterm(tmp_path, demo_model):
     env.pop("RMSERVE_CONFIG", None)
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [*rmserve_command(), "serve", "--port", str(port), "--ray-num-cpus", "4"],
+            [*rmserve_command(), "serve", "--port", str(port), "--ray-num-cpus", "4", "--dtype", "fp32"],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

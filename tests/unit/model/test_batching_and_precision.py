@@ -70,7 +70,7 @@ def test_quantized_preferences_agree_with_fp32(demo_model, demo_model_dir, quant
     import bitsandbytes as bnb
 
     chosen, rejected = _pair_items(heldout_pairs(200))
-    q = load_reward_model(str(demo_model_dir), quantization=quantization, device="cpu")
+    q = load_reward_model(str(demo_model_dir), quantization=quantization, device="cpu", dtype="fp32")
     layer_types = {type(m) for m in q.engine.backbone.modules()}
     assert layer_types & {bnb.nn.Linear8bitLt, bnb.nn.Linear4bit}, "the backbone must really be quantised"
     assert type(q.engine.head) is torch.nn.Linear and q.engine.head.weight.dtype == torch.float32

@@ -19,7 +19,7 @@ def test_missing_head_names_the_tensors_found(checkpoint_factory, tmp_path):
     del weights["reward_head.weight"]
     save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError) as info:
-        load_reward_model(str(dst), device="cpu")
+        load_reward_model(str(dst), device="cpu", dtype="fp32")
     assert "lm_head.weight" in info.value.message and "model.norm.weight" in info.value.message
 
 
@@ -31,11 +31,11 @@ def test_explicit_head_override(checkpoint_factory, tmp_path):
     weights["value_head.weight"] = -weights["reward_head.weight"]
     save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
     items = [{"text": "Owls are wise."}]
-    a = load_reward_model(str(dst), device="cpu", head="reward_head").score(items)[0]
-    b = load_reward_model(str(dst), device="cpu", head="value_head").score(items)[0]
+    a = load_reward_model(str(dst), device="cpu", dtype="fp32", head="reward_head").score(items)[0]
+    b = load_reward_model(str(dst), device="cpu", dtype="fp32", head="value_head").score(items)[0]
     assert b == pytest.approx(-a, abs=1e-5) and abs(a) > 1e-3
     with pytest.raises(ModelLoadError, match="v_head"):
-        load_reward_model(str(dst), device="cpu", head="v_head")
+        load_reward_model(str(dst), device="cpu", dtype="fp32", head="v_head")
 
 
 def test_separate_head_file_argument(checkpoint_factory, tmp_path):
@@ -44,9 +44,11 @@ def test_separate_head_file_argument(checkpoint_factory, tmp_path):
     shutil.copytree(src, dst)
     (dst / "v_head.safetensors").rename(dst / "my_head.safetensors")
     with pytest.raises(ModelLoadError):
-        load_reward_model(str(dst), device="cpu")
-    want = load_reward_model(str(src), device="cpu").score([{"text": "Owls."}])
-    got = load_reward_model(str(dst), device="cpu", head_file="my_head.safetensors").score([{"text": "Owls."}])
+        load_reward_model(str(dst), device="cpu", dtype="fp32")
+    want = load_reward_model(str(src), device="cpu", dtype="fp32").score([{"text": "Owls."}])
+    got = load_reward_model(str(dst), device="cpu", dtype="fp32", head_file="my_head.safetensors").score(
+        [{"text": "Owls."}]
+    )
     assert got == pytest.approx(want, abs=1e-6)
 
 
@@ -58,7 +60,7 @@ def test_wrong_head_shape_is_rejected(checkpoint_factory, tmp_path):
     weights["score.weight"] = weights["score.weight"].repeat(2, 1)
     save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="expected \\(1, 32\\)"):
-        load_reward_model(str(dst), device="cpu")
+        load_reward_model(str(dst), device="cpu", dtype="fp32")
 
 
 def test_missing_backbone_weights_are_an_error_not_random_init(checkpoint_factory, tmp_path):
@@ -69,7 +71,7 @@ def test_missing_backbone_weights_are_an_error_not_random_init(checkpoint_factor
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="up_proj"):
-        load_reward_model(str(dst), device="cpu")
+        load_reward_model(str(dst), device="cpu", dtype="fp32")
 
 
 def test_bad_paths(tmp_path):
@@ -91,17 +93,17 @@ def test_normalisation_from_config(checkpoint_factory, tmp_path, keys, mean, std
     config = json.loads((dst / "config.json").read_text())
     config.update(keys)
     (dst / "config.json").write_text(json.dumps(config))
-    rm = load_reward_model(str(dst), device="cpu")
+    rm = load_reward_model(str(dst), device="cpu", dtype="fp32")
     items = [{"text": "Owls are wise."}, {"text": "Bees."}]
     raw = rm.score(items)
     assert rm.score(items, normalize=True) == pytest.approx([(r - mean) / std for r in raw], abs=1e-6)
     assert rm.info()["normalization"] == {"mean": mean, "std": std}
-    spec_override = load_reward_model(str(dst), device="cpu", reward_mean=0.0, reward_std=4.0)
+    spec_override = load_reward_model(str(dst), device="cpu", dtype="fp32", reward_mean=0.0, reward_std=4.0)
     assert spec_override.score(items, normalize=True) == pytest.approx([r / 4.0 for r in raw], abs=1e-6)
 
 
 def test_normalize_without_statistics_is_a_clear_error(checkpoint_factory):
-    rm = load_reward_model(str(checkpoint_factory("score")[0]), device="cpu")
+    rm = load_reward_model(str(checkpoint_factory("score")[0]), device="cpu", dtype="fp32")
     assert rm.info()["normalization"] is None
     with pytest.raises(InvalidRequestError, match="no normalisation"):
         rm.score([{"text": "x"}], normalize=True)
@@ -124,3 +126,13 @@ def test_demo_model_report(demo_model_dir, demo_model):
     assert report["heldout_pairwise_accuracy"] >= 0.90
     assert pairwise_accuracy(demo_model, heldout_pairs(200)) >= 0.90
     assert demo_model.info()["template"] == "chat" and demo_model.head_name == "reward_head"
+
+
+def test_auto_dtype_rule():
+    import torch
+
+    from rmserve.model.loading import cpu_has_bf16_units, resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cuda")) == "bf16"
+    assert resolve_dtype("auto", torch.device("cpu")) == ("bf16" if cpu_has_bf16_units() else "fp32")
+    assert resolve_dtype("fp16", torch.device("cpu")) == "fp16"
