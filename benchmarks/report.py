@@ -84,7 +84,8 @@ def markdown(results: dict) -> str:
     if engine:
         peaks = ", ".join(f"{k} {v:,.0f}" for k, v in engine["matmul_peak_gflop_per_s"].items())
         lines += ["", "## Engine alone", "",
-                  f"Peak matmul GFLOP/s measured in this run ({engine['matmul_size']}² matmul): {peaks}. "
+                  f"Peak matmul GFLOP/s ({engine['matmul_size']}² matmul, best measured before or after a run): "
+                  f"{peaks}. "
                   "MFU counts real tokens only (`benchmarks/flops.py`).", ""]  # fmt: skip
         lines += _table(
             ["config", "precision", "workload", "items", "tokens/s", "items/s", "padding eff.", "GFLOP/s", "MFU",
