@@ -60,11 +60,14 @@ class ScorerMetrics:
         self.recorder.inc("input_tokens", input_tokens)
         self.recorder.inc("truncated_items", truncated)
 
-    def snapshot(self, *, queue_depth: int, rejected_requests: int, oom_splits: int) -> Snapshot:
+    def snapshot(
+        self, *, queue_depth: int, rejected_requests: int, oom_splits: int, client_gone_items: int = 0
+    ) -> Snapshot:
         """The replica's metrics, with the values the Scorer and the engine count themselves."""
         self.recorder.set("queue_depth", queue_depth)
         self.recorder.set("rejected_requests", rejected_requests)
         self.recorder.set("oom_splits", oom_splits)
+        self.recorder.set("client_gone_items", client_gone_items)
         return self.recorder.snapshot()
 
 

@@ -32,6 +32,7 @@ from .compat_protocol import ClassifyRequest, ClassifyResponse, GetRewardRequest
 from .config import ServerConfig
 from .errors import error_response
 from .instrumentation import RequestMetricsMiddleware
+from .lifecycle import Drain
 from .metrics_hub import ClusterMetrics, LocalMetrics
 from .protocol import (
     HealthResponse,
@@ -164,11 +165,13 @@ def create_http_app(
     *,
     compat: CompatService | None = None,
     metrics: ClusterMetrics | LocalMetrics | None = None,
+    drain: Drain | None = None,
 ) -> FastAPI:
     auth = ApiKeyAuth(config.api_key_values())
     limits = config.limits
     compat = compat or CompatService(service, config)
     metrics = metrics or LocalMetrics()
+    drain = drain or Drain()
 
     async def respond(
         request: Request,
@@ -177,8 +180,10 @@ def create_http_app(
         *,
         protected: bool = True,
         adapt_error: Callable[[RMServeError], RMServeError] | None = None,
+        drains: bool = True,
     ) -> Response:
-        """Authenticate, read and validate the body, run ``action`` within the deadline, map errors."""
+        """Authenticate, read and validate the body, run ``action`` within the deadline, map errors. While the
+        server shuts down, a route that ``drains`` refuses new requests (503) and finishes the accepted ones."""
 
         async def run() -> BaseModel | Response:
             if protected:
@@ -189,12 +194,21 @@ def create_http_app(
             return await action(schema.model_validate(body))
 
         try:
-            result = await asyncio.wait_for(run(), limits.request_timeout_s)
+            if drains:
+                drain.admit()
         except Exception as exc:
             return error_response(exc, adapt_error)
-        if isinstance(result, Response):
-            return result
-        return JSONResponse(result.model_dump(mode="json"))
+        try:
+            result = await asyncio.wait_for(run(), limits.request_timeout_s)
+            if isinstance(result, Response):
+                return result
+            # Inside the try: a value JSON cannot carry (NaN, infinity) becomes a 500 with the error body.
+            return JSONResponse(result.model_dump(mode="json"))
+        except Exception as exc:
+            return error_response(exc, adapt_error)
+        finally:
+            if drains:
+                drain.release()
 
     async def scrape() -> Response:
         return Response(await metrics.scrape(), media_type=metrics.content_type)
@@ -247,7 +261,7 @@ def create_http_app(
 
     @app.get("/health", response_model=HealthResponse, responses=ERROR_RESPONSES, summary="The process is up")
     async def health(request: Request) -> Response:
-        return await respond(request, None, _healthy, protected=ops)
+        return await respond(request, None, _healthy, protected=ops, drains=False)
 
     @app.get("/ready", response_model=ReadyResponse, responses=ERROR_RESPONSES, summary="The model can score")
     async def ready(request: Request) -> Response:
@@ -264,7 +278,7 @@ def create_http_app(
         summary="Prometheus metrics: totals over all replicas",
     )
     async def prometheus_metrics(request: Request) -> Response:
-        return await respond(request, None, scrape, protected=ops)
+        return await respond(request, None, scrape, protected=ops, drains=False)
 
     # -- compatibility routes (compat.py): extra fields are ignored, as their origins do ------------------
     @app.post(

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,7 @@ from ray import serve
 
 from rmserve.model import RewardModel, TokenizedItem, load_reward_model
 from rmserve.model.errors import (
+    InternalError,
     InvalidRequestError,
     ModelLoadError,
     OverloadedError,
@@ -49,6 +52,31 @@ log = logging.getLogger("rmserve.serve")
 Outcome = float | RMServeError
 # Batches formed while a forward runs wait in the EngineFeeder (at most this many), to be merged into the next forward.
 MERGE_WINDOW = 32
+
+
+class _Ticket:
+    """A request's items on their way to a forward pass: how many started one, and whether the caller went away."""
+
+    __slots__ = ("gone", "started")
+
+    def __init__(self) -> None:
+        self.gone = False
+        self.started = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Queued:
+    """One item in the batch queue; its length (for the token budget) is its token count."""
+
+    input_ids: tuple[int, ...]
+    ticket: _Ticket
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# The outcome of an item dropped because its caller went away (nobody reads it: the caller's future is cancelled).
+_CLIENT_GONE = InternalError("dropped: the client went away before the item's batch started")
 
 
 class _MuteTokenBudgetWarning(logging.Filter):
@@ -77,6 +105,8 @@ class Scorer:
         self._queued_items = 0
         self._rejected_requests = 0
         self._rescored_batches = 0  # batches that failed as a whole and were rescored item by item
+        self._client_gone_items = 0  # items dropped before their forward pass because their caller went away
+        self._gone_lock = threading.Lock()  # orders "caller went away" against "item starts its forward pass"
         self._batch_stats = BatchStats()
         self._faults = FaultPlan()
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="rmserve-tokenize")
@@ -136,6 +166,7 @@ class Scorer:
             queue_depth=self._queued_items,
             rejected_requests=self._rejected_requests,
             oom_splits=self.model.engine.stats.oom_splits,
+            client_gone_items=self._client_gone_items,
         )
 
     def stats(self) -> dict:
@@ -145,6 +176,7 @@ class Scorer:
             "pid": os.getpid(),
             "queued_items": self._queued_items,
             "rejected_requests": self._rejected_requests,
+            "client_gone_items": self._client_gone_items,
             "rescored_batches": self._rescored_batches,
             "limits": {**dataclasses.asdict(self._limits), "max_queued_items": self._max_queued_items},
             "batch_wait_timeout_s": self._score_one._get_batch_wait_timeout_s(),
@@ -182,6 +214,7 @@ class Scorer:
         if not items:
             return ScoredItems(model=self.model.model_id, rewards=[], normalized=[] if normalize else None)
         self._admit(len(items))
+        ticket = _Ticket()
         try:
             loop = asyncio.get_running_loop()
             tokenized = await loop.run_in_executor(self._tokenizer_thread, self._tokenize, items)
@@ -189,7 +222,10 @@ class Scorer:
             delay = self._faults.request_delay(lengths)
             if delay:
                 await asyncio.sleep(delay)
-            outcomes = await asyncio.gather(*(self._score_one(t) for t in tokenized))
+            outcomes = await asyncio.gather(*(self._score_one(_Queued(t.input_ids, ticket)) for t in tokenized))
+        except asyncio.CancelledError:  # the caller went away (e.g. its HTTP client disconnected)
+            self._drop(ticket, len(items))
+            raise
         finally:
             self._queued_items -= len(items)
         rewards = [_reward_or_raise(outcome, i) for i, outcome in enumerate(outcomes)]
@@ -198,7 +234,7 @@ class Scorer:
         return ScoredItems(
             model=self.model.model_id,
             rewards=rewards,
-            normalized=self.model.normalize(rewards) if normalize else None,
+            normalized=self._normalized(rewards) if normalize else None,
             truncated=truncated,
             input_tokens=sum(lengths),
         )
@@ -226,16 +262,45 @@ class Scorer:
         self._batch_stats.record(lengths, merged)
         self._metrics.on_batch(lengths, merged)
 
+    def _normalized(self, rewards: list[float]) -> list[float]:
+        """Normalised rewards; one that is not finite (e.g. a tiny reward_std) fails its item, never reaches JSON."""
+        values = self.model.normalize(rewards)
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise item_error(InternalError, i, f"normalisation produced a non-finite reward ({value})")
+        return values
+
+    def _drop(self, ticket: _Ticket, count: int) -> None:
+        """The caller of a request went away: its items that have not started a forward pass never will."""
+        with self._gone_lock:
+            ticket.gone = True
+            self._client_gone_items += count - ticket.started
+
     def _tokenize(self, items: Sequence[Item | dict]) -> list[TokenizedItem]:
         return [self.model.tokenize(item, i) for i, item in enumerate(items)]
 
-    def _batch_size(self, items: list[TokenizedItem]) -> int:
-        return batch_cost([len(t) for t in items], self._limits)
+    def _batch_size(self, items: list[_Queued]) -> int:
+        return batch_cost([len(q) for q in items], self._limits)
 
-    async def _run_batch(self, items: list[TokenizedItem]) -> list[Outcome]:
-        return await self._feeder.score([t.input_ids for t in items])
+    async def _run_batch(self, items: list[_Queued]) -> list[Outcome]:
+        return await self._feeder.score(items)
 
-    def _forward(self, sequences: list[tuple[int, ...]]) -> list[Outcome]:
+    def _forward(self, queued: list[_Queued]) -> list[Outcome]:
+        """Score a batch (forward thread), leaving out the items whose caller went away while they waited."""
+        live: list[int] = []
+        with self._gone_lock:
+            for k, item in enumerate(queued):
+                if not item.ticket.gone:
+                    item.ticket.started += 1
+                    live.append(k)
+        outcomes: list[Outcome] = [_CLIENT_GONE] * len(queued)
+        if live:
+            scored = self._score_sequences([queued[k].input_ids for k in live])
+            for k, outcome in zip(live, scored, strict=True):
+                outcomes[k] = outcome
+        return outcomes
+
+    def _score_sequences(self, sequences: list[tuple[int, ...]]) -> list[Outcome]:
         """Score a batch; if it fails as a whole, rescore item by item so only the culprit fails."""
         engine = self.model.engine
         try:

@@ -11,11 +11,14 @@ import logging
 import signal
 import socket
 import threading
+import time
 from typing import Any
 
 from .config import ServerConfig
 
 log = logging.getLogger("rmserve.serve")
+# After the last accepted request was answered, its response still travels Gateway -> proxy -> client.
+DRAIN_GRACE_S = 0.5
 
 
 class StartupError(RuntimeError):
@@ -46,11 +49,16 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def run_until_signalled(config: ServerConfig, stop: threading.Event | None = None) -> int:
-    """Start local Ray (dashboard off unless asked), deploy, print the URL, wait for a signal, shut down."""
+    """Start local Ray (dashboard off unless asked), deploy, print the URL, wait for a signal, shut down.
+
+    Shutting down is graceful: the Gateways refuse new requests with 503 while the ones they accepted finish (at
+    most the request deadline), then Serve and Ray stop (see ``lifecycle``).
+    """
     import ray
     from ray import serve
 
     from .app import build_app
+    from .lifecycle import drain, start_coordinator
 
     check_port_free(config.host, config.port)
     ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=config.ray_dashboard)
@@ -59,6 +67,7 @@ def run_until_signalled(config: ServerConfig, stop: threading.Event | None = Non
     try:
         try:
             serve.start(http_options={"host": config.host, "port": config.port})
+            coordinator = start_coordinator(config.app_name)  # before the Gateways start: they look it up
             serve.run(build_app(config), name=config.app_name, route_prefix="/")
         except Exception as exc:
             cause = _deployment_failure(config.app_name) or _root_cause(exc)
@@ -67,7 +76,15 @@ def run_until_signalled(config: ServerConfig, stop: threading.Event | None = Non
         print(f"rmserve: serving {config.model.path!r} at {url} (GET {url}/ready; Ctrl-C to stop)", flush=True)
         while not stop.wait(0.5):
             pass
-        print("rmserve: shutting down", flush=True)
+        print("rmserve: shutting down (new requests get 503; requests in flight finish)", flush=True)
+        try:
+            gateways = drain(coordinator, timeout_s=config.limits.request_timeout_s + 1)
+        except Exception as exc:  # the drain is best effort: shutting down must not fail because of it
+            log.warning("could not drain the Gateways before shutting down: %r", exc)
+        else:
+            if not all(gateways.values()):
+                log.warning("shutting down with requests in flight on %s", [g for g, d in gateways.items() if not d])
+            time.sleep(DRAIN_GRACE_S)
     finally:
         try:
             serve.shutdown()
