@@ -428,7 +428,7 @@ def rounded(sample: dict[str, float]) -> dict[str, float]:
 
 # -- figures ------------------------------------------------------------------------------------------
 class Figures:
-    """Numbers the tests measured, printed in pytest's terminal summary and written to ``path`` as JSON."""
+    """Numbers the tests measured, printed in pytest's terminal summary and merged into ``path`` (JSON)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -438,9 +438,11 @@ class Figures:
         self.values.setdefault(section, {}).update(values)
 
     def save(self) -> None:
+        """Write this run's sections over those of earlier runs (a CI run and a slow run add up to one file)."""
         if self.values:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.values, indent=2, sort_keys=True) + "\n")
+            earlier = json.loads(self.path.read_text()) if self.path.exists() else {}
+            self.path.write_text(json.dumps({**earlier, **self.values}, indent=2, sort_keys=True) + "\n")
 
     def lines(self) -> list[str]:
         out = []

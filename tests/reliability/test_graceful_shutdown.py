@@ -51,7 +51,7 @@ async def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits
     headers = {"Authorization": f"Bearer {KEY}"}
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [*rmserve_command(), "serve", "--port", str(port), "--ray-num-cpus", "4"],
+            [*rmserve_command(), "serve", "--port", str(port), "--ray-num-cpus", "4", "--dtype", "fp32"],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
