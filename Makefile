@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rmserve-installed
 
-.PHONY: install serve test test-all lint format demo bench clean
+.PHONY: install serve test test-all soak lint format demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ serve: $(STAMP)  ## serve the built-in demo reward model on http://127.0.0.1:800
 test: $(STAMP)  ## lint + the whole test suite except the long soak (marked slow)
 	$(BIN)/ruff check .
 	$(BIN)/pytest tests -m "not slow" $(PYTEST_ARGS)
+
+soak: $(STAMP)  ## the long reliability runs: 20,000-item soak, full bursts, full fuzzing
+	$(BIN)/pytest tests/reliability -m slow -s $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(BIN)/pytest tests $(PYTEST_ARGS)
