@@ -160,7 +160,10 @@ async def run_bursts(app, figures, bursts: range, section: str) -> None:
         after_bursts=recoveries,
         rss_mib_idle=rounded(idle_memory),
         rss_mib_peak=rounded(peak),
-        rss_mib_total_after_each_burst=[round(m["total"], 1) for m in after_burst_memory],
+        rss_mib_after_each_burst={
+            label.split("[")[0]: [round(m.get(label, 0.0), 1) for m in after_burst_memory]
+            for label in after_burst_memory[0]
+        },
     )
     assert rejected == sum(r["statuses"].get(429, 0) for r in results)
     assert peak["total"] - idle_memory["total"] <= MEMORY_GROWTH_MIB, (idle_memory, peak)
