@@ -42,7 +42,7 @@ BURST_LENGTH, HOLD_S = 48, 1.0
 RETRY_AFTER_S = 1
 LATENCY_RATIO, LATENCY_SLACK_S, RECOVERY_WINDOW_S = 3.0, 0.05, 20.0
 MEMORY_GROWTH_MIB = 300.0  # the most the server processes may grow during a burst
-LEAK_MIB = 64.0  # the most they may grow from the first burst's aftermath to the last's
+LEAK_MIB = 64.0  # the most they may keep growing after bursts (see the end of run_bursts)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,14 @@ async def run_bursts(app, figures, bursts: range, section: str) -> None:
     )
     assert rejected == sum(r["statuses"].get(429, 0) for r in results)
     assert peak["total"] - idle_memory["total"] <= MEMORY_GROWTH_MIB, (idle_memory, peak)
-    assert after_burst_memory[-1]["total"] - after_burst_memory[0]["total"] <= LEAK_MIB, after_burst_memory
+    # No leak: what the processes keep after a burst levels off (allocator high-water marks, Ray's own state).
+    # Over 30 bursts here: +53, +16, +9 MiB per 10 bursts. Two bursts: the second adds little; more: the
+    # second half of them adds at most half as much.
+    totals = [m["total"] for m in after_burst_memory]
+    if len(totals) < 4:
+        assert totals[-1] - totals[0] <= LEAK_MIB, after_burst_memory
+    else:
+        assert totals[-1] - totals[len(totals) // 2] <= LEAK_MIB / 2, totals
 
 
 @pytest.mark.timeout(600)
