@@ -37,7 +37,7 @@ pytestmark = pytest.mark.ray
 QUEUE = 32  # the faults app's limits.max_queued_items
 BURST = 10 * QUEUE  # single-item requests per burst
 BURSTS = 2  # in CI; the slow suite adds SLOW_BURSTS more
-SLOW_BURSTS = 10
+SLOW_BURSTS = 30
 BURST_LENGTH, HOLD_S = 48, 1.0
 RETRY_AFTER_S = 1
 LATENCY_RATIO, LATENCY_SLACK_S, RECOVERY_WINDOW_S = 3.0, 0.05, 20.0
@@ -92,7 +92,7 @@ async def test_bursts_of_ten_times_the_queue_are_shed_with_429_and_memory_stays_
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-async def test_ten_more_bursts_memory_does_not_grow(app, figures):
+async def test_thirty_more_bursts_retained_memory_levels_off(app, figures):
     await run_bursts(app, figures, range(100, 100 + SLOW_BURSTS), "overload (raw bursts, slow)")
 
 
