@@ -55,10 +55,13 @@ async def test_one_request_split_down_to_single_rows(app, figures):
 
 async def test_concurrent_requests_survive_out_of_memory_with_correct_rewards(app, figures):
     # Requests of OOM-length items (they fail while batched) mixed with requests of other lengths (they do not).
+    # 30 items in all: fewer than the faults app's queue limit (32), so no request may be shed with a 429 even if
+    # every one of them is queued at the same moment.
     requests = [
-        [{"input_ids": ids_of_length(OOM_LENGTH, 100 + 10 * r + k)} for k in range(1 + r % 3)] for r in range(12)
+        [{"input_ids": ids_of_length(OOM_LENGTH, 100 + 10 * r + k)} for k in range(1 + r % 3)] for r in range(10)
     ]
-    requests += [[{"input_ids": ids_of_length(OOM_LENGTH - 1 - r, 500 + r)}] for r in range(12)]
+    requests += [[{"input_ids": ids_of_length(OOM_LENGTH - 1 - r, 500 + r)}] for r in range(10)]
+    assert sum(map(len, requests)) < app.config.limits.max_queued_items
     offline = offline_model(app.config.model_spec())
     async with app.client() as client:
         await app.set_faults(oom_on_length=OOM_LENGTH)
