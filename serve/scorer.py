@@ -105,6 +105,8 @@ class Scorer:
         self._queued_items = 0
         self._rejected_requests = 0
         self._rescored_batches = 0  # batches that failed as a whole and were rescored item by item
+        self._merged_calls = 0  # score_requests calls (each carries the requests a Gateway merged)
+        self._merged_requests = 0
         self._client_gone_items = 0  # items dropped before their forward pass because their caller went away
         self._gone_lock = threading.Lock()  # orders "caller went away" against "item starts its forward pass"
         self._batch_stats = BatchStats()
@@ -151,6 +153,15 @@ class Scorer:
         except Exception as exc:  # a bug, not the caller's fault: sanitise
             return internal_error(exc, "scoring a request")
 
+    async def score_requests(
+        self, requests: Sequence[tuple[Sequence[Item | dict], bool]]
+    ) -> list[ScoredItems | RMServeError]:
+        """``score_request`` for each ``(items, normalize)`` of several HTTP requests merged by a Gateway (one Ray
+        call instead of one per request); each gets its own result or error, in order."""
+        self._merged_calls += 1
+        self._merged_requests += len(requests)
+        return list(await asyncio.gather(*(self.score_request(items, normalize) for items, normalize in requests)))
+
     def info(self) -> dict:
         """The model card of ``GET /v1/models``."""
         return self.model.info()
@@ -178,6 +189,7 @@ class Scorer:
             "rejected_requests": self._rejected_requests,
             "client_gone_items": self._client_gone_items,
             "rescored_batches": self._rescored_batches,
+            "gateway_calls": {"calls": self._merged_calls, "requests": self._merged_requests},
             "limits": {**dataclasses.asdict(self._limits), "max_queued_items": self._max_queued_items},
             "batch_wait_timeout_s": self._score_one._get_batch_wait_timeout_s(),
             "batching": self._batch_stats.snapshot(),

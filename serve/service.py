@@ -1,7 +1,8 @@
 """What the Gateway's routes do, without HTTP: validate → preprocess → run (one Scorer call) → build the response.
 
 Each native route turns its request into one flat list of items, sends them to the Scorer in ONE
-handle call (the Scorer batches them with everyone else's), and builds its response from the rewards.
+handle call (shared with the other requests that reached this Gateway in the same event-loop turn, see
+``coalescing``; the Scorer batches them with everyone else's), and builds its response from the rewards.
 The response-building steps are pure functions (``preference_result``, ``rank_group``).
 
 Example::
@@ -19,6 +20,7 @@ from typing import Any
 from rmserve.model.errors import InvalidRequestError, NotReadyError, RequestTooLargeError, RMServeError
 from rmserve.model.items import PairItem
 
+from .coalescing import RequestCoalescer
 from .config import ServerConfig
 from .protocol import (
     ModelCard,
@@ -68,6 +70,9 @@ class GatewayService:
         self.scorer = scorer
         self.config = config
         self._model_id: str | None = None
+        self.coalescer = RequestCoalescer(
+            scorer, window_s=config.batching.gateway_window_s, max_items=config.batching.max_batch_items
+        )
 
     # -- routes -------------------------------------------------------------------------------------
     async def score(self, request: ScoreRequest) -> ScoreResponse:
@@ -115,7 +120,7 @@ class GatewayService:
         model_id = self._model_id or (await self._probe())["id"]
         if model is not None and model != model_id:
             raise InvalidRequestError(f"model {model!r} is not served here; this one is {model_id!r}", param="model")
-        result = await self._call("score_request", items, normalize)
+        result = await self.coalescer.submit(items, normalize)
         if isinstance(result, RMServeError):
             raise result
         return result

@@ -215,3 +215,29 @@ async def test_reconfigure_changes_batching_limits_without_restart(app: LiveApp,
     finally:
         await handle.reconfigure.remote(original)
     assert (await handle.stats.remote())["limits"]["max_batch_items"] == original["batching"]["max_batch_items"]
+
+
+async def test_concurrent_requests_share_handle_calls_and_keep_their_own_errors(app: LiveApp, offline):
+    # The Gateway merges requests that reach it together into one Scorer call (serve/coalescing.py). Among 96
+    # concurrent requests, every fourth is invalid in its own way (an empty prompt+response text, an unknown
+    # model); each must get its own 400 while the ones merged with it get their exact rewards.
+    items = distinct_items(96)
+    expected = offline.score(items)
+    bad = {k: ({"items": [{"text": ""}]} if k % 8 == 3 else {"items": [items[k]], "model": "not-this-one"})
+           for k in range(3, 96, 4)}  # fmt: skip
+    before = (await app.stats())["gateway_calls"]
+    async with async_client(app) as client:
+        responses = await asyncio.gather(
+            *(client.post("/v1/score", json=bad.get(k, {"items": [items[k]]})) for k in range(len(items)))
+        )
+    after = (await app.stats())["gateway_calls"]
+    for k, (response, reward) in enumerate(zip(responses, expected, strict=True)):
+        if k in bad:
+            assert response.status_code == 400, (k, response.text)
+            assert response.json()["error"]["type"] == "invalid_request"
+        else:
+            assert response.status_code == 200, response.text
+            assert response.json()["rewards"] == pytest.approx([reward], abs=TOL)
+    calls, carried = after["calls"] - before["calls"], after["requests"] - before["requests"]
+    assert carried == 96 - len([k for k in bad if k % 8 != 3])  # unknown-model requests never reach the Scorer
+    assert calls < carried, (calls, carried)  # requests really were merged

@@ -139,3 +139,21 @@ def test_every_setting_has_a_cli_flag_and_flags_override():
     config = load_config(overrides=overrides)
     assert (config.port, config.batching.max_batch_tokens, config.limits.request_timeout_s) == (9100, 512, 3.0)
     assert overrides_from_args(parser.parse_args([])) == {}
+
+
+def test_ray_environment_puts_the_gateway_itself_on_the_port_unless_several_gateways_or_proxy_asked():
+    from rmserve.serve.server import ray_environment
+
+    direct = ray_environment(load_config(overrides={"port": 9123}))
+    assert direct["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    # Ray allocates direct-ingress ports from range(min, max): exactly the configured port.
+    assert (direct["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], direct["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
+        "9123",
+        "9124",
+    )
+    for overrides in ({"gateway_replicas": 2}, {"ingress": "proxy"}):
+        env = ray_environment(load_config(overrides=overrides))
+        assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+        assert "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in env
+    with pytest.raises(Exception, match="one Gateway replica"):
+        load_config(overrides={"ingress": "direct", "gateway_replicas": 2})

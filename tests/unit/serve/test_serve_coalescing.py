@@ -1,0 +1,123 @@
+"""The Gateway's request coalescer without Ray: merging, per-request results, and cancellation.
+
+``LocalHandle`` plays the part of a Ray ``DeploymentHandle`` in-process: ``.score_requests.remote(x)`` starts the
+coroutine as a task and returns something that can be awaited and cancelled, as a ``DeploymentResponse`` can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rmserve.serve.coalescing import RequestCoalescer
+
+
+class _Response:
+    def __init__(self, task: asyncio.Task):
+        self.task = task
+
+    def __await__(self):
+        return self.task.__await__()
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+
+class LocalHandle:
+    """Scores each request as the sum of its items; records every call; a request of ["boom"] gets an error."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.calls: list[list] = []
+        self.cancelled = 0
+        self.delay_s = delay_s
+        handle = self
+
+        class _Method:
+            @staticmethod
+            def remote(requests):
+                return _Response(asyncio.ensure_future(handle._score_requests(requests)))
+
+        self.score_requests = _Method()
+
+    async def _score_requests(self, requests):
+        self.calls.append(requests)
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return [ValueError("boom") if items == ["boom"] else sum(items) for items, _normalize in requests]
+
+
+async def test_requests_of_one_loop_turn_share_a_call_and_get_their_own_results():
+    handle = LocalHandle()
+    coalescer = RequestCoalescer(handle)
+    results = await asyncio.gather(
+        *(coalescer.submit([k, k], False) for k in range(10)), coalescer.submit(["boom"], True)
+    )
+    assert results[:10] == [2 * k for k in range(10)]
+    assert isinstance(results[10], ValueError)
+    assert len(handle.calls) == 1 and len(handle.calls[0]) == 11
+    assert handle.calls[0][10] == (["boom"], True)
+
+
+async def test_a_full_call_is_sent_at_once_and_later_requests_start_a_new_one():
+    handle = LocalHandle()
+    coalescer = RequestCoalescer(handle, max_items=4)
+    results = await asyncio.gather(*(coalescer.submit([1, 1], False) for _ in range(5)))
+    assert results == [2] * 5
+    assert [len(call) for call in handle.calls] == [2, 2, 1]
+
+
+async def test_a_window_merges_requests_that_arrive_apart():
+    handle = LocalHandle()
+    coalescer = RequestCoalescer(handle, window_s=0.05)
+
+    async def later(k):
+        await asyncio.sleep(0.01 * k)
+        return await coalescer.submit([k], False)
+
+    assert await asyncio.gather(*(later(k) for k in range(3))) == [0, 1, 2]
+    assert len(handle.calls) == 1
+
+
+async def test_a_call_is_cancelled_only_when_every_request_in_it_has_gone():
+    handle = LocalHandle(delay_s=0.2)
+    coalescer = RequestCoalescer(handle)
+    first = asyncio.ensure_future(coalescer.submit([1], False))
+    second = asyncio.ensure_future(coalescer.submit([2], False))
+    await asyncio.sleep(0.02)
+    first.cancel()
+    assert await second == 2  # the one still waiting gets its result
+    assert handle.cancelled == 0
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+    third = asyncio.ensure_future(coalescer.submit([3], False))
+    fourth = asyncio.ensure_future(coalescer.submit([4], False))
+    await asyncio.sleep(0.02)
+    third.cancel()
+    fourth.cancel()
+    await asyncio.sleep(0.02)
+    assert handle.cancelled == 1  # nobody waits any more: the replica stops the work
+
+
+async def test_a_failed_call_fails_each_request_in_it():
+    class Dead(LocalHandle):
+        async def _score_requests(self, requests):
+            raise ConnectionError("replica died")
+
+    coalescer = RequestCoalescer(Dead())
+    results = await asyncio.gather(coalescer.submit([1], False), coalescer.submit([2], False), return_exceptions=True)
+    assert [type(r) for r in results] == [ConnectionError, ConnectionError]
+
+
+async def test_requests_that_left_before_the_call_was_sent_send_nothing():
+    handle = LocalHandle()
+    coalescer = RequestCoalescer(handle, window_s=0.05)
+    task = asyncio.ensure_future(coalescer.submit([1], False))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.sleep(0.08)
+    assert handle.calls == []
