@@ -46,10 +46,11 @@ class ServerSpec:
     kind: str  # "baseline" (the naive server), "rmserve", or "ceiling" (the naive server without a model)
     env: dict = field(default_factory=dict)
     workloads: tuple[str, ...] | None = None
+    args: tuple[str, ...] = ()  # extra `rmserve serve` flags
 
     def command(self, model_dir: str, port: int, dtype: str) -> list[str]:
         if self.kind == "rmserve":
-            return rmserve_command(model_dir, port, dtype)
+            return rmserve_command(model_dir, port, dtype, list(self.args))
         return baseline_command(model_dir, port, dtype, ["--no-model"] if self.kind == "ceiling" else None)
 
 
@@ -60,7 +61,9 @@ def server_specs(model: str, with_rmserve: bool, quick: bool) -> list[ServerSpec
     on one thread; "baseline" gets the same one thread. (With torch's default of one thread per core, a naive
     server on a shared, oversubscribed machine spends most of its CPU spinning in OpenMP barriers.) The full run
     also compares both with two threads on bench-20M, and the demo model gets an HTTP ceiling: the naive server
-    without a model, i.e. the most single-item requests/s this load generator can get through HTTP here.
+    without a model, i.e. the most single-item requests/s this load generator can get through HTTP here, and
+    rmserve behind Ray Serve's HTTP proxy (``--ingress proxy``, what ``serve run`` and KubeRay use) next to the
+    direct ingress ``rmserve serve`` uses by default.
     """
     one_thread = {"OMP_NUM_THREADS": "1"}
     specs = [ServerSpec("baseline", "baseline", env=one_thread)]
@@ -68,6 +71,10 @@ def server_specs(model: str, with_rmserve: bool, quick: bool) -> list[ServerSpec
         specs.append(ServerSpec("http-ceiling", "ceiling", env=one_thread, workloads=("short-single",)))
     if with_rmserve:
         specs.append(ServerSpec("rmserve", "rmserve"))
+        if model == "demo" and not quick:
+            specs.append(
+                ServerSpec("rmserve-proxy", "rmserve", workloads=("short-single",), args=("--ingress", "proxy"))
+            )
     if model == "bench-20M" and not quick:
         two_threads = {"OMP_NUM_THREADS": "2"}
         specs.append(ServerSpec("baseline-omp2", "baseline", env=two_threads))
