@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from rmserve.model.loading import resolve_dtype
+
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -37,6 +39,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_default_dtype": resolve_dtype("auto", torch.device("cpu")),  # what `dtype: auto` loads on this CPU
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "load_avg_1m": os.getloadavg()[0],

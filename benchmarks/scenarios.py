@@ -91,13 +91,13 @@ def scenario_plan(quick: bool, model: str | None = None) -> list[Scenario]:
         ]
     if quick:
         return [
-            Scenario("demo", "short-single", (1, 64), 384, 6.0),
+            Scenario("demo", "short-single", (1, 64), 1536, 6.0),
             Scenario("demo", "grpo", (16,), 48, 4.0),
             Scenario("demo", "pairwise", (16,), 96, 4.0),
             Scenario("bench-20M", "ppo-single", (64,), 128, 25.0),
         ]
     return [
-        Scenario("demo", "short-single", (1, 4, 16, 64), 1024, 15.0),
+        Scenario("demo", "short-single", (1, 4, 16, 64), 4096, 15.0),
         Scenario("demo", "ppo-batched", (1, 4), 16, 15.0),
         Scenario("demo", "grpo", (4, 16, 64), 256, 10.0),
         Scenario("demo", "pairwise", (4, 16, 64), 512, 10.0),
