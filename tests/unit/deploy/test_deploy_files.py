@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from rmserve.serve.config_loading import load_config
+from rmserve.serve.server import THROUGHPUT_ENVIRONMENT
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 
@@ -48,6 +49,9 @@ def test_rayservice_wires_readiness_and_api_key_secret():
         assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
         key_env = next(e for e in c["env"] if e["name"] == "RMSERVE_API_KEYS")
         assert "secretKeyRef" in key_env["valueFrom"] and "value" not in key_env
+        # Every Ray process (proxy, controller, replicas) runs with the Ray Serve settings `rmserve serve` uses.
+        ray_env = {e["name"]: e["value"] for e in c["env"] if e["name"].startswith("RAY_SERVE_")}
+        assert ray_env == THROUGHPUT_ENVIRONMENT
 
 
 def test_dockerfile_is_non_root_with_healthcheck():
