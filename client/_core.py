@@ -31,7 +31,7 @@ from ._constants import (
     MAX_ITEMS_PER_REQUEST,
     USER_AGENT,
 )
-from ._retry import backoff_delay, is_retryable_status, parse_retry_after
+from ._retry import backoff_delay, is_retryable_status, parse_retry_after, retry_after_delay
 from .errors import (
     APIConnectionError,
     APIStatusError,
@@ -240,7 +240,7 @@ class BaseRewardClient:
         if attempt >= max_retries:
             return None
         advised = parse_retry_after(headers.get("retry-after")) if headers is not None else None
-        return advised if advised is not None else backoff_delay(attempt, self._rng)
+        return retry_after_delay(advised, self._rng) if advised is not None else backoff_delay(attempt, self._rng)
 
     def _outcome(
         self,

@@ -33,6 +33,18 @@ def backoff_delay(
     return base * (1.0 - jitter * rng())
 
 
+def retry_after_delay(
+    advised: float, rng: Callable[[], float] = random.random, *, jitter: float = JITTER, cap: float = MAX_RETRY_AFTER
+) -> float:
+    """Seconds to wait when the server advised ``advised``: never less, plus up to ``jitter`` of it at random, so
+    the hundreds of workers one overloaded server turned away do not all come back in the same instant.
+
+    >>> retry_after_delay(2.0, lambda: 0.5), retry_after_delay(2.0, lambda: 0.0), retry_after_delay(59.0, lambda: 1.0)
+    (2.25, 2.0, 60.0)
+    """
+    return min(advised * (1.0 + jitter * rng()), max(cap, advised))
+
+
 def parse_retry_after(value: str | None, *, cap: float = MAX_RETRY_AFTER, now: datetime | None = None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), clamped to ``[0, cap]``.
 

@@ -64,6 +64,20 @@ def item_form(item: Item) -> str:
     return FORM_NAMES[type(item)]
 
 
+def payload_size(obj: Any) -> int:
+    """Characters of text plus token ids in an item (a model or its dict form), or in a list of them: a cheap
+    measure of how long tokenizing it will take."""
+    if isinstance(obj, str):
+        return len(obj)
+    if isinstance(obj, BaseModel):
+        obj = obj.__dict__
+    if isinstance(obj, dict):
+        return sum(payload_size(value) for value in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(payload_size(value) for value in obj)
+    return 1
+
+
 def parse_item(obj: Any, index: int = 0) -> Item:
     """Validate one item (a dict or an item model); errors name the item index."""
     if isinstance(obj, PairItem | ConversationItem | TextItem | TokensItem):

@@ -37,7 +37,7 @@ from rmserve.model.errors import (
     RMServeError,
     item_error,
 )
-from rmserve.model.items import Item
+from rmserve.model.items import Item, payload_size
 
 from .batching import BatchLimits, BatchStats, EngineFeeder, batch_cost
 from .config import ScorerUserConfig, ServerConfig
@@ -52,6 +52,8 @@ log = logging.getLogger("rmserve.serve")
 Outcome = float | RMServeError
 # Batches formed while a forward runs wait in the EngineFeeder (at most this many), to be merged into the next forward.
 MERGE_WINDOW = 32
+# Requests with more characters (plus token ids) than this tokenize on their own thread (``_large_tokenizer_thread``).
+LARGE_REQUEST_SIZE = 100_000
 
 
 class _Ticket:
@@ -112,6 +114,9 @@ class Scorer:
         self._batch_stats = BatchStats()
         self._faults = FaultPlan()
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="rmserve-tokenize")
+        # Requests with megabytes of text tokenize for seconds; they get their own thread so that the small
+        # requests behind them are not stuck in the queue (the Rust tokenizer releases the GIL while it works).
+        self._large_tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="rmserve-tokenize-large")
         self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="rmserve-forward")
         self.model: RewardModel = load_reward_model(config.model_spec())
         if config.compat.normalize and self.model.normalization is None:
@@ -229,7 +234,9 @@ class Scorer:
         ticket = _Ticket()
         try:
             loop = asyncio.get_running_loop()
-            tokenized = await loop.run_in_executor(self._tokenizer_thread, self._tokenize, items)
+            large = payload_size(items) > LARGE_REQUEST_SIZE
+            executor = self._large_tokenizer_thread if large else self._tokenizer_thread
+            tokenized = await loop.run_in_executor(executor, self._tokenize, items)
             lengths = [len(t) for t in tokenized]
             delay = self._faults.request_delay(lengths)
             if delay:

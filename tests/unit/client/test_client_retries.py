@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
@@ -71,12 +72,12 @@ TABLE = [
     ("500-exhausted", [500] * 4, 3, 4, [B0, B1, B2], InternalServerError),
     ("503-exhausted", [503] * 3, 2, 3, [B0, B1], NotReadyError),
     ("504-exhausted", [504] * 2, 1, 2, [B0], GatewayTimeoutError),
-    ("429-retry-after", [(429, {"Retry-After": "2"}), 200], 3, 2, [2.0], None),
+    ("429-retry-after", [(429, {"Retry-After": "2"}), 200], 3, 2, [2.0 * 1.125], None),  # + jitter, never less
     ("429-retry-after-capped", [(429, {"Retry-After": "3600"}), 200], 3, 2, [60.0], None),
     ("429-bad-retry-after", [(429, {"Retry-After": "soon"}), 200], 3, 2, [B0], None),
     ("429-no-header", [429, 429, 200], 3, 3, [B0, B1], None),
-    ("429-exhausted", [(429, {"Retry-After": "1"})] * 2, 1, 2, [1.0], OverloadedError),
-    ("503-retry-after", [(503, {"Retry-After": "7"}), 200], 3, 2, [7.0], None),
+    ("429-exhausted", [(429, {"Retry-After": "1"})] * 2, 1, 2, [1.125], OverloadedError),
+    ("503-retry-after", [(503, {"Retry-After": "7"}), 200], 3, 2, [7.0 * 1.125], None),
     ("400-not-retried", [400, 200], 3, 1, [], InvalidRequestError),
     ("401-not-retried", [401, 200], 3, 1, [], UnauthorizedError),
     ("404-not-retried", [404, 200], 3, 1, [], APIStatusError),
@@ -135,7 +136,7 @@ def test_retry_after_as_http_date_is_honoured(mode):
     handler, seen = scripted([(429, {"Retry-After": when}), 200])
     recorded = Sleeps()
     assert call(make_client(mode, handler, sleeps=recorded), "score", ["p"], ["r"]) == [0.25]
-    assert len(recorded) == 1 and 27.0 <= recorded[0] <= 30.0
+    assert len(recorded) == 1 and 27.0 <= recorded[0] <= 30.0 * 1.25
 
 
 def test_connection_error_keeps_its_cause_and_request(mode):
@@ -223,3 +224,14 @@ def test_parse_retry_after_cap_is_configurable():
 )
 def test_retryable_statuses(status, retryable):
     assert is_retryable_status(status) is retryable
+
+
+def test_retry_after_waits_at_least_the_advice_and_spreads_the_comebacks():
+    from rmserve.client._retry import retry_after_delay
+
+    rng = random.Random(7)
+    delays = [retry_after_delay(1.0, rng.random) for _ in range(1000)]
+    assert min(delays) >= 1.0 and max(delays) <= 1.25
+    assert max(delays) - min(delays) > 0.2  # 1,000 workers shed together do not return together
+    assert retry_after_delay(3600.0, lambda: 0.5) == 3600.0  # already over the cap: the advice itself
+    assert retry_after_delay(59.0, lambda: 1.0) == 60.0

@@ -126,3 +126,14 @@ def test_tokenizer_without_pad_token_scores(demo_model):
     assert demo_model.tokenizer.pad_token_id is None
     rewards = demo_model.score([PAIR, {"prompt": "Hi", "response": "Go away."}])
     assert len(rewards) == 2 and rewards[0] != rewards[1]
+
+
+def test_payload_size_counts_text_and_token_ids_of_any_item_form_as_dict_or_model():
+    from rmserve.model.items import parse_item, payload_size
+
+    chat = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}
+    items = [{"prompt": "abc", "response": "de"}, {"input_ids": [1, 2, 3]}, {"text": "x" * 10}, chat]
+    expected = [3 + 2, 3, 10, 4 + 5 + 9 + 2]
+    assert [payload_size(item) for item in items] == expected
+    assert [payload_size(parse_item(item)) for item in items] == expected
+    assert payload_size(items) == sum(expected)
