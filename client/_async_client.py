@@ -78,7 +78,8 @@ class AsyncRewardClient(BaseRewardClient):
     async def score_items(
         self, items: Iterable[Item], *, normalize: bool = False, timeout: Timeout = None, max_retries: int | None = None
     ) -> list[float]:
-        """One reward per item; items are ``{prompt, response}``, ``{messages}``, ``{text}`` or ``{input_ids}``."""
+        """One reward per item; items are ``{prompt, response}``, ``{messages}``, ``{text}`` or ``{input_ids}``, and
+        may mix forms (each run of one form goes in its own requests)."""
         return (await self.score_detailed(items, normalize=normalize, timeout=timeout, max_retries=max_retries)).rewards
 
     async def score_detailed(

@@ -122,9 +122,25 @@ def _merge_score(chunks: list[Chunk], bodies: list[Any]) -> ScoreResult:
 
 
 def score_call(items: Iterable[Item], *, normalize: bool, max_items: int) -> Call[ScoreResult]:
+    """One request per run of up to ``max_items`` items of one form (a request holds one form; a call may mix
+    them: each contiguous run of a form gets its own requests, and the rewards come back in input order)."""
     items = [dict(item) for item in _as_list("items", items)]
-    chunks = _chunks("items", items, [1] * len(items), max_items, {"normalize": normalize})
+    chunks: list[Chunk] = []
+    for first, last in _form_runs(items):
+        for a, b in plan_chunks([1] * (last - first), max_items):
+            chunks.append(Chunk(first + a, first + b, {"items": items[first + a : first + b], "normalize": normalize}))
     return Call("POST", "/v1/score", chunks, _merge_score, "items")
+
+
+def _form_runs(items: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each contiguous run of items with the same keys (the server tells forms by keys)."""
+    runs: list[tuple[int, int]] = []
+    for i, item in enumerate(items):
+        if runs and set(items[runs[-1][0]]) == set(item):
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 # --- /v1/preference

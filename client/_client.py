@@ -83,7 +83,8 @@ class RewardClient(BaseRewardClient):
     def score_items(
         self, items: Iterable[Item], *, normalize: bool = False, timeout: Timeout = None, max_retries: int | None = None
     ) -> list[float]:
-        """One reward per item; items are ``{prompt, response}``, ``{messages}``, ``{text}`` or ``{input_ids}``."""
+        """One reward per item; items are ``{prompt, response}``, ``{messages}``, ``{text}`` or ``{input_ids}``, and
+        may mix forms (each run of one form goes in its own requests)."""
         return self.score_detailed(items, normalize=normalize, timeout=timeout, max_retries=max_retries).rewards
 
     def score_detailed(

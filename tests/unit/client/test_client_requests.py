@@ -26,18 +26,28 @@ def test_score_sends_pairs_to_v1_score(mode, fake):
     }
 
 
-def test_score_items_passes_all_four_item_forms_through(mode, fake):
+def test_score_items_sends_each_run_of_one_form_as_its_own_request_and_keeps_input_order(mode, fake):
+    # A request holds items of one form (API.md); a call may mix them.
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "r2"}]}
     items = [
         {"prompt": "p", "response": "r1"},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "r2"}]},
+        {"prompt": "q", "response": "r1b"},
+        chat,
         {"text": "already formatted"},
         {"input_ids": [1, 2, 3]},
+        {"prompt": "p2", "response": "r6"},
     ]
+    value = {"prompt": 1.0, "messages": 2.0, "text": 3.0, "input_ids": 4.0}
     fake.answer = lambda request, body: httpx.Response(
-        200, json={"model": "m", "rewards": [1.0, 2.0, 3.0, 4.0], "truncated": [], "usage": {"input_tokens": 9}}
+        200,
+        json={"model": "m", "rewards": [value[next(iter(i))] for i in body["items"]], "truncated": [], "usage": {}},
     )
-    assert call(make_client(mode, fake), "score_items", items) == [1.0, 2.0, 3.0, 4.0]
-    assert fake.bodies[0] == {"items": items, "normalize": False}
+    assert call(make_client(mode, fake), "score_items", items) == [1.0, 1.0, 2.0, 3.0, 4.0, 1.0]
+    assert sorted(map(str, fake.bodies)) == sorted(
+        map(
+            str, [{"items": run, "normalize": False} for run in (items[:2], [chat], [items[3]], [items[4]], [items[5]])]
+        )
+    )
 
 
 def test_token_ids_from_arrays_are_serialised_as_lists(mode, fake):
