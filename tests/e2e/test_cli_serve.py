@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -71,6 +72,25 @@ def test_serve_demo_answers_and_exits_0_on_sigterm(tmp_path, demo_model):
         assert rewards == pytest.approx(demo_model.score(items), abs=1e-5)
         assert rewards[0] > rewards[1]
         assert f"rmserve: serving 'demo' at {url}" in log.read_text()
+
+        # A 5 MB body crosses from the Gateway to the Scorer over gRPC (rmserve serve's Ray settings), past gRPC's
+        # default 4 MiB message limit; meanwhile its tokenization (own thread) does not hold up a small request.
+        big_item = {"text": "Tea is lovely. " * 350_000}
+
+        async def big_and_small() -> tuple[httpx.Response, httpx.Response, bool]:
+            async with httpx.AsyncClient(base_url=url, timeout=120.0) as client:
+                big = asyncio.ensure_future(client.post("/v1/score", json={"items": [big_item]}))
+                await asyncio.sleep(0.3)
+                small = await client.post("/v1/score", json={"items": items[:1]})
+                small_first = not big.done()
+                return await big, small, small_first
+
+        big, small, small_first = asyncio.run(big_and_small())
+        assert big.status_code == 200, big.text
+        assert big.json()["truncated"] == [0]
+        assert big.json()["rewards"] == pytest.approx(demo_model.score([big_item]), abs=1e-5)
+        assert small.status_code == 200 and small.json()["rewards"] == pytest.approx(rewards[:1], abs=1e-5)
+        assert small_first, "the small request waited for the big one's tokenization"
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=SHUTDOWN_TIMEOUT_S) == 0, log.read_text()[-3000:]
