@@ -6,8 +6,11 @@ Gateway collects the requests that are ready to call the Scorer in the same even
 ``window_s``) and sends them as ONE ``Scorer.score_requests`` call. Each request keeps its own result: its
 rewards, or its own error (a bad request never fails the others merged with it).
 
-A request whose caller goes away (timeout, client disconnect) stops waiting at once; the shared call is
-cancelled in the replica (dropping its queued items) only when every request merged into it has gone.
+A request whose caller goes away (timeout, client disconnect) stops waiting at once. Its items must not reach a
+forward pass, and a Ray call can only be cancelled whole: so the call is cancelled in the replica (which drops the
+items that have not started a forward) and the requests still waiting are sent again in a new call. Their rewards
+are unchanged (scoring is deterministic); they lose their place in the queue, which only happens when a client
+of the same merged call leaves.
 
 Example::
 
@@ -25,20 +28,22 @@ from typing import Any
 MAX_REQUESTS_PER_CALL = 512  # keeps one call's work spreadable across Scorer replicas
 
 
-@dataclass
+@dataclass(eq=False)
+class _Member:
+    """One request: its ``(items, normalize)``, the future its caller awaits, and the call that carries it."""
+
+    request: tuple[Sequence[Any], bool]
+    future: asyncio.Future
+    call: _Call | None = None
+
+
+@dataclass(eq=False)
 class _Call:
-    """The requests merged into one handle call, and how many of them still wait for it."""
+    """The requests merged into one handle call. ``replaced``: cancelled and its live requests sent again."""
 
-    futures: list[asyncio.Future] = field(default_factory=list)
-    waiting: int = 0
+    members: list[_Member] = field(default_factory=list)
     response: Any = None  # the DeploymentResponse once sent
-
-
-@dataclass
-class _Pending:
-    requests: list[tuple[Sequence[Any], bool]] = field(default_factory=list)
-    call: _Call = field(default_factory=_Call)
-    items: int = 0
+    replaced: bool = False
 
 
 class RequestCoalescer:
@@ -48,70 +53,84 @@ class RequestCoalescer:
         self.scorer = scorer
         self.window_s = window_s
         self.max_items = max_items
-        self._pending: _Pending | None = None
+        self._pending: list[_Member] = []
+        self._pending_items = 0
         self._flush_handle: asyncio.Handle | None = None
         self.calls = 0  # handle calls sent
         self.requests = 0  # requests carried by them
+        self.resent = 0  # requests sent again because another request of their call left
 
     async def submit(self, items: Sequence[Any], normalize: bool) -> Any:
         """This request's ``ScoredItems`` or ``RMServeError``, as ``Scorer.score_request`` would return it."""
         loop = asyncio.get_running_loop()
-        pending = self._pending
-        if pending is None:
-            pending = self._pending = _Pending()
-            if self.window_s > 0:
-                self._flush_handle = loop.call_later(self.window_s, self._flush)
-            else:
-                self._flush_handle = loop.call_soon(self._flush)
-        future = loop.create_future()
-        pending.requests.append((items, normalize))
-        pending.call.futures.append(future)
-        pending.call.waiting += 1
-        pending.items += len(items)
-        call = pending.call
-        if pending.items >= self.max_items or len(pending.requests) >= MAX_REQUESTS_PER_CALL:
+        if not self._pending:
+            delay = self.window_s
+            self._flush_handle = loop.call_later(delay, self._flush) if delay > 0 else loop.call_soon(self._flush)
+        member = _Member((items, normalize), loop.create_future())
+        self._pending.append(member)
+        self._pending_items += len(items)
+        if self._pending_items >= self.max_items or len(self._pending) >= MAX_REQUESTS_PER_CALL:
             self._flush()
         try:
-            return await asyncio.shield(future)
+            return await asyncio.shield(member.future)
         except asyncio.CancelledError:
-            self._leave(call, future)
+            self._leave(member)
             raise
 
-    @staticmethod
-    def _leave(call: _Call, future: asyncio.Future) -> None:
-        future.cancel()  # its result, when it comes, is not wanted
-        call.waiting -= 1
-        if call.waiting == 0 and call.response is not None:
-            call.response.cancel()  # nobody waits for any of its requests: free the replica's queue
+    def _leave(self, member: _Member) -> None:
+        member.future.cancel()  # its result, when it comes, is not wanted
+        call = member.call
+        if call is None:  # not sent yet: it never will be
+            self._pending.remove(member)
+            self._pending_items -= len(member.request[0])
+            return
+        if call.replaced:
+            return
+        call.replaced = True
+        call.response.cancel()  # the replica drops the items that have not started a forward
+        # Next loop turn: other requests of the call that leave in this one (a trainer that gave up on a whole
+        # step) are not sent again.
+        asyncio.get_running_loop().call_soon(self._resend, call)
+
+    def _resend(self, call: _Call) -> None:
+        live = [m for m in call.members if not m.future.done()]
+        if live:
+            self.resent += len(live)
+            self._send(live)
 
     def _flush(self) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        call = pending.call
-        if call.waiting == 0:  # every caller left before the call was sent
-            return
+        members, self._pending, self._pending_items = self._pending, [], 0
+        if members:
+            self._send(members)
+
+    def _send(self, members: list[_Member]) -> None:
+        call = _Call(members)
+        for member in members:
+            member.call = call
         self.calls += 1
-        self.requests += len(pending.requests)
-        call.response = self.scorer.score_requests.remote(pending.requests)
+        self.requests += len(members)
+        call.response = self.scorer.score_requests.remote([m.request for m in members])
         asyncio.ensure_future(self._deliver(call))
 
     @staticmethod
     async def _deliver(call: _Call) -> None:
         try:
             results = await call.response
-        except asyncio.CancelledError:
-            for future in call.futures:
-                future.cancel()
+        except (Exception, asyncio.CancelledError) as exc:
+            if call.replaced:  # cancelled on purpose; its live requests wait on the call that replaced it
+                return
+            for member in call.members:  # e.g. the replica died: every request of the call sees it
+                if not member.future.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        member.future.cancel()
+                    else:
+                        member.future.set_exception(exc)
             return
-        except Exception as exc:  # e.g. the replica died: every request merged into the call sees it
-            for future in call.futures:
-                if not future.done():
-                    future.set_exception(exc)
+        if call.replaced:
             return
-        for future, result in zip(call.futures, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+        for member, result in zip(call.members, results, strict=True):
+            if not member.future.done():
+                member.future.set_result(result)

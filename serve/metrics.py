@@ -59,7 +59,12 @@ CATALOGUE = (
     MetricSpec("input_tokens", "counter", "Input tokens of the scored items (the sum of usage.input_tokens)."),
     MetricSpec("truncated_items", "counter", "Scored items that were left-truncated to max_length."),
     MetricSpec("rejected_requests", "counter", "Requests a Scorer replica refused with 429 (its item queue full)."),
-    MetricSpec("client_gone_items", "counter", "Queued items dropped because their client went away."),
+    MetricSpec(
+        "client_gone_items",
+        "counter",
+        "Queued items dropped before their forward pass because their request was withdrawn: its client went away, "
+        "or it shared a Gateway call with such a request and was sent again in a new call.",
+    ),
     MetricSpec("queue_depth", "gauge", "Items queued or being scored, summed over Scorer replicas."),
     # -- Scorer: batches and forward passes -------------------------------------------------------
     MetricSpec("batch_size_items", "histogram", "Items per batch (one engine call, across requests).", (), ITEMS),

@@ -23,13 +23,13 @@ DRAIN_GRACE_S = 0.5
 
 # Ray Serve settings for a server whose cost is per request (one short item each, from many trainer workers):
 # user code and the handle router on the replica's own event loop instead of extra threads and loops, handle
-# calls over gRPC (without its 4 MiB message limit), request logs written in blocks. Measured with benchmarks/ (README there). A value already in
-# the environment wins.
+# calls over gRPC (without its 4 MiB message limit). Measured with benchmarks/ (README there). Not Ray's buffered
+# request log (RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE): it holds every record below ERROR, warnings included, until
+# 1,000 have piled up. A value already in the environment wins.
 THROUGHPUT_ENVIRONMENT = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
-    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
     # gRPC's default 4 MiB message limit would fail any request body over 4 MiB (limits.max_body_bytes is 32 MiB
     # by default, and the Gateway merges requests): gRPC's own maximum instead.
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import socket
 import statistics
@@ -55,6 +56,10 @@ def ray_serve_instance(ray_cpus: int = 4) -> Iterator[ServeInstance]:
     import ray
     from ray import serve
 
+    from rmserve.serve.server import THROUGHPUT_ENVIRONMENT
+
+    for name, value in THROUGHPUT_ENVIRONMENT.items():  # the Ray Serve settings rmserve serve and KubeRay run with
+        os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()

@@ -76,16 +76,20 @@ async def test_items_waiting_behind_a_forward_are_dropped_when_their_client_goes
         for response, body in ((slow_response, slow), (neighbour_response, neighbour)):
             assert response.status_code == 200, response.text
             assert response.json()["rewards"] == pytest.approx(offline.score(body["items"]), abs=TOL)
-        assert after["gone"] - before["gone"] == 5
-        # The engine ran the slow item and the neighbour's 3 items, never the victim's 5.
+        # The victim's 5 items were dropped. When the Gateway had merged the victim and the neighbour into one
+        # Scorer call (they arrive together), that call was cancelled and the neighbour sent again: its 3 waiting
+        # copies were dropped too (serve/coalescing.py), and counted.
+        dropped = after["gone"] - before["gone"]
+        assert dropped in (5, 5 + 3), dropped
+        # The engine ran the slow item and the neighbour's 3 items once, never the victim's 5.
         assert after["engine_items"] - before["engine_items"] == 1 + 3
         if "metric" in before:
-            assert after["metric"] - before["metric"] == 5
+            assert after["metric"] - before["metric"] == dropped
         assert (await app.stats())["queued_items"] == 0
         # The server keeps working normally.
         response = await client.post("/v1/score", json=victim)
         assert response.json()["rewards"] == pytest.approx(offline.score(victim["items"]), abs=TOL)
-    figures.record("client gone", items_dropped_behind_a_forward=5, engine_items_for_them=0)
+    figures.record("client gone", items_dropped_behind_a_forward=dropped, engine_items_for_them=0)
 
 
 async def test_items_not_yet_queued_are_dropped_when_their_client_goes(app):

@@ -7,6 +7,7 @@ deploys ``build_app(config)`` and yields a ``LiveApp``; the module's tests share
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ def running_app(config: ServerConfig, *, ray_cpus: int = 4) -> Iterator[LiveApp]
     import ray
     from ray import serve
 
+    from rmserve.serve.server import THROUGHPUT_ENVIRONMENT
+
+    for name, value in THROUGHPUT_ENVIRONMENT.items():  # the Ray Serve settings rmserve serve and KubeRay run with
+        os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()

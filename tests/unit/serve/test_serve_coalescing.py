@@ -82,25 +82,31 @@ async def test_a_window_merges_requests_that_arrive_apart():
     assert len(handle.calls) == 1
 
 
-async def test_a_call_is_cancelled_only_when_every_request_in_it_has_gone():
+async def test_a_request_that_leaves_cancels_its_call_and_the_others_are_sent_again():
+    # A Ray call can only be cancelled whole, and the leaving request's items must not reach a forward pass.
     handle = LocalHandle(delay_s=0.2)
     coalescer = RequestCoalescer(handle)
     first = asyncio.ensure_future(coalescer.submit([1], False))
     second = asyncio.ensure_future(coalescer.submit([2], False))
     await asyncio.sleep(0.02)
     first.cancel()
-    assert await second == 2  # the one still waiting gets its result
-    assert handle.cancelled == 0
+    assert await second == 2  # the one still waiting gets its result, from the call that replaced the first
+    assert handle.cancelled == 1
+    assert handle.calls == [[([1], False), ([2], False)], [([2], False)]]
+    assert coalescer.resent == 1
     with pytest.raises(asyncio.CancelledError):
         await first
 
-    third = asyncio.ensure_future(coalescer.submit([3], False))
-    fourth = asyncio.ensure_future(coalescer.submit([4], False))
+
+async def test_requests_that_leave_together_are_not_sent_again():
+    handle = LocalHandle(delay_s=0.2)
+    coalescer = RequestCoalescer(handle)
+    tasks = [asyncio.ensure_future(coalescer.submit([k], False)) for k in range(3)]
     await asyncio.sleep(0.02)
-    third.cancel()
-    fourth.cancel()
-    await asyncio.sleep(0.02)
-    assert handle.cancelled == 1  # nobody waits any more: the replica stops the work
+    for task in tasks:
+        task.cancel()
+    await asyncio.sleep(0.05)
+    assert handle.cancelled == 1 and len(handle.calls) == 1 and coalescer.resent == 0
 
 
 async def test_a_failed_call_fails_each_request_in_it():
@@ -113,11 +119,12 @@ async def test_a_failed_call_fails_each_request_in_it():
     assert [type(r) for r in results] == [ConnectionError, ConnectionError]
 
 
-async def test_requests_that_left_before_the_call_was_sent_send_nothing():
+async def test_requests_that_left_before_the_call_was_sent_are_not_in_it():
     handle = LocalHandle()
     coalescer = RequestCoalescer(handle, window_s=0.05)
-    task = asyncio.ensure_future(coalescer.submit([1], False))
+    gone = asyncio.ensure_future(coalescer.submit([1], False))
+    stays = asyncio.ensure_future(coalescer.submit([2], False))
     await asyncio.sleep(0.01)
-    task.cancel()
-    await asyncio.sleep(0.08)
-    assert handle.calls == []
+    gone.cancel()
+    assert await stays == 2
+    assert handle.calls == [[([2], False)]]
