@@ -45,10 +45,12 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
     if not isinstance(config, ServerConfig):
         config = load_config(base=config or {})
     scorer_requests = config.limits.max_queued_items + OVERFLOW_REQUESTS
-    # In-flight requests end by their deadline (the Gateway cancels them), so shutdown never waits longer.
-    shutdown = {
+    # In-flight requests end by their deadline (the Gateway cancels them), so shutdown never waits longer; both
+    # deployments log requests (or not) alike.
+    common = {
         "graceful_shutdown_timeout_s": config.limits.request_timeout_s + 1,
         "graceful_shutdown_wait_loop_s": 0.5,
+        "logging_config": {"enable_access_log": config.access_log},
     }
     scorer = Scorer.options(
         num_replicas=config.replicas,
@@ -56,13 +58,13 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
         max_ongoing_requests=scorer_requests,
         user_config=config.scorer_user_config(),
         max_constructor_retry_count=CONSTRUCTOR_RETRIES,
-        **shutdown,
+        **common,
     ).bind(config)
     return Gateway.options(
         num_replicas=config.gateway_replicas,
         ray_actor_options={"num_cpus": config.gateway_num_cpus},
         max_ongoing_requests=scorer_requests * config.replicas,
-        **shutdown,
+        **common,
     ).bind(scorer, config)
 
 

@@ -48,7 +48,8 @@ BAD_CREDENTIALS = {
 def locked_app(serve_instance, demo_model_dir):
     """Keys from the environment variable (as an operator sets them); operational routes protected too."""
     environ = {"RMSERVE_API_KEYS": f"{KEY_A}, {KEY_B}"}
-    config = app_config(demo_model_dir, "rel-locked", environ=environ, protect_operational_routes=True)
+    # Ray's access log on, so that the log grep of test_no_key_is_ever_logged covers a line per request.
+    config = app_config(demo_model_dir, "rel-locked", environ=environ, protect_operational_routes=True, access_log=True)
     assert [k.get_secret_value() for k in config.api_keys] == [KEY_A, KEY_B]
     assert KEY_A not in repr(config) and KEY_A not in str(config.model_dump())  # SecretStr: masked
     with deployed(serve_instance, config, prefix="/locked") as app:
@@ -154,6 +155,7 @@ def test_no_key_is_ever_logged(locked_app, open_ops_app, capfd):
     import ray
 
     httpx.post(locked_app.url + "/v1/score", json=SCORING["/v1/score"], headers={"Authorization": f"Bearer {WRONG}"})
+    assert httpx.post(open_ops_app.url + "/v1/score", json=SCORING["/v1/score"]).status_code == 401
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     files = [p for p in logs.rglob("*") if p.is_file()]
     text = {p: p.read_bytes() for p in files}
@@ -161,6 +163,9 @@ def test_no_key_is_ever_logged(locked_app, open_ops_app, capfd):
     replica_logs = [p for p in files if "rel-locked" in p.name]
     assert replica_logs, sorted(p.name for p in files)[:50]
     assert any(b"401" in text[p] for p in replica_logs)
+    # The other app runs with the default access_log=False: its replicas wrote no line per request.
+    quiet_logs = [p for p in files if "rel-open-ops" in p.name]
+    assert quiet_logs and not any(b"POST /open-ops" in text[p] for p in quiet_logs)
     for secret in (KEY_A, KEY_B, WRONG):
         leaks = [str(p) for p, content in text.items() if secret.encode() in content]
         assert not leaks, f"an API key appears in {leaks}"
