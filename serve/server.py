@@ -83,6 +83,13 @@ def ray_environment(config: ServerConfig) -> dict[str, str]:
     return env
 
 
+def export_environment(env: dict[str, str]) -> None:
+    """Put ``env`` into this process's environment before Ray starts (its processes inherit it); a variable that
+    is already set keeps its value, so an operator can override any of them."""
+    for name, value in env.items():
+        os.environ.setdefault(name, value)
+
+
 def free_port(host: str) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -97,8 +104,7 @@ def run_until_signalled(config: ServerConfig, stop: threading.Event | None = Non
     most the request deadline), then Serve and Ray stop (see ``lifecycle``).
     """
     check_port_free(config.host, config.port)
-    for name, value in ray_environment(config).items():  # before Ray starts: its processes inherit them
-        os.environ.setdefault(name, value)
+    export_environment(ray_environment(config))
     direct = os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
 
     import ray

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import socket
 import statistics
@@ -56,10 +55,9 @@ def ray_serve_instance(ray_cpus: int = 4) -> Iterator[ServeInstance]:
     import ray
     from ray import serve
 
-    from rmserve.serve.server import THROUGHPUT_ENVIRONMENT
+    from rmserve.serve.server import THROUGHPUT_ENVIRONMENT, export_environment
 
-    for name, value in THROUGHPUT_ENVIRONMENT.items():  # the Ray Serve settings rmserve serve and KubeRay run with
-        os.environ.setdefault(name, value)
+    export_environment(THROUGHPUT_ENVIRONMENT)  # the Ray Serve settings rmserve serve and KubeRay run with
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()

@@ -7,7 +7,6 @@ deploys ``build_app(config)`` and yields a ``LiveApp``; the module's tests share
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,10 +57,9 @@ def running_app(config: ServerConfig, *, ray_cpus: int = 4) -> Iterator[LiveApp]
     import ray
     from ray import serve
 
-    from rmserve.serve.server import THROUGHPUT_ENVIRONMENT
+    from rmserve.serve.server import THROUGHPUT_ENVIRONMENT, export_environment
 
-    for name, value in THROUGHPUT_ENVIRONMENT.items():  # the Ray Serve settings rmserve serve and KubeRay run with
-        os.environ.setdefault(name, value)
+    export_environment(THROUGHPUT_ENVIRONMENT)  # the Ray Serve settings rmserve serve and KubeRay run with
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
