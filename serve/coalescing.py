@@ -56,8 +56,6 @@ class RequestCoalescer:
         self._pending: list[_Member] = []
         self._pending_items = 0
         self._flush_handle: asyncio.Handle | None = None
-        self.calls = 0  # handle calls sent
-        self.requests = 0  # requests carried by them
         self.resent = 0  # requests sent again because another request of their call left
 
     async def submit(self, items: Sequence[Any], normalize: bool) -> Any:
@@ -110,8 +108,6 @@ class RequestCoalescer:
         call = _Call(members)
         for member in members:
             member.call = call
-        self.calls += 1
-        self.requests += len(members)
         call.response = self.scorer.score_requests.remote([m.request for m in members])
         asyncio.ensure_future(self._deliver(call))
 

@@ -52,10 +52,13 @@ def install_stop_signals() -> threading.Event:
     return stop
 
 
+def _tcp_socket(host: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+
+
 def check_port_free(host: str, port: int) -> None:
     """Fail before starting Ray when the HTTP port is taken (Ray's own error is a remote traceback)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    with _tcp_socket(host) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -91,8 +94,7 @@ def export_environment(env: dict[str, str]) -> None:
 
 
 def free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    with _tcp_socket(host) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
