@@ -122,6 +122,15 @@ class ScoringEngine:
         self.observers: list[MicrobatchObserver] = []
         self._lock = threading.Lock()
 
+    def batch_cost(self, sequences: Sequence[Sequence[int]]) -> int:
+        """Tokens (padding and per-forward overhead included) that ``score_batch(sequences)`` will compute.
+
+        What a batching queue prices a batch with: pure Python, no forward.
+        """
+        lengths = sorted(len(s) for s in sequences)
+        plan = plan_microbatches(lengths, self.max_batch_tokens)
+        return sum(padded_tokens(lengths[s:e]) + MICROBATCH_OVERHEAD_TOKENS for s, e in plan)
+
     def score_batch(self, sequences: Sequence[Sequence[int]]) -> list[Outcome]:
         """Raw rewards in input order; an item that failed gets its ``RMServeError`` instead of a float."""
         if not sequences:
