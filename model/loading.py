@@ -51,6 +51,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16_units() else "fp32"
 
 
+def resolve_prefix_cache_bytes(requested: int | None, device: torch.device) -> int:
+    """The prefix cache's byte budget: as requested, else 10% of the GPU's memory on CUDA, 1 GiB on CPU."""
+    if requested is not None:
+        return requested
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 10
+    return 1 << 30
+
+
 def resolve_path(path: str) -> Path:
     if path == "demo":
         from .demo import ensure_demo_model
@@ -177,7 +186,14 @@ def load_reward_model(spec: ModelSpec | str | None = None, **overrides) -> Rewar
         padding_side=spec.padding_side,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         device=device,
+        prefix_sharing=spec.prefix_sharing == "on",
+        prefix_cache_bytes=resolve_prefix_cache_bytes(spec.prefix_cache_bytes, device),
+        reward_cache_items=spec.reward_cache_items,
     )
+    if spec.forward_overhead_tokens is not None:
+        engine.overhead_tokens = spec.forward_overhead_tokens
+    else:
+        engine.calibrate()
     model_id = "rmserve-demo" if spec.path == "demo" else model_dir.name
     log.info("loaded reward model %s (%s, head %s from %s) on %s", model_id, dtype_name, head.name, head.source, device)
     return RewardModel(

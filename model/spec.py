@@ -63,4 +63,33 @@ class ModelSpec(BaseModel):
     padding_side: Literal["right", "left"] = Field(
         "right", description="Where micro-batches are padded; rewards do not depend on it."
     )
+    prefix_sharing: Literal["on", "off"] = Field(
+        "on",
+        description="Compute token-id prefixes shared by several items (a GRPO group's prompt, a system prompt) "
+        "once and score the rest against their cached keys/values. Rewards are unchanged; 'off' runs every item "
+        "whole.",
+    )
+    prefix_cache_bytes: int | None = Field(
+        None,
+        ge=0,
+        le=1 << 44,
+        description="Bytes of prefix keys/values kept across batches (least recently used out), so group members "
+        "arriving in later batches reuse their prompt. Default: 10% of the GPU's memory on CUDA, 1 GiB on CPU; 0 "
+        "shares prefixes within a batch only.",
+    )
+    reward_cache_items: int = Field(
+        65536,
+        ge=0,
+        le=100_000_000,
+        description="Rewards of recently scored token sequences kept to answer exact duplicates without a forward; "
+        "0 turns it off.",
+    )
+    forward_overhead_tokens: float | None = Field(
+        None,
+        ge=0,
+        le=10_000_000,
+        description="Fixed cost of one forward pass, in tokens' worth of compute: the planner trades padding and "
+        "extra forwards against it, and a shared prefix must save at least this much. Default: measured on the "
+        "machine when the model loads.",
+    )
     trust_remote_code: bool = Field(False, description="Allow checkpoint code to run (off unless you trust it).")

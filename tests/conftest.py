@@ -17,6 +17,22 @@ os.environ.setdefault("RMSERVE_CACHE_DIR", str(ROOT / ".cache"))
 
 
 @pytest.fixture(scope="session")
+def device() -> str:
+    """Where the model tests run: the CPU, or ``RMSERVE_TEST_DEVICE`` (``cuda`` for the GPU pass)."""
+    return os.environ.get("RMSERVE_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture
+def unshared(demo_model):
+    """The demo model's engine with prefix sharing and both caches off for one test (then restored)."""
+    engine = demo_model.engine
+    saved = (engine.prefix_sharing, engine.prefix_cache.max_bytes, engine.reward_cache.max_items)
+    engine.configure_sharing(prefix_sharing=False, prefix_cache_bytes=0, reward_cache_items=0)
+    yield engine
+    engine.configure_sharing(prefix_sharing=saved[0], prefix_cache_bytes=saved[1], reward_cache_items=saved[2])
+
+
+@pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     from rmserve.model.demo import ensure_demo_model
 

@@ -41,7 +41,7 @@ def test_reward_does_not_depend_on_batch_or_budget(demo_model):
         demo_model.engine.max_batch_tokens = original
 
 
-def test_microbatches_respect_the_token_budget(demo_model):
+def test_microbatches_respect_the_token_budget(demo_model, unshared):
     items = _pair_items(heldout_pairs(50))[0]
     lengths = sorted(len(demo_model.tokenize(it)) for it in items)
     original = demo_model.engine.max_batch_tokens
@@ -57,20 +57,20 @@ def test_microbatches_respect_the_token_budget(demo_model):
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [("bf16", BF16_TOL), ("fp16", FP16_TOL)])
-def test_half_precision_agrees_with_fp32(demo_model, demo_model_dir, dtype, tol):
+def test_half_precision_agrees_with_fp32(demo_model, demo_model_dir, dtype, tol, device):
     items = [it for pair in zip(*_pair_items(heldout_pairs(80)), strict=True) for it in pair]
-    low = load_reward_model(str(demo_model_dir), dtype=dtype, device="cpu")
+    low = load_reward_model(str(demo_model_dir), dtype=dtype, device=device)
     assert low.engine.head.weight.dtype == torch.float32  # the head always runs in fp32
     for a, b in zip(low.score(items), demo_model.score(items), strict=True):
         assert a == pytest.approx(b, abs=tol)
 
 
 @pytest.mark.parametrize(("quantization", "min_agreement"), [("int8", 0.95), ("nf4", 0.90)])
-def test_quantized_preferences_agree_with_fp32(demo_model, demo_model_dir, quantization, min_agreement):
+def test_quantized_preferences_agree_with_fp32(demo_model, demo_model_dir, quantization, min_agreement, device):
     import bitsandbytes as bnb
 
     chosen, rejected = _pair_items(heldout_pairs(200))
-    q = load_reward_model(str(demo_model_dir), quantization=quantization, device="cpu", dtype="fp32")
+    q = load_reward_model(str(demo_model_dir), quantization=quantization, device=device, dtype="fp32")
     layer_types = {type(m) for m in q.engine.backbone.modules()}
     assert layer_types & {bnb.nn.Linear8bitLt, bnb.nn.Linear4bit}, "the backbone must really be quantised"
     assert type(q.engine.head) is torch.nn.Linear and q.engine.head.weight.dtype == torch.float32

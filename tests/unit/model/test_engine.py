@@ -66,7 +66,7 @@ def _oom_above(rows_limit):
     return inject
 
 
-def test_oom_splits_and_retries_with_identical_rewards(demo_model):
+def test_oom_splits_and_retries_with_identical_rewards(demo_model, unshared):
     items = [{"prompt": f"Tell me about item {i}.", "response": "Gladly! " * (i % 5 + 1)} for i in range(16)]
     want = demo_model.score(items)
     splits = demo_model.engine.stats.oom_splits
@@ -79,7 +79,7 @@ def test_oom_splits_and_retries_with_identical_rewards(demo_model):
     assert demo_model.engine.stats.oom_splits - splits >= 3
 
 
-def test_item_that_never_fits_gets_typed_error_others_unaffected(demo_model):
+def test_item_that_never_fits_gets_typed_error_others_unaffected(demo_model, unshared):
     items = [{"prompt": "Tea?", "response": "Of course. Tea is lovely."}] * 3
     items.append({"prompt": "Tea? " * 60, "response": "Of course."})
     seqs = [demo_model.tokenize(it).input_ids for it in items]

@@ -38,16 +38,16 @@ def _check(rm, ref, items, tol=FP32_TOL):
 
 @pytest.mark.parametrize("head_format", ["score", "reward_head", "v_head_file", "value_head"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_every_head_format_matches_reference(checkpoint_factory, head_format, padding_side):
+def test_every_head_format_matches_reference(checkpoint_factory, head_format, padding_side, device):
     path, ref, _ = checkpoint_factory(head_format)
-    rm = load_reward_model(str(path), dtype="fp32", device="cpu", padding_side=padding_side, max_batch_tokens=10_000)
+    rm = load_reward_model(str(path), dtype="fp32", device=device, padding_side=padding_side, max_batch_tokens=10_000)
     assert rm.head_name == head_format.replace("_file", "")
     _check(rm, ref, ITEMS)
 
 
-def test_formats_share_weights_so_rewards_agree(checkpoint_factory):
+def test_formats_share_weights_so_rewards_agree(checkpoint_factory, device):
     rewards = [
-        load_reward_model(str(checkpoint_factory(fmt)[0]), device="cpu", dtype="fp32").score(ITEMS)
+        load_reward_model(str(checkpoint_factory(fmt)[0]), device=device, dtype="fp32").score(ITEMS)
         for fmt in ("score", "reward_head", "v_head_file", "value_head")
     ]
     for other in rewards[1:]:
@@ -55,22 +55,22 @@ def test_formats_share_weights_so_rewards_agree(checkpoint_factory):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_pad_token_equal_to_eos(checkpoint_factory, padding_side):
+def test_pad_token_equal_to_eos(checkpoint_factory, padding_side, device):
     """With pad == eos and items ending in EOS, the last real token still comes from the mask."""
     path, ref, tok = checkpoint_factory("score", tok_variant="pad_eos")
     assert tok.pad_token_id == tok.eos_token_id
-    rm = load_reward_model(str(path), device="cpu", dtype="fp32", padding_side=padding_side)
+    rm = load_reward_model(str(path), device=device, dtype="fp32", padding_side=padding_side)
     ends_in_eos = [rm.tokenize(it, i).input_ids[-1] == tok.eos_token_id for i, it in enumerate(ITEMS[:4])]
     assert all(ends_in_eos)
     _check(rm, ref, ITEMS)
 
 
-def test_pad_eq_eos_guess_would_be_wrong(checkpoint_factory):
+def test_pad_eq_eos_guess_would_be_wrong(checkpoint_factory, device):
     """Sanity of the fixture: transformers' pad-id guess picks another token than ours for such items."""
     import torch
 
     path, ref, tok = checkpoint_factory("score", tok_variant="pad_eos")
-    rm = load_reward_model(str(path), device="cpu", dtype="fp32")
+    rm = load_reward_model(str(path), device=device, dtype="fp32")
     ids = list(rm.tokenize(ITEMS[0]).input_ids)
     with torch.no_grad():
         guessed = float(ref(torch.tensor([ids])).logits[0, 0])  # pad_token_id set: the EOS is taken as padding
@@ -78,15 +78,15 @@ def test_pad_eq_eos_guess_would_be_wrong(checkpoint_factory):
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_other_decoder_architectures(checkpoint_factory, arch):
+def test_other_decoder_architectures(checkpoint_factory, arch, device):
     path, ref, _ = checkpoint_factory("score", arch=arch)
-    rm = load_reward_model(str(path), device="cpu", dtype="fp32", padding_side="left")
+    rm = load_reward_model(str(path), device=device, dtype="fp32", padding_side="left")
     _check(rm, ref, ITEMS)
 
 
-def test_raw_template_without_chat_template(checkpoint_factory):
+def test_raw_template_without_chat_template(checkpoint_factory, device):
     path, ref, tok = checkpoint_factory("reward_head", tok_variant="raw")
-    rm = load_reward_model(str(path), device="cpu", dtype="fp32")
+    rm = load_reward_model(str(path), device=device, dtype="fp32")
     assert rm.info()["template"] == "raw"
     joined = tok("Tell me about cats.\nGladly! Cats are loved by many people.")["input_ids"]
     assert list(rm.tokenize(ITEMS[0]).input_ids) == joined

@@ -1,0 +1,228 @@
+"""The two bounded caches of the scoring engine: prefix key/value states, and rewards of exact duplicates.
+
+``PrefixKVCache`` is a radix tree over token ids. Each node holds one run of tokens and the keys and values
+every layer computed for them (one tensor ``[layers, 2, kv_heads, tokens, head_dim]``); a path from the root
+spells a token prefix whose states are all known. ``match(ids)`` finds how much of a sequence is known, so
+the engine runs only the rest. Samples of a GRPO group that arrive in different batches, or a system prompt
+shared by every request, are computed once. The tree is bounded by bytes: after each batch, leaves are
+dropped least recently used first until it fits. Two sequences meet in the tree only where their token ids
+are equal, so a tokenizer that merges across the prompt/response boundary can cost a hit, never a reward.
+
+``RewardCache`` answers an exact duplicate (the same token ids, hence the same reward) without a forward; it
+keeps a digest of the ids, not the ids, and the most recently used ``max_items``.
+
+Example::
+
+    cache = PrefixKVCache(max_bytes=2**30)
+    cache.insert(ids, start=0, kv=kv_of_ids)     # states of ids[0:len(kv)]
+    known, segments = cache.match(other_ids)     # other_ids[:known] are cached; segments to concatenate
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+SEQ_DIM = 3  # the token dimension of a node's [layers, 2, kv_heads, tokens, head_dim] tensor
+
+
+@dataclass(eq=False)
+class _Node:
+    tokens: tuple[int, ...]
+    kv: torch.Tensor | None  # None only at the root
+    parent: _Node | None
+    children: dict[int, _Node] = field(default_factory=dict)
+    last_used: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
+
+
+class PrefixKVCache:
+    """Keys and values of recently scored token prefixes, in a radix tree bounded by ``max_bytes``."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.nodes = 0
+        self.evicted_bytes = 0
+        self._root = _Node((), None, None)
+        self._clock = itertools.count(1)
+
+    def match(self, ids: Sequence[int], limit: int | None = None) -> tuple[int, list[torch.Tensor]]:
+        """How many leading tokens of ``ids`` (at most ``limit``) have cached states, and those states as
+        segments to concatenate along the token dimension. Marks the path as recently used."""
+        limit = len(ids) if limit is None else min(limit, len(ids))
+        node, pos, segments = self._root, 0, []
+        now = next(self._clock)
+        while pos < limit:
+            child = node.children.get(ids[pos])
+            if child is None:
+                break
+            take = _common_length(child.tokens, ids, pos, limit)
+            child.last_used = now
+            segments.append(child.kv if take == len(child.tokens) else child.kv.narrow(SEQ_DIM, 0, take))
+            pos += take
+            if take < len(child.tokens):
+                break
+            node = child
+        return pos, segments
+
+    def known(self, ids: Sequence[int], limit: int | None = None) -> int:
+        """``match``'s length alone, without touching recency (for cost estimates)."""
+        limit = len(ids) if limit is None else min(limit, len(ids))
+        node, pos = self._root, 0
+        while pos < limit:
+            child = node.children.get(ids[pos])
+            if child is None:
+                break
+            take = _common_length(child.tokens, ids, pos, limit)
+            pos += take
+            if take < len(child.tokens):
+                break
+            node = child
+        return pos
+
+    def insert(self, ids: Sequence[int], start: int, kv: torch.Tensor) -> None:
+        """Store the states ``kv`` of ``ids[start:start + kv.shape[3]]``; ``ids[:start]`` must be cached already
+        (it is: the engine inserts what it computed on top of what it matched)."""
+        end = start + kv.shape[SEQ_DIM]
+        node, pos = self._root, 0
+        now = next(self._clock)
+        while pos < end:
+            child = node.children.get(ids[pos])
+            if child is None:
+                if pos < start:  # the prefix was evicted meanwhile: nothing to hang the states on
+                    return
+                self._add(node, tuple(ids[pos:end]), kv.narrow(SEQ_DIM, pos - start, end - pos), now)
+                return
+            take = _common_length(child.tokens, ids, pos, end)
+            if take < len(child.tokens):
+                child = self._split(child, take)
+            child.last_used = now
+            pos += take
+            node = child
+
+    def evict_to_budget(self) -> None:
+        """Drop least recently used leaves until the tree holds at most ``max_bytes``."""
+        if self.bytes <= self.max_bytes:
+            return
+        leaves = sorted((n for n in self._walk() if not n.children), key=lambda n: n.last_used)
+        while self.bytes > self.max_bytes and leaves:
+            leaf = leaves.pop(0)
+            parent = leaf.parent
+            self._remove(leaf)
+            if parent is not self._root and not parent.children:  # the parent became a leaf: keep LRU order
+                _insort_by_use(leaves, parent)
+
+    def clear(self) -> None:
+        for child in list(self._root.children.values()):
+            for node in _subtree(child):
+                self.bytes -= node.nbytes
+                self.nodes -= 1
+        self._root.children.clear()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _add(self, parent: _Node, tokens: tuple[int, ...], kv: torch.Tensor, now: int) -> None:
+        node = _Node(tokens, kv.clone(), parent, last_used=now)  # its own memory, not a view of a batch
+        parent.children[tokens[0]] = node
+        self.bytes += node.nbytes
+        self.nodes += 1
+
+    def _split(self, node: _Node, at: int) -> _Node:
+        """Cut ``node`` after ``at`` tokens; returns the head (its own copy of the states, so that evicting
+        either part frees memory)."""
+        head_kv = node.kv.narrow(SEQ_DIM, 0, at).clone()
+        tail_kv = node.kv.narrow(SEQ_DIM, at, len(node.tokens) - at).clone()
+        head = _Node(node.tokens[:at], head_kv, node.parent, last_used=node.last_used)
+        node.parent.children[head.tokens[0]] = head
+        self.bytes -= node.nbytes
+        node.tokens, node.kv, node.parent = node.tokens[at:], tail_kv, head
+        head.children[node.tokens[0]] = node
+        self.bytes += head.nbytes + node.nbytes
+        self.nodes += 1
+        return head
+
+    def _remove(self, leaf: _Node) -> None:
+        del leaf.parent.children[leaf.tokens[0]]
+        self.bytes -= leaf.nbytes
+        self.evicted_bytes += leaf.nbytes
+        self.nodes -= 1
+
+    def _walk(self):
+        for child in self._root.children.values():
+            yield from _subtree(child)
+
+
+def _subtree(node: _Node):
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(n.children.values())
+
+
+def _insort_by_use(leaves: list[_Node], node: _Node) -> None:
+    k = 0
+    while k < len(leaves) and leaves[k].last_used <= node.last_used:
+        k += 1
+    leaves.insert(k, node)
+
+
+def _common_length(tokens: tuple[int, ...], ids: Sequence[int], pos: int, limit: int) -> int:
+    """Length of the common start of ``tokens`` and ``ids[pos:limit]``."""
+    n = min(len(tokens), limit - pos)
+    if tuple(ids[pos : pos + n]) == tokens[:n]:
+        return n
+    lo, hi = 0, n  # binary search on equal slices: C-speed comparisons instead of a Python loop per token
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tuple(ids[pos : pos + mid]) == tokens[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def token_digest(ids: Sequence[int]) -> bytes:
+    """A 128-bit digest of a token-id sequence (the reward cache's key)."""
+    return hashlib.blake2b(array("q", ids).tobytes(), digest_size=16).digest()
+
+
+class RewardCache:
+    """Rewards of recently scored token-id sequences, the most recently used ``max_items`` of them."""
+
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+        self._rewards: OrderedDict[bytes, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._rewards)
+
+    def get(self, key: bytes) -> float | None:
+        reward = self._rewards.get(key)
+        if reward is not None:
+            self._rewards.move_to_end(key)
+        return reward
+
+    def contains(self, key: bytes) -> bool:
+        """Whether ``key`` is cached, without touching recency (for cost estimates)."""
+        return key in self._rewards
+
+    def put(self, key: bytes, reward: float) -> None:
+        if self.max_items <= 0:
+            return
+        self._rewards[key] = reward
+        self._rewards.move_to_end(key)
+        while len(self._rewards) > self.max_items:
+            self._rewards.popitem(last=False)
+
+    def clear(self) -> None:
+        self._rewards.clear()

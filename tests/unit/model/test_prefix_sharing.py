@@ -1,0 +1,253 @@
+"""Prefix-aware scoring gives every item the reward it gets alone, computes shared prefixes once, and keeps
+its caches within their budgets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rmserve.model import load_reward_model
+from rmserve.model.caches import PrefixKVCache, RewardCache
+from rmserve.model.planning import levels_cost, plan_levels
+
+FP32_TOL = 1e-5
+BF16_TOL = 0.05  # shared vs unshared in bf16 on the demo's ±8 reward scale (measured max 0.016)
+
+
+def grpo_batch(rng: random.Random, vocab: int, *, system: int = 12, groups=(1, 2, 8, 16)) -> list[list[int]]:
+    """Groups of n ∈ ``groups`` sharing a user prompt, all under one system prompt (nested prefixes), plus
+    items that share nothing, exact duplicates and an item that is a strict prefix of another; shuffled."""
+
+    def rand(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    head = rand(system)
+    seqs = []
+    for n in groups:
+        prompt = head + rand(rng.randint(4, 30))
+        seqs += [prompt + rand(rng.randint(1, 12)) for _ in range(n)]
+    seqs += [rand(rng.randint(2, 40)) for _ in range(4)]
+    seqs += [list(seqs[1]), list(seqs[5])]
+    seqs.append(seqs[8][: len(seqs[8]) - 2])
+    rng.shuffle(seqs)
+    return seqs
+
+
+def sharing(engine, *, cache_bytes: int = 0, reward_items: int = 0, overhead: float = 0.0):
+    engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=cache_bytes, reward_cache_items=reward_items)
+    engine.overhead_tokens = overhead  # share every common prefix, however short
+
+
+def unshared_rewards(engine, seqs):
+    saved = (engine.prefix_sharing, engine.prefix_cache.max_bytes, engine.reward_cache.max_items)
+    engine.configure_sharing(prefix_sharing=False, prefix_cache_bytes=0, reward_cache_items=0)
+    try:
+        return engine.score_batch(seqs)
+    finally:
+        engine.configure_sharing(prefix_sharing=saved[0], prefix_cache_bytes=saved[1], reward_cache_items=saved[2])
+
+
+@pytest.mark.parametrize("head_format", ["score", "reward_head", "v_head_file", "value_head"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_shared_rewards_equal_reference_for_every_head_and_padding_side(
+    checkpoint_factory, head_format, padding_side, device
+):
+    from checkpoints import reference_reward
+
+    path, ref, tok = checkpoint_factory(head_format)
+    rm = load_reward_model(str(path), dtype="fp32", device=device, padding_side=padding_side)
+    sharing(rm.engine, cache_bytes=1 << 26)
+    rng = random.Random(hash((head_format, padding_side)) % 1000)
+    for _ in range(2):  # the second batch also reads what the first left in the cache
+        seqs = grpo_batch(rng, len(tok))
+        got = rm.engine.score_batch(seqs)
+        want = [reference_reward(ref, s) for s in seqs]
+        assert got == pytest.approx(want, abs=FP32_TOL)
+    stats = rm.engine.stats
+    assert stats.prefix_hits > 0 and stats.tokens_saved > 0
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_shared_rewards_on_other_architectures(checkpoint_factory, arch, device):
+    from checkpoints import reference_reward
+
+    path, ref, tok = checkpoint_factory("score", arch=arch)
+    rm = load_reward_model(str(path), dtype="fp32", device=device)
+    sharing(rm.engine, cache_bytes=1 << 26)
+    seqs = grpo_batch(random.Random(7), len(tok))
+    assert rm.engine.score_batch(seqs) == pytest.approx([reference_reward(ref, s) for s in seqs], abs=FP32_TOL)
+
+
+def test_random_batches_with_left_truncated_items_match_unshared(demo_model):
+    """Left truncation cuts the prompt's start, so truncated group members may share nothing or a shifted
+    prefix; whatever is shared, rewards stay those of the unshared forward."""
+    engine = demo_model.engine
+    prompt = "Tell me about owls. " * 30
+    items = [{"prompt": prompt, "response": f"Owls are lovely {'and wise ' * k}birds."} for k in range(8)]
+    items += [{"prompt": "Tea?", "response": "Of course. Tea is lovely."}] * 2
+    formatter = demo_model.formatter
+    saved = formatter.max_length
+    formatter.max_length = 96
+    try:
+        tokenized = [demo_model.tokenize(it, i) for i, it in enumerate(items)]
+    finally:
+        formatter.max_length = saved
+    assert sum(t.truncated for t in tokenized) >= 6
+    seqs = [list(t.input_ids) for t in tokenized]
+    want = unshared_rewards(engine, seqs)
+    saved_overhead = engine.overhead_tokens
+    try:
+        for padding_side in ("right", "left"):
+            engine.padding_side = padding_side
+            sharing(engine, cache_bytes=1 << 24)
+            assert engine.score_batch(seqs) == pytest.approx(want, abs=FP32_TOL)
+    finally:
+        engine.padding_side = "right"
+        engine.overhead_tokens = saved_overhead
+        engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+
+
+def test_a_group_split_across_batches_computes_its_prompt_once(demo_model):
+    engine = demo_model.engine
+    rng = random.Random(11)
+    prompt = [rng.randrange(3, 300) for _ in range(60)]
+    members = [prompt + [rng.randrange(3, 300) for _ in range(rng.randint(3, 9))] for _ in range(8)]
+    want = unshared_rewards(engine, members)
+    saved = engine.overhead_tokens
+    try:
+        sharing(engine, cache_bytes=1 << 24)
+        before = engine.stats.real_tokens
+        got = [engine.score_batch([m])[0] for m in members]  # one sample per batch, as per-sample requests arrive
+        computed = engine.stats.real_tokens - before
+    finally:
+        engine.overhead_tokens = saved
+        engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+    assert got == pytest.approx(want, abs=FP32_TOL)
+    # The first member computes everything; the others only what follows the 60-token prompt they share.
+    assert computed == len(members[0]) + sum(len(m) - 60 for m in members[1:])
+
+
+def test_cost_estimate_equals_tokens_computed(demo_model):
+    engine = demo_model.engine
+    seqs = grpo_batch(random.Random(5), 300)
+    saved = engine.overhead_tokens
+    try:
+        sharing(engine, overhead=0.0)
+        estimate = engine.batch_cost(seqs)
+        before = engine.stats.padded_tokens
+        engine.score_batch(seqs)
+        assert estimate == engine.stats.padded_tokens - before
+        assert estimate < sum(len(s) for s in seqs) * 0.6  # the shared prompts are most of the batch
+    finally:
+        engine.overhead_tokens = saved
+        engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+
+
+def test_nested_prefixes_run_in_levels_and_short_ones_are_not_shared():
+    system, a, b = [1] * 20, [2] * 30, [3] * 30
+    seqs = [system + a + [9], system + a + [8], system + b + [7], system + b + [6], [5, 5, 5]]
+    levels = plan_levels(seqs, known=lambda ids, limit: 0, min_shared_tokens=10)
+    assert [[(r.start, r.end, r.item) for r in level if r.item is None] for level in levels[:2]] == [
+        [(0, 20, None)],
+        [(20, 50, None), (20, 50, None)],
+    ]
+    assert sorted(r.item for level in levels for r in level if r.item is not None) == list(range(5))
+    # Saving (2 - 1) x 20 tokens of a 20-token system prompt is below an overhead of 25: not worth a level.
+    flat = plan_levels([system + [1], system + [2]], known=lambda ids, limit: 0, min_shared_tokens=25)
+    assert len(flat) == 1 and all(r.item is not None and r.start == 0 for r in flat[0])
+    assert levels_cost(flat, 1000, 25) == 2 * 21 + 25
+
+
+def test_prefix_cache_stays_within_its_budget_under_distinct_prefixes(demo_model):
+    engine = demo_model.engine
+    rng = random.Random(2)
+    budget = 200_000
+    batches = []
+    for _ in range(30):
+        prompt = [rng.randrange(3, 300) for _ in range(40)]
+        batches.append([prompt + [rng.randrange(3, 300) for _ in range(5)] for _ in range(4)])
+    wants = [unshared_rewards(engine, seqs) for seqs in batches]
+    saved = engine.overhead_tokens
+    try:
+        sharing(engine, cache_bytes=budget)
+        for seqs, want in zip(batches, wants, strict=True):
+            assert engine.score_batch(seqs) == pytest.approx(want, abs=FP32_TOL)
+            assert engine.prefix_cache.bytes <= budget
+        assert engine.prefix_cache.evicted_bytes > 0
+    finally:
+        engine.overhead_tokens = saved
+        engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+
+
+def test_reward_cache_answers_duplicates_without_a_forward_and_stays_bounded(demo_model):
+    engine = demo_model.engine
+    rng = random.Random(4)
+    seqs = [[rng.randrange(3, 300) for _ in range(rng.randint(5, 30))] for _ in range(12)]
+    engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=0, reward_cache_items=8)
+    try:
+        first = engine.score_batch(seqs[:8])
+        forwards = engine.stats.microbatches
+        again = engine.score_batch(seqs[:8] + seqs[:8])
+        assert engine.stats.microbatches == forwards  # all 16 answered from the cache
+        assert again == first + first
+        engine.score_batch(seqs[8:])
+        assert len(engine.reward_cache) == 8
+    finally:
+        engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+
+
+def test_radix_cache_matches_splits_and_evicts_least_recently_used():
+    def kv(n: int, fill: float) -> torch.Tensor:
+        return torch.full((2, 2, 1, n, 4), fill)
+
+    cache = PrefixKVCache(max_bytes=10**9)
+    cache.insert([1, 2, 3, 4], 0, kv(4, 1.0))
+    cache.insert([1, 2, 9], 2, kv(1, 2.0))  # [1, 2] known: the node splits after two tokens
+    known, segments = cache.match([1, 2, 9, 7])
+    assert known == 3 and torch.cat(segments, dim=3)[0, 0, 0, :, 0].tolist() == [1.0, 1.0, 2.0]
+    assert cache.match([1, 2, 3, 4, 5], limit=3)[0] == 3 and cache.known([5, 1]) == 0
+    cache.match([1, 2, 3])  # [3, 4] used more recently than [9]
+    per_token = kv(1, 0).numel() * 4
+    cache.max_bytes = cache.bytes - per_token  # one token too many: the [9] leaf goes first
+    cache.evict_to_budget()
+    assert cache.known([1, 2, 9]) == 2 and cache.known([1, 2, 3, 4]) == 4
+
+
+def test_reward_cache_is_lru():
+    cache = RewardCache(2)
+    cache.put(b"a", 1.0)
+    cache.put(b"b", 2.0)
+    assert cache.get(b"a") == 1.0
+    cache.put(b"c", 3.0)
+    assert cache.get(b"b") is None and cache.get(b"a") == 1.0 and len(cache) == 2
+
+
+@pytest.mark.parametrize("dtype", ["bf16"])
+def test_bf16_shared_rewards_stay_within_the_stated_tolerance(demo_model_dir, dtype, device):
+    rm = load_reward_model(str(demo_model_dir), dtype=dtype, device=device)
+    seqs = grpo_batch(random.Random(9), 300)
+    want = unshared_rewards(rm.engine, seqs)
+    sharing(rm.engine, cache_bytes=1 << 24)
+    got = rm.engine.score_batch(seqs)
+    print(f"{dtype} shared vs unshared: max |Δ| = {max(abs(a - b) for a, b in zip(got, want, strict=True)):.4f}")
+    assert got == pytest.approx(want, abs=BF16_TOL)
+
+
+def test_int8_preference_agreement_is_unchanged_by_sharing(demo_model_dir, device):
+    from rmserve.model.demo import heldout_pairs
+
+    pairs = heldout_pairs(100)
+    rm = load_reward_model(str(demo_model_dir), quantization="int8", dtype="fp32", device=device)
+    chosen = [rm.tokenize({"prompt": p["prompt"], "response": p["chosen"]}).input_ids for p in pairs]
+    rejected = [rm.tokenize({"prompt": p["prompt"], "response": p["rejected"]}).input_ids for p in pairs]
+    seqs = [list(s) for pair in zip(chosen, rejected, strict=True) for s in pair]
+    base = unshared_rewards(rm.engine, seqs)
+    sharing(rm.engine)
+    shared = rm.engine.score_batch(seqs)
+    prefer = [a > b for a, b in zip(base[::2], base[1::2], strict=True)]
+    prefer_shared = [a > b for a, b in zip(shared[::2], shared[1::2], strict=True)]
+    agreement = sum(a == b for a, b in zip(prefer, prefer_shared, strict=True)) / len(prefer)
+    print(f"int8 shared vs unshared preference agreement = {agreement:.3f}")
+    assert agreement >= 0.98
