@@ -55,6 +55,7 @@ class EngineResult:
     max_batch_tokens: int
     threads: int
     peak_dtype: str = ""
+    peak_memory_gb: float = 0.0  # accelerator memory at the run's peak (weights included); 0 on CPU
 
 
 def synchronize(device: str) -> None:
@@ -154,8 +155,9 @@ def build_engine(config: str, precision: str, device: str, max_batch_tokens: int
         quantization, dtype = "int8", "bf16" if device.startswith("cuda") else "fp32"
     try:
         rm = load_reward_model(
-            path, dtype=dtype, quantization=quantization, device=device, max_batch_tokens=max_batch_tokens
-        )
+            path, dtype=dtype, quantization=quantization, device=device, max_batch_tokens=max_batch_tokens,
+            reward_cache_items=0, prefix_cache_bytes=0,  # repeats of one workload must compute, not hit a cache
+        )  # fmt: skip
         shape = DecoderShape.from_config(AutoConfig.from_pretrained(str(rm.path)))
     finally:
         if scratch is not None:
@@ -200,15 +202,19 @@ def run_engine_benchmarks(
         update_peak(matmul_dtype)
         engine, shape = build_engine(config, precision, device, max_batch_tokens)
         for workload, sequences in workload_sequences(config, device, n_items, seed, shape.vocab_size).items():
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
             seconds, outcome, delta = time_engine(engine, sequences, device, repeats)
             result = summarize(config, precision, device, workload, engine, shape, sequences, seconds, delta,
                                peaks[matmul_dtype])  # fmt: skip
             result.peak_dtype = matmul_dtype
+            if device.startswith("cuda"):
+                result.peak_memory_gb = torch.cuda.max_memory_allocated() / 1e9
             results.append(result)
             rewards[(config, precision, workload)] = outcome
             if progress is not None:
                 progress(f"engine {run} {workload}: {result.tokens_per_s:,.0f} tok/s, {result.model_gflop_per_s:,.1f} "
-                         "GFLOP/s")  # fmt: skip
+                         f"GFLOP/s, peak memory {result.peak_memory_gb:.1f} GB")  # fmt: skip
         del engine
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -263,6 +269,11 @@ def main(argv: list[str] | None = None) -> dict:
         repeats=args.repeats,
         progress=print,
     )
+    for r in results["runs"]:
+        print(f"{r['config']}:{r['precision']} {r['workload']} on {r['device']}: {r['tokens_per_s']:,.0f} tok/s, "
+              f"MFU {r['mfu']:.1%} of {r['peak_gflop_per_s']:,.0f} GFLOP/s ({r['peak_dtype']} matmul), padding "
+              f"efficiency {r['padding_efficiency']:.3f}, weights {r['weights_gb']:.1f} GB, peak memory "
+              f"{r['peak_memory_gb']:.1f} GB")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
