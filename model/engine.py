@@ -65,7 +65,7 @@ class EngineStats:
 
     batches: int = 0
     microbatches: int = 0
-    items: int = 0  # item rows run through a forward (not duplicates or reward-cache hits)
+    items: int = 0  # items asked for (duplicates and reward-cache hits included)
     real_tokens: int = 0  # tokens computed (shared prefixes once)
     padded_tokens: int = 0
     oom_splits: int = 0
@@ -149,6 +149,7 @@ class ScoringEngine:
         with self._lock:
             self.stats.batches += 1
             self.stats.last_microbatch_sizes = []
+            self.stats.items += len(sequences)
             self.stats.received_tokens += sum(len(s) for s in sequences)
             wanted: dict[tuple[int, ...], list[int]] = {}
             for i, seq in enumerate(sequences):
@@ -177,6 +178,18 @@ class ScoringEngine:
                 for i in wanted[key]:
                     outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]
+
+    def cache_counters(self) -> dict[str, float]:
+        """Prefix sharing and cache totals, named as the server's metrics name them."""
+        return {
+            "prefix_cache_hits": self.stats.prefix_hits,
+            "prefix_cache_misses": self.stats.prefix_misses,
+            "prefix_tokens_saved": self.stats.tokens_saved,
+            "prefix_cache_bytes": self.prefix_cache.bytes,
+            "reward_cache_hits": self.stats.reward_cache_hits,
+            "reward_cache_misses": self.stats.reward_cache_misses,
+            "reward_cache_items": len(self.reward_cache),
+        }
 
     def configure_sharing(self, *, prefix_sharing: bool, prefix_cache_bytes: int, reward_cache_items: int) -> None:
         """Switch prefix sharing and resize both caches (emptied: what they held may no longer fit)."""
@@ -296,7 +309,6 @@ class ScoringEngine:
         if observe:
             real = sum(r.new_tokens for r in rows)
             self.stats.microbatches += 1
-            self.stats.items += len(scored)
             self.stats.real_tokens += real
             self.stats.padded_tokens += count * width
             self.stats.forward_seconds += seconds

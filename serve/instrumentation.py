@@ -61,13 +61,22 @@ class ScorerMetrics:
         self.recorder.inc("truncated_items", truncated)
 
     def snapshot(
-        self, *, queue_depth: int, rejected_requests: int, oom_splits: int, client_gone_items: int = 0
+        self,
+        *,
+        queue_depth: int,
+        rejected_requests: int,
+        oom_splits: int,
+        client_gone_items: int = 0,
+        engine_counters: dict[str, float] | None = None,
     ) -> Snapshot:
-        """The replica's metrics, with the values the Scorer and the engine count themselves."""
+        """The replica's metrics, with the values the Scorer and the engine count themselves
+        (``engine_counters``: ``ScoringEngine.cache_counters()``, keyed by metric name)."""
         self.recorder.set("queue_depth", queue_depth)
         self.recorder.set("rejected_requests", rejected_requests)
         self.recorder.set("oom_splits", oom_splits)
         self.recorder.set("client_gone_items", client_gone_items)
+        for name, value in (engine_counters or {}).items():
+            self.recorder.set(name, value)
         return self.recorder.snapshot()
 
 

@@ -76,6 +76,19 @@ CATALOGUE = (
     MetricSpec("forward_padded_tokens", "counter", "Padded tokens (rows x longest row) run through forward passes."),
     MetricSpec("padding_efficiency", "gauge", "forward_real_tokens / forward_padded_tokens (1 before any forward)."),
     MetricSpec("oom_splits", "counter", "Micro-batches split in half after running out of accelerator memory."),
+    # -- Scorer: prefix sharing and the caches ----------------------------------------------------
+    MetricSpec("prefix_cache_hits", "counter", "Items whose forward started from cached prefix keys/values."),
+    MetricSpec("prefix_cache_misses", "counter", "Items computed from their first token (no shared prefix found)."),
+    MetricSpec(
+        "prefix_tokens_saved",
+        "counter",
+        "Tokens of scored items that no forward computed: shared prefixes computed once, cached prefixes, and "
+        "items answered from the reward cache.",
+    ),
+    MetricSpec("prefix_cache_bytes", "gauge", "Bytes of prefix keys/values held, summed over Scorer replicas."),
+    MetricSpec("reward_cache_hits", "counter", "Items answered without a forward (an exact duplicate's reward)."),
+    MetricSpec("reward_cache_misses", "counter", "Items not found in the reward cache."),
+    MetricSpec("reward_cache_items", "gauge", "Rewards held by the reward caches, summed over Scorer replicas."),
     # -- Deployment -------------------------------------------------------------------------------
     MetricSpec("model_info", "info", "The served model (value 1).", ("model", "dtype", "quantization")),
     MetricSpec("scorer_replicas", "gauge", "Scorer replicas whose numbers this scrape includes."),

@@ -183,6 +183,7 @@ class Scorer:
             rejected_requests=self._rejected_requests,
             oom_splits=self.model.engine.stats.oom_splits,
             client_gone_items=self._client_gone_items,
+            engine_counters=self.model.engine.cache_counters(),
         )
 
     def stats(self) -> dict:
