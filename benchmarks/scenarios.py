@@ -14,12 +14,15 @@ from dataclasses import dataclass
 
 from .loadgen import BenchRequest
 from .workloads import (
+    BEST_OF_16,
+    GRPO_SHARED,
     PPO_CPU,
     PPO_FULL,
     PPOShape,
     grpo_groups,
     pairwise_pairs,
     ppo_token_items,
+    shared_prompt_groups,
     short_token_items,
 )
 
@@ -27,7 +30,8 @@ from .workloads import (
 TEXT_CPU = PPOShape(prompt_median=48, response_median=48, sigma=0.6, min_length=4, max_total=384)
 BATCHED_ITEMS = 64  # items per request in the batched PPO workload
 GRPO_RESPONSES = 8  # responses per prompt in a GRPO / best-of-n group
-WORKLOADS = ("short-single", "ppo-single", "ppo-batched", "grpo", "pairwise")
+WORKLOADS = ("short-single", "ppo-single", "ppo-batched", "grpo", "pairwise", "grpo-per-sample", "best-of-16")
+PREFIX_WORKLOADS = ("grpo-per-sample", "best-of-16", "ppo-single")  # the prefix-sharing comparison
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,19 @@ def build_requests(
                          len(g["responses"]))
             for g in groups
         ]  # fmt: skip
+    if workload == "grpo-per-sample":  # what OpenRLHF and verl send: one sample per request, groups interleaved
+        groups = shared_prompt_groups(max(1, n_requests // GRPO_SHARED.n), GRPO_SHARED, seed=seed)
+        items = [{"prompt": g["prompt"], "response": g["responses"][k]} for k in range(GRPO_SHARED.n) for g in groups]
+        return [BenchRequest("/v1/score", {"items": [item]}, 1) for item in items]
+    if workload == "best-of-16":
+        groups = shared_prompt_groups(n_requests, BEST_OF_16, seed=seed)
+        if native:
+            return [BenchRequest("/v1/rerank", {"groups": [g]}, BEST_OF_16.n) for g in groups]
+        return [
+            BenchRequest("/v1/score", {"items": [{"prompt": g["prompt"], "response": r} for r in g["responses"]]},
+                         BEST_OF_16.n)
+            for g in groups
+        ]  # fmt: skip
     if workload == "pairwise":
         pairs = pairwise_pairs(n_requests, seed=seed, shape=TEXT_CPU)
         if native:
@@ -76,6 +93,16 @@ def build_requests(
             for p in pairs
         ]  # fmt: skip
     raise ValueError(f"unknown workload {workload!r}; one of {WORKLOADS}")
+
+
+def prefix_plan(quick: bool) -> list[Scenario]:
+    """The prefix-sharing comparison on bench-20M: GRPO per-sample, best-of-16 and PPO (nothing shared)."""
+    scale = 1 if quick else 2
+    return [
+        Scenario("bench-20M", "grpo-per-sample", (64,), 64 * scale, 120.0),
+        Scenario("bench-20M", "best-of-16", (4,), 8 * scale, 120.0),
+        Scenario("bench-20M", "ppo-single", (64,), 128 * scale, 60.0),
+    ]
 
 
 def scenario_plan(quick: bool, model: str | None = None) -> list[Scenario]:

@@ -3,6 +3,8 @@
 * PPO rollout: prompt and response lengths lognormal (512 + 512 median, ≤ 4,096 total; ``PPO_CPU`` scales it
   down for 2-core runs), as token-id items ``{"input_ids"}`` or text items ``{"prompt", "response"}``.
 * GRPO / best-of-n: P prompts × n responses sharing their prompt (``/v1/rerank`` groups).
+* Shared-prompt groups for prefix sharing (``shared_prompt_groups``): GRPO per-sample (n = 8, P ≈ 768–1,024,
+  R ≈ 192–256 tokens) and best-of-16 (P ≈ 1,024, R ≈ 128), lengths drawn in words (≈ 2.8 tokens each here).
 * Pairwise evaluation: ``{"prompt", "response_a", "response_b"}`` (``/v1/preference`` pairs).
 * Short items (≤ 64 tokens): where per-request overhead, not compute, dominates.
 
@@ -119,6 +121,36 @@ def grpo_groups(n_prompts: int, n_responses: int, seed: int = 0, shape: PPOShape
         responses = [random_text(max(1, min(r, budget)), rng) for r in response_lengths]
         groups.append({"prompt": random_text(prompt_len, rng), "responses": responses})
     return groups
+
+
+WORDS_PER_TOKEN = 1 / 2.77  # the demo tokenizer on ``random_text`` (measured: 2,771 tokens per 1,000 words)
+
+
+@dataclass(frozen=True)
+class GroupShape:
+    """Groups of ``n`` responses sharing one prompt; lengths in tokens, drawn uniformly from the ranges."""
+
+    n: int
+    prompt_tokens: tuple[int, int]
+    response_tokens: tuple[int, int]
+
+
+GRPO_SHARED = GroupShape(8, (768, 1024), (192, 256))
+BEST_OF_16 = GroupShape(16, (960, 1088), (96, 160))
+
+
+def shared_prompt_groups(n_groups: int, shape: GroupShape, seed: int = 0) -> list[dict]:
+    """``n_groups`` text groups ``{"prompt", "responses"}`` of ``shape`` (token lengths converted to words)."""
+    rng = random.Random(seed + 7)
+
+    def words(bounds: tuple[int, int]) -> int:
+        return max(1, round(rng.randint(*bounds) * WORDS_PER_TOKEN))
+
+    return [
+        {"prompt": random_text(words(shape.prompt_tokens), rng),
+         "responses": [random_text(words(shape.response_tokens), rng) for _ in range(shape.n)]}
+        for _ in range(n_groups)
+    ]  # fmt: skip
 
 
 def pairwise_pairs(n: int, seed: int = 0, shape: PPOShape = PPO_FULL) -> list[dict]:

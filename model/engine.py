@@ -206,9 +206,12 @@ class ScoringEngine:
             outcomes = self._run_splitting_on_oom(rows, store=False)
         return [outcomes[k] for k in range(len(rows))]
 
-    def calibrate(self, max_tokens: int = 2048, repeats: int = 3) -> float:
-        """Measure the per-forward overhead in tokens on this machine (a 16-token and a long forward of one
-        row, fastest of ``repeats``) and use it from now on; returns it."""
+    def calibrate(self, max_tokens: int = 2048, repeats: int = 5) -> float:
+        """Measure the per-forward overhead in tokens on this machine and use it from now on; returns it.
+
+        Times a 16-token and a long forward of one row (the fastest of ``repeats`` each: noise only slows a run
+        down) and extrapolates the short one's time to zero tokens.
+        """
         long = max(32, min(max_tokens, self.max_batch_tokens, _max_positions(self.backbone)))
         seconds = {}
         with self._lock:
