@@ -6,11 +6,12 @@ Workloads (random token ids, seeded):
 * ``bo16``: best-of-16, P ≈ 1,024, R ≈ 128;
 * ``ppo``: no shared prompts (what sharing must not slow down).
 
-Each workload runs three ways: ``off`` (every item whole, the engine without prefix sharing), ``batch`` (the
-whole workload as one ``score_batch``: sharing within the batch) and ``stream`` (items arrive in batches of
-``--stream-batch`` in interleaved order, one sample per request as OpenRLHF and verl send them: the prefix cache
-carries prompts across batches). Reported: seconds, tokens received, tokens computed, their ratio, speed-up
-over ``off`` and the largest reward difference from ``off``.
+Each workload runs four ways: ``off`` (the whole workload as one ``score_batch``, every item whole: the engine
+without prefix sharing), ``batch`` (the same batch with sharing), ``stream-off`` and ``stream`` (items arrive in
+batches of ``--stream-batch`` in interleaved order, one sample per request as OpenRLHF and verl send them; with
+sharing, the prefix cache carries prompts across batches). Reported: seconds, tokens received, tokens computed,
+their ratio, the speed-up of each sharing mode over its ``off`` twin, and the largest reward difference from
+``off`` next to the rewards' standard deviation.
 
     python -m rmserve.benchmarks.prefix --config bench-20M --dtype fp32 --groups 4            # CPU
     python -m rmserve.benchmarks.prefix --config 8B-shape --dtype bf16 --groups 16 --max-batch-tokens 65536
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import time
 
 import torch
@@ -48,14 +50,18 @@ def group_sequences(workload: str, groups: int, vocab: int, seed: int = 0) -> li
     return [group[k] for k in range(n) for group in members]
 
 
+MODES = ("off", "batch", "stream-off", "stream")
+
+
 def run(engine, seqs: list[list[int]], mode: str, *, stream_batch: int, cache_bytes: int, device: str) -> dict:
+    sharing = not mode.endswith("off")
     engine.configure_sharing(
-        prefix_sharing=mode != "off", prefix_cache_bytes=cache_bytes if mode == "stream" else 0, reward_cache_items=0
+        prefix_sharing=sharing, prefix_cache_bytes=cache_bytes if mode == "stream" else 0, reward_cache_items=0
     )
     before = engine.stats.real_tokens
     synchronize(device)
     started = time.perf_counter()
-    if mode == "stream":
+    if mode.startswith("stream"):
         rewards = []
         for k in range(0, len(seqs), stream_batch):
             rewards += engine.score_batch(seqs[k : k + stream_batch])
@@ -84,25 +90,28 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = engine.backbone.config.vocab_size
     engine.score_batch(group_sequences("grpo", 1, vocab, seed=99)[:4])  # warm-up
     print(f"{args.config} {args.dtype} on {_device_name(args.device)}; measured forward overhead {overhead:.0f} tokens")
-    print(f"{'workload':<8} {'mode':<7} {'items':>6} {'seconds':>9} {'items/s':>9} {'computed/received':>18} "
-          f"{'speed-up':>9} {'max |Δ|':>9}")  # fmt: skip
+    print(f"{'workload':<8} {'mode':<10} {'items':>6} {'seconds':>9} {'items/s':>9} {'computed/received':>18} "
+          f"{'speed-up':>9} {'max |Δ|':>9} {'std(r)':>9}")  # fmt: skip
     results = {"config": args.config, "dtype": args.dtype, "device": _device_name(args.device),
                "overhead_tokens": overhead, "runs": []}  # fmt: skip
     for workload in args.workloads.split(","):
         seqs = group_sequences(workload, args.groups, vocab)
         received = sum(len(s) for s in seqs)
-        base = None
-        for mode in ("off", "batch", "stream"):
-            r = run(engine, seqs, mode, stream_batch=args.stream_batch, cache_bytes=int(args.cache_gb * 2**30),
-                    device=args.device)  # fmt: skip
-            base = base or r
-            diff = max(abs(a - b) for a, b in zip(r["rewards"], base["rewards"], strict=True))
+        measured: dict[str, dict] = {}
+        for mode in MODES:
+            r = measured[mode] = run(engine, seqs, mode, stream_batch=args.stream_batch,
+                                     cache_bytes=int(args.cache_gb * 2**30), device=args.device)  # fmt: skip
+            twin = measured["stream-off" if mode.startswith("stream") else "off"]
+            reference = measured["off"]["rewards"]
+            diff = max(abs(a - b) for a, b in zip(r["rewards"], reference, strict=True))
             row = {"workload": workload, "mode": mode, "items": len(seqs), "seconds": r["seconds"],
                    "received_tokens": received, "computed_tokens": r["computed"],
-                   "speedup": base["seconds"] / r["seconds"], "max_abs_diff": diff}  # fmt: skip
+                   "speedup": twin["seconds"] / r["seconds"], "max_abs_diff": diff,
+                   "reward_std": statistics.pstdev(reference)}  # fmt: skip
             results["runs"].append(row)
-            print(f"{workload:<8} {mode:<7} {len(seqs):>6} {r['seconds']:>9.3f} {len(seqs) / r['seconds']:>9.1f} "
-                  f"{r['computed'] / received:>18.3f} {row['speedup']:>8.2f}x {diff:>9.2e}")  # fmt: skip
+            print(f"{workload:<8} {mode:<10} {len(seqs):>6} {r['seconds']:>9.3f} {len(seqs) / r['seconds']:>9.1f} "
+                  f"{r['computed'] / received:>18.3f} {row['speedup']:>8.2f}x {diff:>9.2e} "
+                  f"{row['reward_std']:>9.3f}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
