@@ -1,4 +1,4 @@
-"""What a batch costs and how the engine cuts it: prefix levels and micro-batches. Pure Python, no torch.
+"""What a batch costs and how the engine cuts it: prefix levels and micro-batches. No torch.
 
 **Prefix levels.** Items of one batch that share a token-id prefix (a GRPO group's prompt, a system prompt
 shared by all) need that prefix computed once. ``plan_levels`` sorts the unique sequences, reads the shared
@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass(eq=False)
@@ -114,22 +116,27 @@ def plan_microbatches(
 
     Minimises padded computed tokens plus ``overhead_tokens`` per micro-batch, exactly (contiguous runs of a
     sorted list are optimal for this cost). A run's rows x (longest computed + longest ``cached`` width) must
-    fit ``max_batch_tokens``; a row over the budget gets a micro-batch of its own.
+    fit ``max_batch_tokens``; a row over the budget gets a micro-batch of its own. The queue prices every batch
+    it forms with this, so the inner loop over run starts is vectorised.
     """
     n = len(sorted_lengths)
-    cached = cached or [0] * n
-    best = [0.0] + [math.inf] * n  # best[j]: cost of planning the first j rows
+    if n == 0:
+        return []
+    lengths = np.asarray(sorted_lengths, dtype=np.float64)
+    widths = np.zeros(n) if cached is None else np.asarray(cached, dtype=np.float64)
+    best = np.full(n + 1, np.inf)  # best[j]: cost of planning the first j rows
+    best[0] = 0.0
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        longest, widest_cache = sorted_lengths[j - 1], 0
-        for i in range(j - 1, -1, -1):
-            widest_cache = max(widest_cache, cached[i])
-            rows = j - i
-            if rows > 1 and rows * (longest + widest_cache) > max_batch_tokens:
-                break
-            cost = best[i] + rows * longest + overhead_tokens
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
+        longest = lengths[j - 1]
+        first = max(0, j - max(1, int(max_batch_tokens // max(longest, 1.0))))  # more rows never fit
+        starts = np.arange(first, j)
+        rows = j - starts
+        widest = np.maximum.accumulate(widths[first:j][::-1])[::-1]  # widest cached width of rows start..j-1
+        cost = best[first:j] + rows * longest + overhead_tokens
+        cost[(rows > 1) & (rows * (longest + widest) > max_batch_tokens)] = np.inf
+        k = int(np.argmin(cost))
+        best[j], cut[j] = cost[k], first + k
     plans: list[tuple[int, int]] = []
     j = n
     while j > 0:
