@@ -81,6 +81,7 @@ def resolve_resources(config: ServerConfig, capacity: Capacity) -> ServerConfig:
 
 def check_fits(config: ServerConfig, capacity: Capacity) -> None:
     """Raise ``ResourceError`` when the deployments' reservations cannot all be placed (Ray would wait forever)."""
+    config = resolve_resources(config, capacity)
     cpus, gpus = float(config.num_cpus), float(config.num_gpus)
     need_cpus = config.replicas * cpus + config.gateway_replicas * config.gateway_num_cpus
     need_gpus = config.replicas * gpus

@@ -3,8 +3,8 @@ dropped before the forward pass, and counted (``Scorer.stats()["client_gone_item
 ``rmserve_client_gone_items_total``); the engine never sees them, and other requests in the same batch are unaffected.
 
 Ray Serve cancels the Gateway's request when the client disconnects; the Gateway withdraws it from the Scorer, which
-takes its waiting items out of its queue (``ScoringCore.withdraw``). A forward stalled by the fault plan keeps the victim's
-items waiting long enough to disconnect deterministically.
+takes its waiting items out of its queue (``ScoringCore.withdraw``). A forward stalled by the fault plan keeps the
+victim's items waiting long enough to disconnect deterministically.
 """
 
 from __future__ import annotations
