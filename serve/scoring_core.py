@@ -137,11 +137,11 @@ class ScoringCore:
                 raise _withdrawn()
             large = payload_size(items) > LARGE_REQUEST_SIZE
             executor = self._large_tokenizer_thread if large else self._tokenizer_thread
-            tokenized = await loop.run_in_executor(executor, self._tokenize, items)
+            tokenized = await _unless_withdrawn(ticket, loop.run_in_executor(executor, self._tokenize, items))
             lengths = [len(t) for t in tokenized]
             delay = self.faults.request_delay(lengths)
             if delay:
-                await asyncio.sleep(delay)
+                await _unless_withdrawn(ticket, asyncio.sleep(delay))
             queued = self.queue.put(ticket, [t.input_ids for t in tokenized])
             outcomes = await ticket.context[1] if queued else None
         except asyncio.CancelledError:  # the caller went away (e.g. its HTTP client disconnected)
@@ -252,6 +252,21 @@ class ScoringCore:
                 "padding_efficiency": engine.stats.padding_efficiency,
             },
         }
+
+
+async def _unless_withdrawn(ticket: Ticket, awaitable: Any) -> Any:
+    """Await ``awaitable`` (a step before the request's items are queued), ending at once if it is withdrawn:
+    a withdrawn request leaves the queue count now, not when its tokenization or test delay would have ended."""
+    step = asyncio.ensure_future(awaitable)
+    try:
+        await asyncio.wait({step, ticket.context[1]}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        step.cancel()
+        raise
+    if ticket.gone:
+        step.cancel()
+        raise _withdrawn()
+    return step.result()
 
 
 def _withdrawn() -> InternalError:

@@ -219,3 +219,13 @@ async def test_request_delays_from_the_fault_plan_hold_a_request_before_it_queue
     with pytest.raises(asyncio.CancelledError):
         await task
     assert core.stats()["client_gone_items"] == 2 and core.stats()["queued_items"] == 0
+
+
+async def test_a_request_withdrawn_while_it_waits_to_be_queued_ends_at_once(core):
+    core.set_faults(FaultPlan(delays={43: 3600.0}))
+    call = asyncio.ensure_future(core.score_requests([(items_of(43, 2), False, "g:held")]))
+    await until(lambda: core.queued_items == 2, "the request is admitted")
+    core.withdraw(["g:held"])
+    [result] = await call  # without waiting out the hour
+    assert isinstance(result, InternalError)
+    assert core.stats()["queued_items"] == 0 and core.stats()["client_gone_items"] == 2
