@@ -57,29 +57,29 @@ class ServerSpec:
 def server_specs(model: str, with_rmserve: bool, quick: bool) -> list[ServerSpec]:
     """The servers compared for ``model``, each pair with the same number of torch threads.
 
-    Ray sets ``OMP_NUM_THREADS`` to a replica's ``num_cpus`` (1 by default), so rmserve's Scorer runs its forward
-    on one thread; "baseline" gets the same one thread. (With torch's default of one thread per core, a naive
-    server on a shared, oversubscribed machine spends most of its CPU spinning in OpenMP barriers.) The full run
-    also compares both with two threads on bench-20M, and the demo model gets an HTTP ceiling: the naive server
-    without a model, i.e. the most single-item requests/s this load generator can get through HTTP here, and
-    rmserve behind Ray Serve's HTTP proxy (``--ingress proxy``, what ``serve run`` and KubeRay use) next to the
-    direct ingress ``rmserve serve`` uses by default.
+    rmserve's Scorer runs torch on as many threads as its ``num_cpus`` (``--num-cpus``; ``auto`` by default, the
+    machine's cores), so the comparison pins it to one thread and "baseline" gets the same one thread. (With
+    torch's default of one thread per core, a naive server on a shared, oversubscribed machine spends most of its
+    CPU spinning in OpenMP barriers.) The full run also compares both with two threads on bench-20M, and the demo
+    model gets an HTTP ceiling: the naive server without a model, i.e. the most single-item requests/s this load
+    generator can get through HTTP here, and rmserve behind Ray Serve's HTTP proxy (``--ingress proxy``, what
+    ``serve run`` and KubeRay use) next to the direct ingress ``rmserve serve`` uses by default.
     """
     one_thread = {"OMP_NUM_THREADS": "1"}
     specs = [ServerSpec("baseline", "baseline", env=one_thread)]
     if model == "demo":
         specs.append(ServerSpec("http-ceiling", "ceiling", env=one_thread, workloads=("short-single",)))
     if with_rmserve:
-        specs.append(ServerSpec("rmserve", "rmserve"))
+        specs.append(ServerSpec("rmserve", "rmserve", args=("--num-cpus", "1")))
         if model == "demo" and not quick:
-            specs.append(
-                ServerSpec("rmserve-proxy", "rmserve", workloads=("short-single",), args=("--ingress", "proxy"))
-            )
+            proxy = ("--num-cpus", "1", "--ingress", "proxy")
+            specs.append(ServerSpec("rmserve-proxy", "rmserve", workloads=("short-single",), args=proxy))
     if model == "bench-20M" and not quick:
         two_threads = {"OMP_NUM_THREADS": "2"}
         specs.append(ServerSpec("baseline-omp2", "baseline", env=two_threads))
         if with_rmserve:
-            specs.append(ServerSpec("rmserve-omp2", "rmserve", env=two_threads))
+            # 1.75 CPUs run torch on 2 threads and leave the Gateway its 0.25 on a 2-core machine.
+            specs.append(ServerSpec("rmserve-omp2", "rmserve", env=two_threads, args=("--num-cpus", "1.75")))
     return specs
 
 

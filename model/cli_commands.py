@@ -1,4 +1,5 @@
-"""The model-side subcommands of ``rmserve``: ``score`` (offline JSONL scoring), ``demo`` and ``train``.
+"""The model-side subcommands of ``rmserve``: ``demo`` and ``train``, and the file handling of ``score`` (offline JSONL
+scoring; its model settings come from the server's configuration, see ``rmserve.serve.cli_score``).
 
 Each command is ``add_X_args(parser)`` + ``cmd_X(args) -> int`` (the exit code). Errors that the
 user can fix raise ``CommandError`` (exit 2) and print one line; the CLI entry point catches them.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -20,35 +23,10 @@ class CommandError(Exception):
     """A user-fixable problem: printed as one line, exit code 2."""
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (default)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="default: auto")
-    parser.add_argument("--quantization", default="none", choices=["none", "int8", "nf4"], help="default: none")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    parser.add_argument("--max-length", type=int, default=None, help="longest input in tokens (default: model's)")
-    parser.add_argument("--truncation", default="left", choices=["left", "error"], help="over-long items")
-    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward")
-
-
-def load_model_from_args(args: argparse.Namespace):
-    from .loading import load_reward_model
-    from .spec import ModelSpec
-
-    spec = ModelSpec(
-        path=args.model,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        device=args.device,
-        max_length=args.max_length,
-        truncation=args.truncation,
-        max_batch_tokens=args.max_batch_tokens,
-    )
-    return load_reward_model(spec)
-
-
 # -- score ----------------------------------------------------------------------------------------
-def add_score_args(parser: argparse.ArgumentParser) -> None:
-    add_model_args(parser)
+# The model settings of `rmserve score` (--model, --dtype, --max-batch-tokens, ...) and its --config come from the
+# server's configuration sources (rmserve.serve.cli_score); these are its own flags.
+def add_score_io_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="JSONL, one item per line ({prompt, response} etc.)")
     parser.add_argument("--output", required=True, help="JSONL written with {id?, reward, truncated} per line")
     parser.add_argument("--normalize", action="store_true", help="apply the model's (r - mean) / std")
@@ -75,13 +53,15 @@ def read_items(path: Path, rm) -> tuple[list, list]:
     return list(zip(ids, tokenized, strict=True)), problems
 
 
-def cmd_score(args: argparse.Namespace) -> int:
+def score_file(args: argparse.Namespace, load_model: Callable[[], Any]) -> int:
+    """Score ``args.input`` into ``args.output`` with the model ``load_model()`` returns (loaded once the input
+    file is known to exist)."""
     from tqdm import tqdm
 
     in_path = Path(args.input)
     if not in_path.is_file():
         raise CommandError(f"--input {in_path} does not exist")
-    rm = load_model_from_args(args)
+    rm = load_model()
     rows, problems = read_items(in_path, rm)
     if problems:
         for p in problems[:20]:

@@ -31,6 +31,7 @@ from ray.serve import Application
 from .config import ServerConfig
 from .config_loading import load_config
 from .gateway import Gateway
+from .resources import Capacity, host_cores, ray_capacity, resolve_resources
 from .scorer import Scorer
 
 # A replica whose constructor fails (e.g. a checkpoint without weights) is retried this often, not Ray's 20 times.
@@ -44,6 +45,7 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
     """The application: a Gateway (FastAPI ingress) bound to a Scorer deployment."""
     if not isinstance(config, ServerConfig):
         config = load_config(base=config or {})
+    config = resolve_resources(config, _capacity())
     scorer_requests = config.limits.max_queued_items + OVERFLOW_REQUESTS
     # In-flight requests end by their deadline (the Gateway cancels them), so shutdown never waits longer; both
     # deployments log requests (or not) alike.
@@ -71,3 +73,10 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry point for a Ray Serve config file's ``import_path`` (``args`` < ``RMSERVE_*`` environment)."""
     return build_app(load_config(base=args, environ=os.environ))
+
+
+def _capacity() -> Capacity:
+    """The Ray instance's CPUs and GPUs; this host's cores when Ray is not initialised here (e.g. a config check)."""
+    import ray
+
+    return ray_capacity() if ray.is_initialized() else Capacity(cpus=host_cores(), gpus=0)

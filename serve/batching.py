@@ -1,171 +1,158 @@
-"""Batching for the Scorer, testable without Ray or torch: what an item and a batch cost in tokens,
-``EngineFeeder`` (one forward at a time; batches that wait for it are merged), and batch statistics.
+"""The Scorer's one batching queue: items from every request wait here, and the forward thread takes them a batch
+at a time, priced with the cost the engine will really compute. Thread-safe, no asyncio, no Ray, no torch.
 
-Ray Serve's ``@serve.batch`` closes a batch when ``batch_size_fn(items)`` reaches ``max_batch_size``
-or the wait timeout passes. The Scorer sets ``max_batch_size`` to the token budget and uses
-``batch_cost`` as ``batch_size_fn``, so a batch closes on padded tokens (rows x longest row), not on
-a count of requests.
+``take`` (the forward thread) blocks until an item waits. When the engine was idle (nothing waited when it asked),
+it then waits up to ``wait_timeout_s`` for more items, unless the queue already holds a full batch; when items
+piled up during the previous forward, it takes them at once. A batch is the longest first-come-first-served run of
+waiting items whose ``price`` (``ScoringEngine.batch_cost``: padded tokens of the micro-batches the engine will
+run, plus their overhead, later prefix- and cache-aware) fits the budget, with at most ``max_batch_items`` items;
+the first item always goes, however long. ``withdraw`` takes a request's waiting items out (its caller went away);
+the same lock orders it against ``take``, so an item is either withdrawn or in a batch, never both.
 
 Example::
 
-    limits = BatchLimits(max_batch_tokens=1024, max_batch_items=8)
-    batch_cost([100, 300], limits)        # 600: two rows padded to 300
-    batch_cost([5000], limits)            # 1024: one item always fits, alone
-    batch_cost([10] * 9, limits)          # 1025: too many items, over the budget
+    queue = BatchQueue(engine.batch_cost, lambda: engine.max_batch_tokens, max_batch_items=256, wait_timeout_s=0.005)
+    ticket = Ticket(count=2)
+    queue.put(ticket, [[1, 5, 9], [1, 7]])
+    batch = queue.take()            # on the forward thread: [QueuedItem([1, 5, 9], ticket, 0), QueuedItem(...)]
+    queue.withdraw(other_ticket)    # -> how many of its items were still waiting (they never reach a forward)
 """
 
 from __future__ import annotations
 
-import asyncio
+import itertools
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
-class BatchLimits:
-    """The two limits of one batch; mutable so ``reconfigure`` can change them at runtime."""
+@dataclass(eq=False)
+class Ticket:
+    """One request's items on their way to forward passes: their outcomes, and whether the caller went away.
 
-    max_batch_tokens: int = 16384
-    max_batch_items: int = 256
-
-
-def item_cost(length: int) -> int:
-    """Tokens one item computes alone (its length; no padding)."""
-    return length
-
-
-def padded_cost(lengths: Sequence[int]) -> int:
-    """Tokens a right-padded batch computes: rows x longest row."""
-    return len(lengths) * max(lengths, default=0)
-
-
-def batch_cost(lengths: Sequence[int], limits: BatchLimits) -> int:
-    """The ``batch_size_fn`` value of a batch of items with these token lengths.
-
-    Padded tokens, except that a single item is capped at the budget (an over-long item still gets a
-    batch of its own instead of an error) and a batch with more than ``max_batch_items`` items costs
-    more than the budget (so it never forms).
+    ``context`` is the caller's (e.g. the asyncio future and loop its outcomes are delivered to).
     """
-    if not lengths:
-        return 0
-    if len(lengths) > limits.max_batch_items:
-        return limits.max_batch_tokens + 1
-    if len(lengths) == 1:
-        return min(item_cost(lengths[0]), limits.max_batch_tokens)
-    return padded_cost(lengths)
+
+    count: int
+    context: Any = None
+    outcomes: list[Any] = field(default_factory=list)
+    remaining: int = 0
+    enqueued: bool = False
+    gone: bool = False
+
+    def __post_init__(self) -> None:
+        self.outcomes = [None] * self.count
+        self.remaining = self.count
 
 
-class EngineFeeder:
-    """Runs batches through a scoring function one at a time, on an executor thread; batches that arrive
-    while one runs are merged into the next run, up to the same ``BatchLimits``.
+@dataclass(eq=False)
+class QueuedItem:
+    """One waiting item: its token ids, its request's ticket and its index in that request."""
 
-    ``@serve.batch`` closes a batch on its budget or its wait timeout (milliseconds), which can be far
-    shorter than one forward pass of a large model. Unmerged, the batches formed during a long forward
-    would queue and run one after another, each small; merged, the next forward takes what waited.
+    input_ids: Sequence[int]
+    ticket: Ticket
+    index: int
 
-    Example::
 
-        feeder = EngineFeeder(engine.score_batch, limits, ThreadPoolExecutor(1))
-        await feeder.score([[1, 5, 9], [1, 7]])   # -> [0.31, -1.2], merged with concurrent callers
-    """
+class BatchQueue:
+    """First come, first served; batches priced by ``price`` within ``budget()`` and ``max_batch_items``."""
 
     def __init__(
         self,
-        run: Callable[[list[Sequence[int]]], list[Any]],
-        limits: BatchLimits,
-        executor: Executor,
-        on_run: Callable[[list[int], int], None] | None = None,
+        price: Callable[[list[Sequence[int]]], int],
+        budget: Callable[[], int],
+        *,
+        max_batch_items: int = 256,
+        wait_timeout_s: float = 0.005,
     ):
-        self._run = run
-        self._limits = limits
-        self._executor = executor
-        self._on_run = on_run  # called with (the lengths of one run, how many batches it merged)
-        self._waiting: deque[tuple[list[Sequence[int]], asyncio.Future]] = deque()
-        self._draining = False
+        self.price = price
+        self.budget = budget
+        self.max_batch_items = max_batch_items
+        self.wait_timeout_s = wait_timeout_s
+        self._items: deque[QueuedItem] = deque()
+        self._tokens = 0  # tokens of the waiting items: a lower bound of their price, for the early close
+        self._closed = False
+        self._cond = threading.Condition()
 
-    async def score(self, sequences: list[Sequence[int]]) -> list[Any]:
-        """The outcomes for ``sequences``, in order (from one run, shared with other waiting batches)."""
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append((sequences, future))
-        if not self._draining:
-            self._draining = True
-            asyncio.get_running_loop().create_task(self._drain())
-        return await future
+    def __len__(self) -> int:
+        return len(self._items)
 
-    def _take(self) -> list[tuple[list[Sequence[int]], asyncio.Future]]:
-        """The oldest waiting batch plus the following ones while the merged batch stays within the limits."""
-        group, lengths = [], []
-        while self._waiting:
-            sequences, future = self._waiting[0]
-            if future.cancelled():
-                self._waiting.popleft()
-                continue
-            merged = lengths + [len(s) for s in sequences]
-            if group and batch_cost(merged, self._limits) > self._limits.max_batch_tokens:
-                break
-            group.append(self._waiting.popleft())
-            lengths = merged
-        return group
+    def put(self, ticket: Ticket, sequences: Sequence[Sequence[int]]) -> bool:
+        """Queue a request's items; False (nothing queued) when its caller already went away."""
+        with self._cond:
+            if ticket.gone or self._closed:
+                return False
+            ticket.enqueued = True
+            self._items.extend(QueuedItem(ids, ticket, k) for k, ids in enumerate(sequences))
+            self._tokens += sum(len(ids) for ids in sequences)
+            self._cond.notify()
+        return True
 
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while group := self._take():
-                merged = [s for sequences, _ in group for s in sequences]
-                try:
-                    outcomes = await loop.run_in_executor(self._executor, self._run, merged)
-                except Exception as exc:
-                    for _, future in group:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                if self._on_run is not None:
-                    self._on_run([len(s) for s in merged], len(group))
-                start = 0
-                for sequences, future in group:
-                    if not future.done():
-                        future.set_result(outcomes[start : start + len(sequences)])
-                    start += len(sequences)
-        finally:
-            self._draining = False
+    def withdraw(self, ticket: Ticket) -> int:
+        """Mark the request gone and remove its waiting items; returns how many items will never reach a forward
+        (all of them when they were not queued yet)."""
+        with self._cond:
+            if ticket.gone:
+                return 0
+            ticket.gone = True
+            if not ticket.enqueued:
+                return ticket.count
+            kept = deque(q for q in self._items if q.ticket is not ticket)
+            removed = len(self._items) - len(kept)
+            if removed:
+                self._tokens -= sum(len(q.input_ids) for q in self._items if q.ticket is ticket)
+                self._items = kept
+            return removed
 
+    def take(self) -> list[QueuedItem] | None:
+        """The next batch (blocks until there is one); None once the queue is closed."""
+        with self._cond:
+            idle = not self._items  # the engine asked with nothing waiting: it may wait a moment for company
+            while True:
+                while not self._items and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return None
+                if idle and self.wait_timeout_s > 0:
+                    deadline = time.monotonic() + self.wait_timeout_s
+                    while self._items and not self._full() and not self._closed:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                if self._items:  # (all of them may have been withdrawn meanwhile)
+                    return self._pop(self._batch_size())
 
-@dataclass
-class BatchStats:
-    """Running statistics of the batches a Scorer ran (read by tests and, later, metrics)."""
+    def close(self) -> None:
+        """Wake the forward thread for good: ``take`` returns None from now on."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
-    batches: int = 0  # forward runs (after merging)
-    merged_batches: int = 0  # runs that merged more than one @serve.batch batch
-    items: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    largest_batch: int = 0
-    recent_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1024))
+    # -- internals (called with the lock held) ------------------------------------------------------
+    def _full(self) -> bool:
+        return len(self._items) >= self.max_batch_items or self._tokens >= self.budget()
 
-    def record(self, lengths: Sequence[int], merged: int = 1) -> None:
-        self.batches += 1
-        self.merged_batches += merged > 1
-        self.items += len(lengths)
-        self.real_tokens += sum(lengths)
-        self.padded_tokens += padded_cost(lengths)
-        self.largest_batch = max(self.largest_batch, len(lengths))
-        self.recent_sizes.append(len(lengths))
+    def _batch_size(self) -> int:
+        """The most leading items whose price fits the budget (at least one): one ``price`` call when all the
+        candidates fit, a binary search otherwise (a batch's price never falls when an item joins it)."""
+        candidates = [q.input_ids for q in itertools.islice(self._items, self.max_batch_items)]
+        budget = self.budget()
+        if self.price(candidates) <= budget:
+            return len(candidates)
+        fits, over = 1, len(candidates)
+        while over - fits > 1:
+            mid = (fits + over) // 2
+            if self.price(candidates[:mid]) <= budget:
+                fits = mid
+            else:
+                over = mid
+        return fits
 
-    @property
-    def mean_batch_size(self) -> float:
-        return self.items / self.batches if self.batches else 0.0
-
-    def snapshot(self) -> dict:
-        return {
-            "batches": self.batches,
-            "merged_batches": self.merged_batches,
-            "items": self.items,
-            "real_tokens": self.real_tokens,
-            "padded_tokens": self.padded_tokens,
-            "largest_batch": self.largest_batch,
-            "mean_batch_size": self.mean_batch_size,
-            "recent_batch_sizes": list(self.recent_sizes),
-        }
+    def _pop(self, count: int) -> list[QueuedItem]:
+        batch = [self._items.popleft() for _ in range(count)]
+        self._tokens -= sum(len(q.input_ids) for q in batch)
+        return batch

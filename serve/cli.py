@@ -1,5 +1,6 @@
-"""The ``rmserve`` command: ``rmserve serve`` here; ``score``, ``demo`` and ``train`` live in
-``rmserve.model.cli_commands`` and ``bench`` in ``rmserve.benchmarks.cli``, imported only when chosen.
+"""The ``rmserve`` command: ``rmserve serve`` here; ``score`` in ``rmserve.serve.cli_score`` (it reads the same
+configuration sources), ``demo`` and ``train`` in ``rmserve.model.cli_commands`` and ``bench`` in
+``rmserve.benchmarks.cli``, imported only when chosen.
 
 Exit codes: 0 success, 2 bad arguments or input (including an invalid configuration), 1 anything
 else. Errors print one line, ``rmserve: error: ...``, never a traceback.
@@ -30,9 +31,9 @@ class UsageError(ValueError):
 
 # Subcommands whose code lives elsewhere, imported only when chosen:
 # name -> (help, module, function that adds its arguments, function that runs it and returns the exit code).
-MODEL_CLI, BENCH_CLI = "rmserve.model.cli_commands", "rmserve.benchmarks.cli"
+MODEL_CLI, SCORE_CLI, BENCH_CLI = "rmserve.model.cli_commands", "rmserve.serve.cli_score", "rmserve.benchmarks.cli"
 EXTERNAL_COMMANDS = {
-    "score": ("Score a JSONL file of items offline (no server).", MODEL_CLI, "add_score_args", "cmd_score"),
+    "score": ("Score a JSONL file of items offline (no server).", SCORE_CLI, "add_score_args", "cmd_score"),
     "demo": ("Build (or find in the cache) the demo reward model.", MODEL_CLI, "add_demo_args", "cmd_demo"),
     "train": ("Train a small reward model on a JSONL preference file.", MODEL_CLI, "add_train_args", "cmd_train"),
     "bench": ("Run the benchmarks (engine, padding, server).", BENCH_CLI, "add_bench_args", "cmd_bench"),

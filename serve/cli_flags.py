@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -48,12 +48,15 @@ def flag_name(path: tuple[str, ...]) -> str:
     return RENAMED.get(path) or "--" + path[-1].replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting, grouped by section; absent flags leave the setting to other sources."""
+def add_config_flags(parser: argparse.ArgumentParser, include: Callable[[tuple[str, ...]], bool] | None = None) -> None:
+    """Add one flag per setting (those ``include`` accepts), grouped by section; absent flags leave the setting to
+    other sources."""
     groups = {s: parser.add_argument_group(f"{s} settings") for s in FLATTENED_SECTIONS}
     groups["server"] = parser.add_argument_group("server settings")
     seen: set[str] = set()
     for path, field in config_fields():
+        if include is not None and not include(path):
+            continue
         flag = flag_name(path)
         if flag in seen:
             raise AssertionError(f"two settings map to {flag}")

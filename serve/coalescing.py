@@ -3,14 +3,16 @@
 OpenRLHF and verl send one item per HTTP request from hundreds of workers. Each Ray handle call costs a few
 milliseconds of CPU in the Gateway and in the Scorer replica, far more than scoring one short item, so the
 Gateway collects the requests that are ready to call the Scorer in the same event-loop turn (or within
-``window_s``) and sends them as ONE ``Scorer.score_requests`` call. Each request keeps its own result: its
-rewards, or its own error (a bad request never fails the others merged with it).
+``window_s``) and sends them as ONE ``Scorer.score_requests`` call, each with its own request id. Each request
+keeps its own result: its rewards, or its own error (a bad request never fails the others merged with it).
 
-A request whose caller goes away (timeout, client disconnect) stops waiting at once. Its items must not reach a
-forward pass, and a Ray call can only be cancelled whole: so the call is cancelled in the replica (which drops the
-items that have not started a forward) and the requests still waiting are sent again in a new call. Their rewards
-are unchanged (scoring is deterministic); they lose their place in the queue, which only happens when a client
-of the same merged call leaves.
+A request whose caller goes away (timeout, client disconnect) stops waiting at once and its id is sent to the
+Scorer in a ``withdraw`` call (the ids of one event-loop turn together): the replica takes that request's waiting
+items out of its queue, so they never reach a forward, and the other requests of the call keep their place.
+
+A withdrawal must reach the replica that holds the request, and a handle call goes to whichever replica Serve's
+router picks; so requests are merged only when the Scorer has one replica. With several, each request is its own
+call and leaving cancels that call (Ray cancels it in the replica, which drops the request's waiting items).
 
 Example::
 
@@ -21,50 +23,50 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-MAX_REQUESTS_PER_CALL = 512  # keeps one call's work spreadable across Scorer replicas
+MAX_REQUESTS_PER_CALL = 512  # keeps one call's size bounded
 
 
 @dataclass(eq=False)
 class _Member:
-    """One request: its ``(items, normalize)``, the future its caller awaits, and the call that carries it."""
+    """One request: its id, its ``(items, normalize)``, the future its caller awaits, and whether it was sent."""
 
-    request: tuple[Sequence[Any], bool]
+    request_id: str
+    items: Sequence[Any]
+    normalize: bool
     future: asyncio.Future
-    call: _Call | None = None
-
-
-@dataclass(eq=False)
-class _Call:
-    """The requests merged into one handle call. ``replaced``: cancelled and its live requests sent again."""
-
-    members: list[_Member] = field(default_factory=list)
-    response: Any = None  # the DeploymentResponse once sent
-    replaced: bool = False
+    sent: bool = False
 
 
 class RequestCoalescer:
     """Sends the requests pending in one event-loop turn (plus ``window_s``) as one ``score_requests`` call."""
 
-    def __init__(self, scorer: Any, *, window_s: float = 0.0, max_items: int = 256):
+    def __init__(self, scorer: Any, *, window_s: float = 0.0, max_items: int = 256, merge: bool = True):
         self.scorer = scorer
         self.window_s = window_s
         self.max_items = max_items
+        self.merge = merge
+        self._ids = (f"{secrets.token_hex(4)}:{n}" for n in itertools.count())  # unique across Gateway replicas
         self._pending: list[_Member] = []
         self._pending_items = 0
         self._flush_handle: asyncio.Handle | None = None
-        self.resent = 0  # requests sent again because another request of their call left
+        self._withdrawals: list[str] = []
 
     async def submit(self, items: Sequence[Any], normalize: bool) -> Any:
         """This request's ``ScoredItems`` or ``RMServeError``, as ``Scorer.score_request`` would return it."""
+        if not self.merge:
+            return await self._call_alone(items, normalize)
         loop = asyncio.get_running_loop()
         if not self._pending:
             delay = self.window_s
             self._flush_handle = loop.call_later(delay, self._flush) if delay > 0 else loop.call_soon(self._flush)
-        member = _Member((items, normalize), loop.create_future())
+        member = _Member(next(self._ids), items, normalize, loop.create_future())
         self._pending.append(member)
         self._pending_items += len(items)
         if self._pending_items >= self.max_items or len(self._pending) >= MAX_REQUESTS_PER_CALL:
@@ -75,26 +77,27 @@ class RequestCoalescer:
             self._leave(member)
             raise
 
+    async def _call_alone(self, items: Sequence[Any], normalize: bool) -> Any:
+        response = self.scorer.score_request.remote(items, normalize)
+        try:
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # Ray cancels it in the replica, which drops the request's waiting items
+            raise
+
     def _leave(self, member: _Member) -> None:
         member.future.cancel()  # its result, when it comes, is not wanted
-        call = member.call
-        if call is None:  # not sent yet: it never will be
+        if not member.sent:  # still pending here: it never will be sent
             self._pending.remove(member)
-            self._pending_items -= len(member.request[0])
+            self._pending_items -= len(member.items)
             return
-        if call.replaced:
-            return
-        call.replaced = True
-        call.response.cancel()  # the replica drops the items that have not started a forward
-        # Next loop turn: other requests of the call that leave in this one (a trainer that gave up on a whole
-        # step) are not sent again.
-        asyncio.get_running_loop().call_soon(self._resend, call)
+        if not self._withdrawals:  # one withdraw call for the requests that leave in this loop turn
+            asyncio.get_running_loop().call_soon(self._send_withdrawals)
+        self._withdrawals.append(member.request_id)
 
-    def _resend(self, call: _Call) -> None:
-        live = [m for m in call.members if not m.future.done()]
-        if live:
-            self.resent += len(live)
-            self._send(live)
+    def _send_withdrawals(self) -> None:
+        ids, self._withdrawals = self._withdrawals, []
+        asyncio.ensure_future(_settle(self.scorer.withdraw.remote(ids)))
 
     def _flush(self) -> None:
         if self._flush_handle is not None:
@@ -102,31 +105,29 @@ class RequestCoalescer:
             self._flush_handle = None
         members, self._pending, self._pending_items = self._pending, [], 0
         if members:
-            self._send(members)
-
-    def _send(self, members: list[_Member]) -> None:
-        call = _Call(members)
-        for member in members:
-            member.call = call
-        call.response = self.scorer.score_requests.remote([m.request for m in members])
-        asyncio.ensure_future(self._deliver(call))
+            for member in members:
+                member.sent = True
+            response = self.scorer.score_requests.remote([(m.items, m.normalize, m.request_id) for m in members])
+            asyncio.ensure_future(self._deliver(members, response))
 
     @staticmethod
-    async def _deliver(call: _Call) -> None:
+    async def _deliver(members: list[_Member], response: Any) -> None:
         try:
-            results = await call.response
+            results = await response
         except (Exception, asyncio.CancelledError) as exc:
-            if call.replaced:  # cancelled on purpose; its live requests wait on the call that replaced it
-                return
-            for member in call.members:  # e.g. the replica died: every request of the call sees it
+            for member in members:  # e.g. the replica died: every request of the call sees it
                 if not member.future.done():
                     if isinstance(exc, asyncio.CancelledError):
                         member.future.cancel()
                     else:
                         member.future.set_exception(exc)
             return
-        if call.replaced:
-            return
-        for member, result in zip(call.members, results, strict=True):
+        for member, result in zip(members, results, strict=True):
             if not member.future.done():
                 member.future.set_result(result)
+
+
+async def _settle(response: Any) -> None:
+    """Await a fire-and-forget call so its failure (the replica is gone, and the request with it) is not reported."""
+    with contextlib.suppress(Exception):
+        await response

@@ -16,7 +16,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -33,11 +33,12 @@ class BatchingConfig(_Section):
     """Cross-request dynamic batching of the Scorer (changeable at runtime through ``user_config``)."""
 
     max_batch_tokens: int = Field(
-        16384,
+        ModelSpec.model_fields["max_batch_tokens"].default,  # one default, the engine's (model/spec.py)
         ge=16,
         le=10_000_000,
-        description="Padded-token budget (rows x longest row) of one batch: a batch closes when the next item would "
-        "exceed it. Also the engine's micro-batch budget. Larger means more throughput and more memory per forward.",
+        description="Token budget of one forward: the Scorer's queue takes waiting items while the engine's cost of "
+        "the batch (padded tokens of its micro-batches plus their overhead, ScoringEngine.batch_cost) fits it; also "
+        "the engine's micro-batch budget. Larger means more throughput and more memory per forward.",
     )
     max_batch_items: int = Field(
         256, ge=1, le=65_536, description="Most items in one batch, whatever their length (bounds per-batch latency)."
@@ -46,8 +47,9 @@ class BatchingConfig(_Section):
         0.005,
         ge=0.0,
         le=10.0,
-        description="Longest wait for more items after the first one of a batch arrived. Longer: bigger batches "
-        "under light load, higher idle latency.",
+        description="When the engine is idle, the longest wait for more items after the first one arrived (items "
+        "that arrive during a forward go into the next one without waiting). Longer: bigger batches under light "
+        "load, higher idle latency.",
     )
     gateway_window_s: float = Field(
         0.0,
@@ -114,8 +116,14 @@ class ServerConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and load shedding.")
     compat: CompatConfig = Field(default_factory=CompatConfig, description="Compatibility routes.")
     replicas: int = Field(1, ge=1, le=1024, description="Scorer replicas (each holds one copy of the model).")
-    num_gpus: float = Field(0.0, ge=0.0, le=64.0, description="GPUs reserved per Scorer replica (0 on CPU).")
-    num_cpus: float = Field(1.0, ge=0.0, le=1024.0, description="CPUs reserved per Scorer replica.")
+    num_gpus: Annotated[float, Field(ge=0.0, le=64.0)] | Literal["auto"] = Field(
+        "auto", description="GPUs reserved per Scorer replica; 'auto': 1 when the Ray node has a GPU, else 0."
+    )
+    num_cpus: Annotated[float, Field(ge=0.01, le=1024.0)] | Literal["auto"] = Field(
+        "auto",
+        description="CPUs reserved per Scorer replica, and its torch threads (rounded up); 'auto': the Ray node's CPUs "
+        "minus the Gateways', shared among the replicas. A request the machine cannot hold fails at start.",
+    )
     gateway_replicas: int = Field(1, ge=1, le=1024, description="HTTP gateway replicas.")
     gateway_num_cpus: float = Field(0.25, ge=0.0, le=1024.0, description="CPUs reserved per gateway replica.")
     host: str = Field("127.0.0.1", min_length=1, max_length=255, description="Address the HTTP server binds.")

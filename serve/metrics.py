@@ -62,8 +62,7 @@ CATALOGUE = (
     MetricSpec(
         "client_gone_items",
         "counter",
-        "Queued items dropped before their forward pass because their request was withdrawn: its client went away, "
-        "or it shared a Gateway call with such a request and was sent again in a new call.",
+        "Items dropped before their forward pass because their caller went away (client disconnect or deadline).",
     ),
     MetricSpec("queue_depth", "gauge", "Items queued or being scored, summed over Scorer replicas."),
     # -- Scorer: batches and forward passes -------------------------------------------------------

@@ -40,9 +40,10 @@ class StartupError(RuntimeError):
     """The application could not be deployed (the message is the cause, in one line)."""
 
 
-def install_stop_signals() -> threading.Event:
-    """An event set by SIGINT or SIGTERM, so a signal during startup still ends in a clean shutdown."""
-    stop = threading.Event()
+def install_stop_signals(stop: threading.Event | None = None) -> threading.Event:
+    """An event set by SIGINT or SIGTERM (``stop``, or a new one), so a signal during startup still ends in a clean
+    shutdown."""
+    stop = stop or threading.Event()
 
     def _on_signal(_signum: int, _frame: Any) -> None:
         stop.set()
@@ -102,31 +103,46 @@ def free_port(host: str) -> int:
 def run_until_signalled(config: ServerConfig, stop: threading.Event | None = None) -> int:
     """Start local Ray (dashboard off unless asked), deploy, print the URL, wait for a signal, shut down.
 
-    Shutting down is graceful: the Gateways refuse new requests with 503 while the ones they accepted finish (at
-    most the request deadline), then Serve and Ray stop (see ``lifecycle``).
+    A resource request the Ray instance cannot hold fails before anything is deployed (``StartupError`` saying what
+    was asked and what exists). SIGINT/SIGTERM stop the server in every state: while it starts, the deployment is
+    abandoned and Ray shut down; once it serves, shutting down is graceful: the Gateways refuse new requests with
+    503 while the ones they accepted finish (at most the request deadline), then Serve and Ray stop (``lifecycle``).
     """
     check_port_free(config.host, config.port)
     export_environment(ray_environment(config))
     direct = os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    stop = stop or threading.Event()
 
     import ray
     from ray import serve
 
     from .app import build_app
     from .lifecycle import drain, start_coordinator
+    from .resources import ResourceError, check_fits, ray_capacity, resolve_resources
 
+    install_stop_signals(stop)  # before ray.init: a signal while Ray starts ends in a clean shutdown too
     ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=config.ray_dashboard)
-    # After ray.init: it installs its own SIGTERM handling (an abort in the driver), which ours replaces.
-    stop = stop or install_stop_signals()
+    install_stop_signals(stop)  # again: ray.init installs its own SIGTERM handling (an abort in the driver)
+    deployed = False
     try:
+        capacity = ray_capacity()
+        config = resolve_resources(config, capacity)
         try:
-            proxy_port = free_port(config.host) if direct else config.port
-            serve.start(http_options={"host": config.host, "port": proxy_port})
-            coordinator = start_coordinator(config.app_name)  # before the Gateways start: they look it up
-            serve.run(build_app(config), name=config.app_name, route_prefix="/")
-        except Exception as exc:
-            cause = _deployment_failure(config.app_name) or _root_cause(exc)
-            raise StartupError(f"the application failed to start: {cause}") from None
+            check_fits(config, capacity)
+        except ResourceError as exc:
+            raise StartupError(str(exc)) from None
+        print(
+            f"rmserve: deploying (Scorer: {config.replicas} x {config.num_cpus:g} CPUs, {config.num_gpus:g} GPUs)",
+            flush=True,
+        )
+        proxy_port = free_port(config.host) if direct else config.port
+        started = _in_background(lambda: _deploy(config, proxy_port, build_app, start_coordinator))
+        while not started.done.wait(0.2):
+            if stop.is_set():
+                print("rmserve: stopped while starting; shutting down", flush=True)
+                return 0
+        coordinator = started.result()
+        deployed = True
         url = f"http://{config.host}:{config.port}"
         print(f"rmserve: serving {config.model.path!r} at {url} (GET {url}/ready; Ctrl-C to stop)", flush=True)
         while not stop.wait(0.5):
@@ -142,10 +158,54 @@ def run_until_signalled(config: ServerConfig, stop: threading.Event | None = Non
             time.sleep(DRAIN_GRACE_S)
     finally:
         try:
-            serve.shutdown()
+            if deployed:  # a deployment still starting may hold serve.shutdown up; ray.shutdown ends it all
+                serve.shutdown()
         finally:
             ray.shutdown()
     return 0
+
+
+def _deploy(config: ServerConfig, proxy_port: int, build_app: Any, start_coordinator: Any) -> Any:
+    """Start Serve and deploy the application (blocks until it runs); returns the shutdown coordinator."""
+    from ray import serve
+
+    try:
+        serve.start(http_options={"host": config.host, "port": proxy_port})
+        coordinator = start_coordinator(config.app_name)  # before the Gateways start: they look it up
+        serve.run(build_app(config), name=config.app_name, route_prefix="/")
+    except Exception as exc:
+        cause = _deployment_failure(config.app_name) or _root_cause(exc)
+        raise StartupError(f"the application failed to start: {cause}") from None
+    return coordinator
+
+
+class _Background:
+    """The outcome of a function run on a daemon thread (so the main thread can keep watching for signals)."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _in_background(fn: Any) -> _Background:
+    outcome = _Background()
+
+    def run() -> None:
+        try:
+            outcome.value = fn()
+        except BaseException as exc:
+            outcome.error = exc
+        finally:
+            outcome.done.set()
+
+    threading.Thread(target=run, name="rmserve-deploy", daemon=True).start()
+    return outcome
 
 
 def _deployment_failure(app_name: str) -> str | None:

@@ -2,7 +2,7 @@
 
 Each native route turns its request into one flat list of items, sends them to the Scorer in ONE
 handle call (shared with the other requests that reached this Gateway in the same event-loop turn, see
-``coalescing``; the Scorer batches them with everyone else's), and builds its response from the rewards.
+``coalescing``; the Scorer's one queue batches them with everyone else's), and builds its response from the rewards.
 The response-building steps are pure functions (``preference_result``, ``rank_group``).
 
 Example::
@@ -71,7 +71,10 @@ class GatewayService:
         self.config = config
         self._model_id: str | None = None
         self.coalescer = RequestCoalescer(
-            scorer, window_s=config.batching.gateway_window_s, max_items=config.batching.max_batch_items
+            scorer,
+            window_s=config.batching.gateway_window_s,
+            max_items=config.batching.max_batch_items,
+            merge=config.replicas == 1,  # a withdrawal must reach the replica that holds the request
         )
 
     # -- routes -------------------------------------------------------------------------------------

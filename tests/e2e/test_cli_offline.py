@@ -66,6 +66,28 @@ def test_score_missing_input_and_bad_model(tmp_path):
     assert proc.returncode in (1, 2) and "not a directory" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_score_reads_the_same_config_sources_as_serve(tmp_path, demo_model_dir, demo_model):
+    # A server's YAML file (with server-only keys too) configures the model; RMSERVE_* variables and flags apply.
+    config = tmp_path / "prod.yaml"
+    config.write_text(f"model: {{path: {demo_model_dir}, dtype: fp32}}\nbatching: {{max_batch_tokens: 64}}\nport: 91\n")
+    items = [{"prompt": "Tell me about owls.", "response": "Gladly! Owls have a long history."}, {"text": "Tea."}]
+    src, out = tmp_path / "items.jsonl", tmp_path / "rewards.jsonl"
+    src.write_text("\n".join(json.dumps(it) for it in items) + "\n")
+    args = ["score", "--config", str(config), "--input", str(src), "--output", str(out)]
+    proc = rmserve(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["reward"] for line in out.read_text().splitlines()] == pytest.approx(
+        demo_model.score(items), abs=1e-5
+    )
+    env = dict(os.environ, PYTHONWARNINGS="ignore", RMSERVE_BATCHING__MAX_BATCH_TOKENS="lots")
+    bad = subprocess.run(
+        [sys.executable, "-m", "rmserve.serve.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert bad.returncode == 2 and "batching.max_batch_tokens (from environment)" in bad.stderr, bad.stderr
+    proc = rmserve(*args, "--template", "nonsense")
+    assert proc.returncode == 2 and "--template" in proc.stderr
+
+
 def test_train_writes_a_loadable_checkpoint(tmp_path):
     data = tmp_path / "prefs.jsonl"
     pairs = make_preference_pairs(120, seed=9)

@@ -1,125 +1,97 @@
-"""The Scorer's batch cost (the batch_size_fn) and batch statistics, without Ray."""
+"""The Scorer's one batching queue without Ray: batches priced by the real engine's ``batch_cost``, first come first
+served, the item cap, withdrawals, and the short wait only when the engine was idle."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rmserve.serve.batching import BatchLimits, BatchStats, EngineFeeder, batch_cost, item_cost, padded_cost
+from rmserve.serve.batching import BatchQueue, Ticket
 
 
-def test_item_and_padded_cost():
-    assert item_cost(17) == 17
-    assert padded_cost([]) == 0
-    assert padded_cost([3]) == 3
-    assert padded_cost([100, 300, 7]) == 900  # 3 rows x 300
+@pytest.fixture
+def engine(demo_model):
+    return demo_model.engine
 
 
-def test_batch_cost_counts_padded_tokens_until_the_budget():
-    limits = BatchLimits(max_batch_tokens=1000, max_batch_items=100)
-    assert batch_cost([], limits) == 0
-    assert batch_cost([100, 300], limits) == 600
-    assert batch_cost([100, 300, 400], limits) == 1200  # over the budget: Ray leaves the last item for the next batch
+def queue_for(engine, budget: int, *, max_batch_items: int = 256, wait_timeout_s: float = 0.0) -> BatchQueue:
+    return BatchQueue(engine.batch_cost, lambda: budget, max_batch_items=max_batch_items, wait_timeout_s=wait_timeout_s)
 
 
-def test_a_single_over_long_item_still_fits_alone():
-    limits = BatchLimits(max_batch_tokens=1000, max_batch_items=100)
-    assert batch_cost([5000], limits) == 1000  # == budget: the batch closes with this item alone
-    assert batch_cost([5000, 1], limits) > 1000
+def ids(length: int) -> list[int]:
+    return [5 + k % 200 for k in range(length)]
 
 
-def test_item_cap_makes_a_batch_over_budget():
-    limits = BatchLimits(max_batch_tokens=1000, max_batch_items=4)
-    assert batch_cost([1] * 4, limits) == 4
-    assert batch_cost([1] * 5, limits) == 1001
+def test_a_batch_is_the_longest_leading_run_the_engine_prices_within_the_budget(engine):
+    lengths = [30, 200, 40, 35, 300, 20, 25, 500, 60]
+    budget = engine.batch_cost([ids(n) for n in lengths[:4]])  # exactly what the first four cost
+    queue = queue_for(engine, budget)
+    ticket = Ticket(len(lengths))
+    assert queue.put(ticket, [ids(n) for n in lengths])
+    batch = queue.take()
+    assert [len(q.input_ids) for q in batch] == lengths[:4]
+    assert [q.index for q in batch] == [0, 1, 2, 3] and all(q.ticket is ticket for q in batch)
+    assert engine.batch_cost([q.input_ids for q in batch]) <= budget
+    assert engine.batch_cost([ids(n) for n in lengths[:5]]) > budget  # the next item would not have fitted
+    rest = queue.take()
+    assert [q.index for q in rest][0] == 4  # first come, first served
 
 
-def test_greedy_fill_respects_both_limits():
-    """What Ray does with batch_size_fn: add items while the cost stays within the budget."""
-    limits = BatchLimits(max_batch_tokens=64, max_batch_items=3)
-    queue, batches = [10, 20, 5, 30, 30, 40, 1, 1, 1, 1], []
-    while queue:
-        batch = [queue.pop(0)]
-        while queue and batch_cost([*batch, queue[0]], limits) <= limits.max_batch_tokens:
-            batch.append(queue.pop(0))
-        batches.append(batch)
-    assert batches == [[10, 20, 5], [30, 30], [40], [1, 1, 1], [1]]
-    for batch in batches:
-        assert len(batch) <= 3 and (len(batch) == 1 or padded_cost(batch) <= 64)
+def test_an_item_over_the_budget_still_gets_a_batch_of_its_own(engine):
+    queue = queue_for(engine, budget=100)
+    queue.put(Ticket(2), [ids(400), ids(10)])
+    assert [len(q.input_ids) for q in queue.take()] == [400]
+    assert [len(q.input_ids) for q in queue.take()] == [10]
 
 
-def test_batch_stats():
-    stats = BatchStats()
-    assert stats.mean_batch_size == 0.0
-    stats.record([4, 2])
-    stats.record([3], merged=2)
-    stats.record([1, 1, 1, 5])
-    snap = stats.snapshot()
-    assert (snap["batches"], snap["merged_batches"], snap["items"], snap["largest_batch"]) == (3, 1, 7, 4)
-    assert snap["real_tokens"] == 17 and snap["padded_tokens"] == 8 + 3 + 20
-    assert snap["mean_batch_size"] == pytest.approx(7 / 3, rel=1e-12)
-    assert snap["recent_batch_sizes"] == [2, 1, 4]
+def test_the_item_cap_bounds_a_batch(engine):
+    queue = queue_for(engine, budget=1_000_000, max_batch_items=3)
+    queue.put(Ticket(7), [ids(5)] * 7)
+    assert [len(queue.take()) for _ in range(3)] == [3, 3, 1]
 
 
-class BlockingScorer:
-    """A plain scoring function (reward = length) whose first run blocks until released."""
-
-    def __init__(self):
-        self.calls: list[list[int]] = []
-        self.release = threading.Event()
-
-    def __call__(self, sequences):
-        self.calls.append([len(s) for s in sequences])
-        if len(self.calls) == 1:
-            assert self.release.wait(10)
-        return [float(len(s)) for s in sequences]
+def test_withdraw_removes_only_that_requests_waiting_items(engine):
+    queue = queue_for(engine, budget=1_000_000)
+    victim, neighbour = Ticket(3), Ticket(2)
+    queue.put(victim, [ids(7)] * 3)
+    queue.put(neighbour, [ids(8)] * 2)
+    assert queue.withdraw(victim) == 3
+    assert queue.withdraw(victim) == 0  # counted once
+    assert [q.ticket for q in queue.take()] == [neighbour, neighbour]
+    assert queue.put(victim, [ids(7)]) is False  # a gone request queues nothing more
 
 
-async def test_feeder_merges_batches_that_wait_for_a_running_forward():
-    scorer = BlockingScorer()
-    runs: list[tuple[list[int], int]] = []
-    with ThreadPoolExecutor(1) as pool:
-        feeder = EngineFeeder(scorer, BatchLimits(1000, 100), pool, lambda lengths, n: runs.append((lengths, n)))
-        first = asyncio.create_task(feeder.score([[1] * 3]))
-        while not scorer.calls:  # the first forward is running (blocked)
-            await asyncio.sleep(0.001)
-        waiting = [asyncio.create_task(feeder.score([[1] * n, [1] * (n + 1)])) for n in (4, 6, 8)]
-        await asyncio.sleep(0.01)
-        scorer.release.set()
-        assert await first == [3.0]
-        assert await asyncio.gather(*waiting) == [[4.0, 5.0], [6.0, 7.0], [8.0, 9.0]]  # each gets its own rewards
-    assert scorer.calls == [[3], [4, 5, 6, 7, 8, 9]]  # one forward for the three waiting batches
-    assert runs == [([3], 1), ([4, 5, 6, 7, 8, 9], 3)]
+def test_a_request_withdrawn_before_it_was_queued_drops_all_its_items(engine):
+    queue = queue_for(engine, budget=1000)
+    ticket = Ticket(4)
+    assert queue.withdraw(ticket) == 4
+    assert queue.put(ticket, [ids(3)] * 4) is False and len(queue) == 0
 
 
-async def test_feeder_merges_only_within_the_limits_and_skips_cancelled_batches():
-    scorer = BlockingScorer()
-    with ThreadPoolExecutor(1) as pool:
-        feeder = EngineFeeder(scorer, BatchLimits(max_batch_tokens=40, max_batch_items=3), pool)
-        first = asyncio.create_task(feeder.score([[1] * 2]))
-        while not scorer.calls:
-            await asyncio.sleep(0.001)
-        a = asyncio.create_task(feeder.score([[1] * 10, [1] * 10]))  # 20 padded tokens
-        gone = asyncio.create_task(feeder.score([[1] * 5]))
-        b = asyncio.create_task(feeder.score([[1] * 10]))  # a + b: 3 rows x 10 = 30 <= 40
-        c = asyncio.create_task(feeder.score([[1] * 10]))  # a + b + c: 4 items > 3
-        await asyncio.sleep(0.01)
-        gone.cancel()
-        scorer.release.set()
-        assert (await first, await a, await b, await c) == ([2.0], [10.0, 10.0], [10.0], [10.0])
-    assert scorer.calls == [[2], [10, 10, 10], [10]]  # the cancelled batch never ran
+def test_items_that_waited_during_a_forward_go_without_the_wait(engine):
+    # With an hour-long wait timeout, take() only returns at once because it does not wait: items were waiting.
+    queue = queue_for(engine, budget=1_000_000, wait_timeout_s=3600)
+    queue.put(Ticket(2), [ids(5), ids(6)])
+    assert len(queue.take()) == 2
 
 
-async def test_feeder_passes_a_failure_to_every_batch_of_the_run():
-    def broken(sequences):
-        raise RuntimeError("boom")
+def test_an_idle_engine_stops_waiting_once_a_full_batch_waits(engine):
+    queue = queue_for(engine, budget=1_000_000, max_batch_items=2, wait_timeout_s=3600)
+    taken: list = []
+    taker = threading.Thread(target=lambda: taken.append(queue.take()))
+    taker.start()  # idle: nothing waits yet
+    queue.put(Ticket(1), [ids(5)])
+    queue.put(Ticket(1), [ids(6)])  # the cap is reached: the batch goes without waiting out the hour
+    taker.join(timeout=60)
+    assert not taker.is_alive() and [len(q.input_ids) for q in taken[0]] == [5, 6]
 
-    with ThreadPoolExecutor(1) as pool:
-        feeder = EngineFeeder(broken, BatchLimits(), pool)
-        with pytest.raises(RuntimeError, match="boom"):
-            await feeder.score([[1, 2]])
-        with pytest.raises(RuntimeError, match="boom"):  # the feeder keeps working after a failure
-            await feeder.score([[1]])
+
+def test_close_ends_take(engine):
+    queue = queue_for(engine, budget=1000)
+    result: list = []
+    taker = threading.Thread(target=lambda: result.append(queue.take()))
+    taker.start()
+    queue.close()
+    taker.join(timeout=60)
+    assert result == [None]

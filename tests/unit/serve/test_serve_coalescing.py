@@ -1,7 +1,8 @@
-"""The Gateway's request coalescer without Ray: merging, per-request results, and cancellation.
+"""The Gateway's request coalescer without Ray: merging, per-request results, and clients that leave.
 
 ``LocalHandle`` plays the part of a Ray ``DeploymentHandle`` in-process: ``.score_requests.remote(x)`` starts the
-coroutine as a task and returns something that can be awaited and cancelled, as a ``DeploymentResponse`` can.
+coroutine as a task and returns something that can be awaited and cancelled, as a ``DeploymentResponse`` can;
+``.withdraw.remote(ids)`` records the withdrawn request ids.
 """
 
 from __future__ import annotations
@@ -24,30 +25,41 @@ class _Response:
         self.task.cancel()
 
 
+class _Method:
+    def __init__(self, run):
+        self.run = run
+
+    def remote(self, *args):
+        return _Response(asyncio.ensure_future(self.run(*args)))
+
+
 class LocalHandle:
     """Scores each request as the sum of its items; records every call; a request of ["boom"] gets an error."""
 
     def __init__(self, delay_s: float = 0.0):
         self.calls: list[list] = []
+        self.withdrawn: list[list[str]] = []
         self.cancelled = 0
         self.delay_s = delay_s
-        handle = self
-
-        class _Method:
-            @staticmethod
-            def remote(requests):
-                return _Response(asyncio.ensure_future(handle._score_requests(requests)))
-
-        self.score_requests = _Method()
+        self.score_requests = _Method(self._score_requests)
+        self.score_request = _Method(self._score_request)
+        self.withdraw = _Method(self._withdraw)
 
     async def _score_requests(self, requests):
-        self.calls.append(requests)
+        self.calls.append([(items, normalize) for items, normalize, _id in requests])
+        self.ids = [request_id for _items, _normalize, request_id in requests]
         try:
             await asyncio.sleep(self.delay_s)
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
-        return [ValueError("boom") if items == ["boom"] else sum(items) for items, _normalize in requests]
+        return [ValueError("boom") if items == ["boom"] else sum(items) for items, _normalize, _id in requests]
+
+    async def _score_request(self, items, normalize):
+        return (await self._score_requests([(items, normalize, None)]))[0]
+
+    async def _withdraw(self, ids):
+        self.withdrawn.append(ids)
 
 
 async def test_requests_of_one_loop_turn_share_a_call_and_get_their_own_results():
@@ -82,31 +94,46 @@ async def test_a_window_merges_requests_that_arrive_apart():
     assert len(handle.calls) == 1
 
 
-async def test_a_request_that_leaves_cancels_its_call_and_the_others_are_sent_again():
-    # A Ray call can only be cancelled whole, and the leaving request's items must not reach a forward pass.
+async def test_a_request_that_leaves_is_withdrawn_and_the_others_keep_their_call():
+    # Its items must not reach a forward pass, and nobody else loses their place: the call goes on.
     handle = LocalHandle(delay_s=0.2)
     coalescer = RequestCoalescer(handle)
     first = asyncio.ensure_future(coalescer.submit([1], False))
     second = asyncio.ensure_future(coalescer.submit([2], False))
     await asyncio.sleep(0.02)
     first.cancel()
-    assert await second == 2  # the one still waiting gets its result, from the call that replaced the first
-    assert handle.cancelled == 1
-    assert handle.calls == [[([1], False), ([2], False)], [([2], False)]]
-    assert coalescer.resent == 1
+    assert await second == 2
+    assert handle.cancelled == 0
+    assert handle.calls == [[([1], False), ([2], False)]]
+    assert handle.withdrawn == [handle.ids[:1]]
     with pytest.raises(asyncio.CancelledError):
         await first
 
 
-async def test_requests_that_leave_together_are_not_sent_again():
+async def test_requests_that_leave_together_are_withdrawn_in_one_call():
     handle = LocalHandle(delay_s=0.2)
     coalescer = RequestCoalescer(handle)
     tasks = [asyncio.ensure_future(coalescer.submit([k], False)) for k in range(3)]
     await asyncio.sleep(0.02)
     for task in tasks:
         task.cancel()
-    await asyncio.sleep(0.05)
-    assert handle.cancelled == 1 and len(handle.calls) == 1 and coalescer.resent == 0
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(0)  # the withdraw call is sent on the next loop turn
+    assert handle.withdrawn == [handle.ids] and len(set(handle.ids)) == 3
+    assert handle.cancelled == 0 and len(handle.calls) == 1
+
+
+async def test_without_merging_each_request_is_its_own_call_and_leaving_cancels_it():
+    # Several Scorer replicas: a withdrawal could reach the wrong one, so each request is a call Ray can cancel.
+    handle = LocalHandle(delay_s=0.2)
+    coalescer = RequestCoalescer(handle, merge=False)
+    first = asyncio.ensure_future(coalescer.submit([1], False))
+    second = asyncio.ensure_future(coalescer.submit([2], False))
+    await asyncio.sleep(0.02)
+    first.cancel()
+    assert await second == 2
+    assert handle.calls == [[([1], False)], [([2], False)]]
+    assert handle.cancelled == 1 and handle.withdrawn == []
 
 
 async def test_a_failed_call_fails_each_request_in_it():

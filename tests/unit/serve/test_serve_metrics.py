@@ -72,12 +72,8 @@ def test_merge_sums_counters_histograms_and_gauges_and_keeps_info_at_one():
     a.on_batch([10, 8, 12])
     b.on_forward(rows=5, padded_tokens=50, real_tokens=41, seconds=0.03)
     b.on_batch([10] * 5)
-    total = merge(
-        [
-            a.snapshot(queue_depth=2, rejected_requests=1, oom_splits=0),
-            b.snapshot(queue_depth=4, rejected_requests=0, oom_splits=3),
-        ]
-    )
+    a.on_rejected()
+    total = merge([a.snapshot(queue_depth=2, oom_splits=0), b.snapshot(queue_depth=4, oom_splits=3)])
     assert total.get("items_scored") == 8.0
     assert total.get("input_tokens") == 71.0
     assert total.get("truncated_items") == 1.0
@@ -107,7 +103,9 @@ def test_monotonic_part_drops_gauges_and_info():
     m = ScorerMetrics(MODEL)
     m.on_request(items=4, input_tokens=9, truncated=0)
     m.on_batch([1, 2, 3, 3])
-    kept = m.snapshot(queue_depth=5, rejected_requests=2, oom_splits=1).monotonic_part()
+    m.on_rejected()
+    m.on_rejected()
+    kept = m.snapshot(queue_depth=5, oom_splits=1).monotonic_part()
     assert kept.get("items_scored") == 4.0 and kept.get("rejected_requests") == 2.0
     assert kept.get("queue_depth") == 0.0 and kept.get("scorer_replicas") == 0.0
     assert kept.get("model_info", model="rm-7b", dtype="bf16", quantization="none") == 0.0
@@ -119,7 +117,7 @@ def test_render_exposes_every_metric_with_the_prefix_and_exact_values():
     m.on_request(items=3, input_tokens=30, truncated=1)
     m.on_forward(rows=3, padded_tokens=40, real_tokens=30, seconds=0.004)
     m.on_batch([10, 8, 12])
-    snap = m.snapshot(queue_depth=1, rejected_requests=0, oom_splits=0)
+    snap = m.snapshot(queue_depth=1, oom_splits=0)
     snap.add(_gateway_snapshot())
     text = render(snap)
     got = samples(text)
@@ -155,7 +153,7 @@ def test_render_of_nothing_is_zeros_and_padding_efficiency_one():
 )
 def test_promtool_accepts_the_rendering():
     snap = _gateway_snapshot()
-    snap.add(ScorerMetrics(MODEL).snapshot(queue_depth=0, rejected_requests=0, oom_splits=0))
+    snap.add(ScorerMetrics(MODEL).snapshot(queue_depth=0, oom_splits=0))
     result = subprocess.run(["promtool", "check", "metrics"], input=render(snap), capture_output=True, timeout=30)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
 

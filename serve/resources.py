@@ -1,0 +1,120 @@
+"""What each deployment reserves (CPUs, GPUs), resolved against the machine, checked before anything is deployed,
+and the torch thread pool that goes with a Scorer replica's CPUs.
+
+``num_cpus: auto`` gives each Scorer replica the largest Ray node's CPUs minus what the Gateways reserve, shared
+among the replicas; ``num_gpus: auto`` gives each replica one GPU when the node has one, else none. Ray sets a
+replica's ``OMP_NUM_THREADS`` to its whole CPUs (1 for a fraction), so the Scorer sizes torch's pool itself
+(``use_cores``): the replica's CPUs rounded up, at most the cores this process may run on.
+
+Example::
+
+    capacity = Capacity(cpus=2, gpus=0)
+    config = resolve_resources(ServerConfig(), capacity)     # num_cpus 1.75 (2 - the Gateway's 0.25), num_gpus 0
+    check_fits(config.model_copy(update={"num_cpus": 2.0}), capacity)   # ResourceError: asks 2.25 CPUs, has 2
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from .config import ServerConfig
+
+
+class ResourceError(RuntimeError):
+    """The application asks for more CPUs or GPUs than the Ray instance has (the message says both)."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a Ray instance offers: in total, and on its largest node (one replica must fit on one node)."""
+
+    cpus: float
+    gpus: float
+    node_cpus: float | None = None
+    node_gpus: float | None = None
+
+    @property
+    def largest_node_cpus(self) -> float:
+        return self.cpus if self.node_cpus is None else self.node_cpus
+
+    @property
+    def largest_node_gpus(self) -> float:
+        return self.gpus if self.node_gpus is None else self.node_gpus
+
+
+def host_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def ray_capacity() -> Capacity:
+    """The running Ray instance's CPUs and GPUs (call after ``ray.init``)."""
+    import ray
+
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    total = ray.cluster_resources()
+    return Capacity(
+        cpus=total.get("CPU", 0.0),
+        gpus=total.get("GPU", 0.0),
+        node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=0.0),
+        node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=0.0),
+    )
+
+
+def resolve_resources(config: ServerConfig, capacity: Capacity) -> ServerConfig:
+    """``config`` with ``num_cpus``/``num_gpus`` of ``auto`` replaced by what ``capacity`` allows."""
+    update: dict[str, float] = {}
+    if config.num_gpus == "auto":
+        update["num_gpus"] = 1.0 if capacity.largest_node_gpus >= 1 else 0.0
+    if config.num_cpus == "auto":
+        spare = capacity.largest_node_cpus - config.gateway_replicas * config.gateway_num_cpus
+        # Rounded down to 1/100 CPU so the sum never exceeds what exists; at least a sliver, so the check below
+        # reports a machine too small for the Gateways rather than a negative reservation.
+        update["num_cpus"] = max(math.floor(100 * spare / config.replicas) / 100, 0.01)
+    return config.model_copy(update=update) if update else config
+
+
+def check_fits(config: ServerConfig, capacity: Capacity) -> None:
+    """Raise ``ResourceError`` when the deployments' reservations cannot all be placed (Ray would wait forever)."""
+    config = resolve_resources(config, capacity)
+    cpus, gpus = float(config.num_cpus), float(config.num_gpus)
+    need_cpus = config.replicas * cpus + config.gateway_replicas * config.gateway_num_cpus
+    need_gpus = config.replicas * gpus
+    too_big = (
+        need_cpus > capacity.cpus + 1e-9
+        or need_gpus > capacity.gpus + 1e-9
+        or cpus > capacity.largest_node_cpus + 1e-9
+        or gpus > capacity.largest_node_gpus + 1e-9
+    )
+    if too_big:
+        raise ResourceError(
+            f"the application asks for {_n(need_cpus)} CPUs and {_n(need_gpus)} GPUs (Scorer: {config.replicas} "
+            f"replica(s) x {_n(cpus)} CPUs, {_n(gpus)} GPUs; Gateway: {config.gateway_replicas} replica(s) x "
+            f"{_n(config.gateway_num_cpus)} CPUs), but Ray has {_n(capacity.cpus)} CPUs and {_n(capacity.gpus)} "
+            "GPUs; lower --num-cpus/--num-gpus (auto fits them to the machine) or raise --ray-num-cpus"
+        )
+
+
+def torch_threads(num_cpus: float | str) -> int:
+    """Threads for a replica that reserves ``num_cpus``: rounded up, at least 1, at most the cores available."""
+    if num_cpus == "auto":
+        return host_cores()
+    return max(1, min(math.ceil(round(float(num_cpus), 2)), host_cores()))
+
+
+def use_cores(num_cpus: float | str) -> int:
+    """Size torch's intra-op thread pool to the replica's CPUs (Ray's OMP_NUM_THREADS would give it one)."""
+    import torch
+
+    threads = torch_threads(num_cpus)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _n(value: float) -> str:
+    return f"{value:g}"

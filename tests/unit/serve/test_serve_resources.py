@@ -1,0 +1,62 @@
+"""CPUs and GPUs per deployment: ``auto`` resolved against the machine, requests it cannot hold refused with what was
+asked and what exists, and torch's threads sized to a replica's CPUs."""
+
+from __future__ import annotations
+
+import pytest
+
+from rmserve.serve.config import ServerConfig
+from rmserve.serve.config_loading import load_config
+from rmserve.serve.resources import Capacity, ResourceError, check_fits, host_cores, resolve_resources, torch_threads
+
+
+def test_auto_gives_the_scorer_the_cores_the_gateway_leaves():
+    config = resolve_resources(ServerConfig(), Capacity(cpus=2, gpus=0))
+    assert (config.num_cpus, config.num_gpus) == (1.75, 0.0)
+    check_fits(config, Capacity(cpus=2, gpus=0))
+
+
+def test_auto_shares_the_cores_among_replicas_and_takes_one_gpu_each_where_there_are_gpus():
+    config = resolve_resources(ServerConfig(replicas=2), Capacity(cpus=16, gpus=2))
+    assert (config.num_cpus, config.num_gpus) == (7.87, 1.0)
+    check_fits(config, Capacity(cpus=16, gpus=2))
+
+
+def test_explicit_values_are_kept():
+    config = resolve_resources(ServerConfig(num_cpus=3, num_gpus=0.5), Capacity(cpus=64, gpus=8))
+    assert (config.num_cpus, config.num_gpus) == (3.0, 0.5)
+
+
+def test_a_request_the_machine_cannot_hold_says_what_was_asked_and_what_exists():
+    with pytest.raises(ResourceError) as info:
+        check_fits(ServerConfig(num_cpus=2, num_gpus=0), Capacity(cpus=2, gpus=0))
+    message = str(info.value)
+    assert "asks for 2.25 CPUs and 0 GPUs" in message and "Ray has 2 CPUs and 0 GPUs" in message
+    assert "1 replica(s) x 2 CPUs" in message and "--num-cpus" in message
+
+
+def test_gpus_that_do_not_exist_are_refused():
+    with pytest.raises(ResourceError, match="asks for 1 CPUs and 2 GPUs"):
+        check_fits(ServerConfig(replicas=2, num_cpus=0.375, num_gpus=1), Capacity(cpus=8, gpus=1))
+
+
+def test_a_replica_must_fit_on_one_node():
+    with pytest.raises(ResourceError):
+        check_fits(ServerConfig(num_cpus=6), Capacity(cpus=16, gpus=0, node_cpus=4, node_gpus=0))
+
+
+def test_torch_threads_follow_the_replicas_cpus_within_the_cores_there_are():
+    assert torch_threads(0.5) == 1
+    assert torch_threads(1) == 1
+    assert torch_threads(1.75) == min(2, host_cores())
+    assert torch_threads(10_000) == host_cores()
+    assert torch_threads("auto") == host_cores()
+
+
+def test_auto_is_the_default_and_every_source_can_set_it():
+    assert (ServerConfig().num_cpus, ServerConfig().num_gpus) == ("auto", "auto")
+    config = load_config(environ={"RMSERVE_NUM_CPUS": "3", "RMSERVE_NUM_GPUS": "auto"})
+    assert (config.num_cpus, config.num_gpus) == (3.0, "auto")
+    assert load_config(overrides={"num_cpus": "auto"}).num_cpus == "auto"
+    with pytest.raises(ValueError, match="num_cpus"):
+        load_config(overrides={"num_cpus": "lots"})
