@@ -55,7 +55,9 @@ class _NativeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     normalize: StrictBool = Field(False, description="Return (r - mean) / std instead of the raw reward.")
-    model: StrictStr | None = Field(None, description="Optional; when given it must be the served model's id.")
+    model: StrictStr | None = Field(
+        None, description="Optional; the served model's id, path or one of its served_model_names (else 404)."
+    )
 
 
 class _Response(BaseModel):
@@ -146,6 +148,10 @@ class RerankResponse(_Response):
 # -- operational --------------------------------------------------------------------------------
 class ModelCard(_Response):
     id: str
+    names: list[str] = Field(
+        default_factory=list,
+        description="Every name a request's model may use: the id, served_model_names, the path as given and resolved.",
+    )
     dtype: str
     quantization: str
     max_length: int
