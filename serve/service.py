@@ -20,7 +20,13 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from rmserve.model.errors import ModelNotFoundError, NotReadyError, RequestTooLargeError, RMServeError
+from rmserve.model.errors import (
+    ModelNotFoundError,
+    NotReadyError,
+    OverloadedError,
+    RequestTooLargeError,
+    RMServeError,
+)
 from rmserve.model.items import Item, PairItem
 
 from .coalescing import RequestCoalescer
@@ -184,9 +190,8 @@ class GatewayService:
         if len(items) > limit:
             raise RequestTooLargeError(f"{len(items)} items exceed the limit of {limit} per request")
         await self.check_model(model)
-        try:
-            result = await self.coalescer.submit(items, normalize)
-        finally:
+        result = await self.coalescer.submit(items, normalize)
+        if not isinstance(result, OverloadedError):  # its items were admitted and have left the queue now
             self.capacity.freed(len(items))
         if isinstance(result, RMServeError):
             if result.index is not None:

@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from rmserve.model.errors import ContextLengthExceededError, InvalidRequestError, item_error
-from rmserve.serve.cli_flags import add_config_flags, overrides_from_args
 from rmserve.model.items import TextItem, TokensItem
+from rmserve.serve.cli_flags import add_config_flags, overrides_from_args
 from rmserve.serve.compat import classify_error, strip_padding
 from rmserve.serve.compat_protocol import ClassifyRequest, GetRewardRequest
 from rmserve.serve.config import ServerConfig
