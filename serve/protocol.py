@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag, field_validator
 
 from rmserve.model.items import (
     ConversationItem,
@@ -70,15 +70,16 @@ class ScoreRequest(_NativeRequest):
 
     items: list[ItemField] = Field(min_length=1, description="Items to score, all of one form.")
 
-    @model_validator(mode="after")
-    def _one_form(self) -> ScoreRequest:
+    @field_validator("items")
+    @classmethod
+    def _one_form(cls, items: list) -> list:
         forms: dict[str, int] = {}
-        for i, item in enumerate(self.items):
+        for i, item in enumerate(items):
             forms.setdefault(item_form(item), i)
-        if len(forms) > 1:
-            described = ", ".join(f"item {i} is {form}" for form, i in forms.items())
+        if len(forms) > 1:  # a field validator, so the error's param is "items"
+            described = ", ".join(f"items[{i}] is {form}" for form, i in forms.items())
             raise ValueError(f"items mix forms ({described}); one request uses one item form")
-        return self
+        return items
 
 
 class Usage(_Response):

@@ -60,7 +60,7 @@ def test_invalid_score_requests_are_422_naming_the_field(body, message, param):
 def test_mixed_item_forms_are_rejected():
     status, message, _ = rejection(ScoreRequest, {"items": [{"prompt": "q", "response": "r"}, {"text": "t"}]})
     assert status == 422
-    assert "items mix forms (item 0 is pair, item 1 is text)" in message
+    assert "items mix forms (items[0] is pair, items[1] is text)" in message
 
 
 @pytest.mark.parametrize(
