@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 
 import pytest
 from serve_harness import LiveApp, async_client, demo_config, running_app
@@ -39,7 +40,8 @@ async def test_operational_routes(app: LiveApp, offline):
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
     assert (ready.status_code, ready.json()) == (200, {"status": "ready", "model": offline.model_id})
     assert models.status_code == 200
-    assert models.json() == {"data": [offline.info()]}
+    names = [offline.model_id, app.config.model.path, os.path.realpath(app.config.model.path)]
+    assert models.json() == {"data": [{**offline.info(), "names": list(dict.fromkeys(names))}]}
     card = models.json()["data"][0]
     assert (card["dtype"], card["max_length"], card["normalization"]) == ("fp32", 64, {"mean": MEAN, "std": STD})
 

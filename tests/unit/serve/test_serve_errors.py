@@ -33,7 +33,7 @@ def body_of(response) -> dict:
 @pytest.mark.parametrize(
     ("exc", "status", "type_"),
     [
-        (InvalidRequestError("bad"), 400, "invalid_request"),
+        (InvalidRequestError("bad"), 422, "invalid_request"),
         (ContextLengthExceededError("long"), 400, "context_length_exceeded"),
         (RequestTooLargeError("big"), 413, "request_too_large"),
         (UnauthorizedError("who"), 401, "unauthorized"),

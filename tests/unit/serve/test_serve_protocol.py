@@ -89,10 +89,10 @@ def test_invalid_preference_and_rerank_requests(model, body, message):
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ],
 )
-def test_malformed_json_is_400(raw, message):
+def test_malformed_json_is_422(raw, message):
     with pytest.raises(InvalidRequestError) as info:
         parse_json(raw)
-    assert info.value.status == 400 and message in info.value.message
+    assert info.value.status == 422 and message in info.value.message
 
 
 def test_parse_json_accepts_utf8_and_huge_numbers():
