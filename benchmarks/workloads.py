@@ -93,15 +93,6 @@ def ppo_token_items(
     return [{"input_ids": ids} for ids in random_token_ids(lengths, vocab_size, seed=seed + 1, bos_id=bos_id)]
 
 
-def ppo_text_items(n: int, seed: int = 0, shape: PPOShape = PPO_FULL) -> list[dict]:
-    """PPO rollout items as ``{"prompt", "response"}`` text; lengths are in words (≈ tokens; BPE gives more)."""
-    rng = random.Random(seed + 2)
-    return [
-        {"prompt": random_text(p, rng), "response": random_text(r, rng)}
-        for p, r in ppo_prompt_response_lengths(n, shape, seed)
-    ]
-
-
 def short_token_items(
     n: int, vocab_size: int, seed: int = 0, low: int = 16, high: int = SHORT_MAX_TOKENS
 ) -> list[dict]:
@@ -163,10 +154,3 @@ def pairwise_pairs(n: int, seed: int = 0, shape: PPOShape = PPO_FULL) -> list[di
 
 def random_text(n_words: int, rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
-
-
-def item_token_count(item: dict) -> int:
-    """Tokens of a token item, words of a text item (the unit the generators' lengths are in)."""
-    if "input_ids" in item:
-        return len(item["input_ids"])
-    return sum(len(str(item[k]).split()) for k in ("prompt", "response", "text") if k in item)

@@ -7,7 +7,6 @@ decoded answers, in chunk order, into the typed result. Part of the shared core 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -235,19 +234,19 @@ def probe_call(path: str) -> Call[bool]:
 
 
 def rebase_error(error: APIStatusError, key: str | None, offset: int) -> APIStatusError:
-    """Make ``items[3]`` / ``item 3:`` of a chunk starting at ``offset`` name the index in the whole call.
+    """Make the ``param`` of a chunk starting at ``offset`` name the position in the whole call.
 
-    The message is rewritten only at its start, where the server puts the item's name.
+    ``param`` is a path in the caller's request (``items[3].response``, ``pairs[1].response_a``): its first
+    index is shifted by ``offset``; the server starts the message with the same path, which follows it.
     """
-    if key is None or offset == 0:
+    if key is None or offset == 0 or not error.param or not error.param.startswith(f"{key}["):
         return error
-    # The server names items as ``items[3].response`` (param, and validation messages) or ``item 3: ...``.
-    as_path = (re.compile(rf"^{key}\[(\d+)\]"), lambda m: f"{key}[{int(m.group(1)) + offset}]")
-    as_word = (re.compile(rf"^{key[:-1]} (\d+):"), lambda m: f"{key[:-1]} {int(m.group(1)) + offset}:")
-    if error.param:
-        error.param = as_path[0].sub(as_path[1], error.param)
-    new_message = as_word[0].sub(as_word[1], as_path[0].sub(as_path[1], error.message))
-    if new_message != error.message:
-        error.message = new_message
-        error.args = (new_message,)
+    index_text, bracket, rest = error.param[len(key) + 1 :].partition("]")
+    if not bracket or not index_text.isdigit():
+        return error
+    old, new = error.param, f"{key}[{int(index_text) + offset}]{rest}"
+    error.param = new
+    if error.message.startswith(old):
+        error.message = new + error.message[len(old) :]
+        error.args = (error.message,)
     return error

@@ -95,6 +95,7 @@ class ModelInfo(_Result):
     """
 
     id: str
+    names: list[str] = []
     dtype: str | None = None
     quantization: str | None = None
     max_length: int | None = None

@@ -4,9 +4,16 @@ Every failure a user can cause or observe is one of these classes. Each carries 
 and the error ``type`` string of API.md's error table, so the server maps any of them to a response
 in exactly one place (``rmserve.serve.errors.error_response``) and the client SDK mirrors them.
 
+An error that belongs to one item carries where it is as data: ``index`` (the item's position in the
+flat list that was scored) and ``field`` (the path inside the item, e.g. ``prompt[0].role``). A route
+that built that list from its own request shape (``pairs``, ``groups``, ``query``, ``input``) names the
+caller's field with ``relocate`` — nobody parses a message to find the item.
+
 Example::
 
-    raise InvalidRequestError("item 3: 'response' must be a string", param="items[3].response")
+    err = item_error(InvalidRequestError, 3, "response is empty", field="response")
+    err.param, err.message          # "items[3].response", "items[3].response: response is empty"
+    err.relocate("pairs[1].response_b")   # the caller sent pairs; item 3 is pair 1's response_b
 """
 
 from __future__ import annotations
@@ -18,11 +25,28 @@ class RMServeError(Exception):
     status: int = 500
     type: str = "internal"
 
-    def __init__(self, message: str, *, param: str | None = None, index: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        index: int | None = None,
+        field: str | None = None,
+        detail: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.index = index  # the item index within its request, when the error belongs to one item
+        self.field = field  # the path inside that item (``response``, ``prompt[0].role``), when known
+        self.detail = detail if detail is not None else message  # the message without the item's name
+
+    def relocate(self, param: str) -> RMServeError:
+        """Name the failing field as the caller wrote it: ``param`` and the message's prefix both become it."""
+        self.param = param
+        self.message = f"{param}: {self.detail}"
+        self.args = (self.message,)
+        return self
 
     def to_dict(self) -> dict:
         """The JSON body of API.md: ``{"error": {"message", "type", "code", "param"}}``."""
@@ -41,20 +65,31 @@ def _rebuild(cls, message, param, index, state):
 
 
 class InvalidRequestError(RMServeError):
-    """Malformed or invalid input: wrong types, empty lists, unknown roles, bad token ids."""
+    """Malformed or invalid input: bad JSON, wrong types, unknown fields, empty lists, unknown roles, bad token ids.
 
-    status = 400
+    422 wherever it is caught (the Gateway's schema or the Scorer's item checks); vLLM's ``/classify`` answers
+    400 for the same mistakes, and that route restyles it.
+    """
+
+    status = 422
     type = "invalid_request"
 
 
 class ContextLengthExceededError(InvalidRequestError):
     """An item is longer than ``max_length`` and the truncation policy is ``error``."""
 
+    status = 400
     type = "context_length_exceeded"
 
 
 class ItemTooLargeForMemoryError(ContextLengthExceededError):
     """A single item ran out of accelerator memory even in a micro-batch of its own."""
+
+
+class ModelNotFoundError(InvalidRequestError):
+    """The request names a model this server does not serve (``param="model"``)."""
+
+    status = 404
 
 
 class RequestTooLargeError(RMServeError):
@@ -88,6 +123,16 @@ class RequestTimeoutError(RMServeError):
     type = "timeout"
 
 
+class ClientClosedRequestError(RMServeError):
+    """The client went away before the server could answer (mid-body or while scoring): nginx's 499.
+
+    Nobody receives this response; it exists so logs and ``/metrics`` count the outcome apart from 5xx.
+    """
+
+    status = 499
+    type = "client_closed_request"
+
+
 class InternalError(RMServeError):
     status = 500
     type = "internal"
@@ -101,6 +146,9 @@ class ModelLoadError(RMServeError):
 
 
 def item_error(cls: type[RMServeError], index: int, message: str, field: str | None = None) -> RMServeError:
-    """An error that names the item it belongs to: ``item 3: ...`` with ``param='items[3].field'``."""
+    """An error that names the item it belongs to: ``param='items[3].field'``, message ``items[3].field: ...``.
+
+    ``index`` and ``field`` stay on the error, so a route can ``relocate`` it into its caller's terms.
+    """
     param = f"items[{index}]" + (f".{field}" if field else "")
-    return cls(f"item {index}: {message}", param=param, index=index)
+    return cls(f"{param}: {message}", param=param, index=index, field=field, detail=message)

@@ -125,7 +125,7 @@ class ItemFormatter:
                     InvalidRequestError,
                     index,
                     f"token id {tid} at position {pos} is outside the vocabulary [0, {self.vocab_size})",
-                    field="input_ids",
+                    field=f"input_ids[{pos}]",
                 )
         return list(ids)
 

@@ -97,7 +97,7 @@ def parse_item(obj: Any, index: int = 0) -> Item:
             item = cls.model_validate(obj)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
             raise item_error(InvalidRequestError, index, f"{where}: {first['msg']}", field=where) from None
     _check_roles(item, index)
     return item

@@ -7,7 +7,6 @@ common real-world combination that duplicates BOS unless the formatter collapses
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 ROLE_TOKENS = ["<|system|>", "<|developer|>", "<|user|>", "<|assistant|>", "<|tool|>"]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", *ROLE_TOKENS]
@@ -46,7 +45,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *, chat_templa
         chat_template=CHAT_TEMPLATE if chat_template else None,
     )
     return fast
-
-
-def save_tokenizer(tokenizer, out_dir: Path) -> None:
-    tokenizer.save_pretrained(str(out_dir))

@@ -12,8 +12,17 @@ formatter collapses a duplicated leading BOS).
   model scores. With ``compat.normalize`` the rewards are ``(r - mean) / std``.
 * ``/classify`` returns ``probs = [sigmoid(r)]`` by default (vLLM applies the classifier's activation
   unless the request says ``"use_activation": false``, which is what RL trainers send) and ``[r]`` with
-  activation off; ``r`` is normalised first with ``compat.normalize``. A ``model`` other than the served
-  one is a 404, as in vLLM; validation errors are 400, as in vLLM.
+  activation off; ``r`` is normalised first with ``compat.normalize``. ``input`` may also be token ids.
+  ``model`` follows API.md's model names (verl sends the path it loaded the reward model from); another
+  name is a 404, as in vLLM. Validation errors are 400, as in vLLM (native routes: 422).
+* Errors name the caller's own field: ``query[5]``, ``input[2]`` (``input`` for a single input).
+* An empty ``query`` / ``input`` list answers 200 with empty lists, without calling the Scorer.
+* **Overload.** Neither trainer's client can take a 429: verl's reward loop gives up on any 4xx
+  (``verl/experimental/reward_loop/reward_loop.py``, ``_post_request``) and OpenRLHF's gives up after five
+  tries one second apart whatever the status (``openrlhf/utils/agent.py``, ``_fetch_rewards_via_http``), while
+  both send one request per sample all at once. So when the Scorer's queue is full, these routes wait for room
+  (woken as this Gateway's requests finish) and try again, up to the request deadline: a deeper queue, not a
+  429. Past the deadline the answer is 504, which verl retries (5xx) and OpenRLHF retries too.
 
 Example::
 
@@ -24,12 +33,13 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 
-from rmserve.model.errors import InvalidRequestError, NotReadyError, RMServeError
-from rmserve.model.items import TextItem
+from ray.serve.exceptions import BackPressureError
+
+from rmserve.model.errors import NotReadyError, OverloadedError, RMServeError
+from rmserve.model.items import Item, TextItem
 
 from .compat_protocol import (
     ClassificationData,
@@ -40,11 +50,9 @@ from .compat_protocol import (
     GetRewardResponse,
 )
 from .config import ServerConfig
-from .protocol import ScoreRequest, ScoreResponse
+from .locations import Locate, in_list
+from .protocol import ScoredItems
 from .service import READY_PROBE_TIMEOUT_S, GatewayService, sigmoid
-
-_ITEM_PARAM = re.compile(r"^items\[(\d+)\]")
-_ITEM_MESSAGE = re.compile(r"^item (\d+): ")
 
 
 def strip_padding(text: str, pad_token: str | None) -> str:
@@ -59,26 +67,11 @@ def strip_padding(text: str, pad_token: str | None) -> str:
     return text[start:end]
 
 
-def _rename_items(err: RMServeError, field: str, single: bool = False) -> RMServeError:
-    """Name the request's own field in an item error: ``items[2].text`` → ``query[2]`` (or ``input``)."""
-    if err.param is not None:
-        err.param = _ITEM_PARAM.sub(lambda m: field if single else f"{field}[{m.group(1)}]", err.param, count=1)
-        err.param = err.param.removesuffix(".text")
-    err.message = _ITEM_MESSAGE.sub(lambda m: f"{field}: " if single else f"{field}[{m.group(1)}]: ", err.message)
-    err.args = (err.message,)
-    return err
-
-
-def get_reward_error(err: RMServeError) -> RMServeError:
-    """OpenRLHF has no error format of its own: the native body, with the item named as ``query[i]``."""
-    return _rename_items(err, "query")
-
-
-def classify_error(err: RMServeError, single_input: bool = False) -> RMServeError:
-    """vLLM's statuses: a malformed request is a 400 (not 422); the item is named as ``input[i]``."""
+def classify_error(err: RMServeError) -> RMServeError:
+    """vLLM's statuses: a malformed request is a 400 (native routes answer 422)."""
     if err.status == 422:
         err.status = 400
-    return _rename_items(err, "input", single_input)
+    return err
 
 
 class CompatService:
@@ -88,32 +81,28 @@ class CompatService:
         self.service = service
         self.normalize = config.compat.normalize
         self._probe_timeout = min(READY_PROBE_TIMEOUT_S, config.limits.request_timeout_s / 2)
-        self._model_id: str | None = None
+        self._retry_after_s = float(config.limits.retry_after_s)
         self._pad_token: str | None = None
         self._tokens_known = False
 
     async def get_reward(self, request: GetRewardRequest) -> GetRewardResponse:
+        if not request.query:
+            return GetRewardResponse(rewards=[], scores=[], extra_logs={})
         pad = await self._strippable_pad_token()
-        try:
-            scored = await self._score([strip_padding(q, pad) for q in request.query])
-        except RMServeError as err:
-            raise get_reward_error(err) from None
-        return GetRewardResponse(rewards=scored.rewards, scores=list(scored.rewards), extra_logs={})
+        items = [TextItem(text=strip_padding(q, pad)) for q in request.query]
+        scored = await self._score(items, None, in_list("query", single=False))
+        return GetRewardResponse(rewards=scored.shown, scores=list(scored.shown), extra_logs={})
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
-        if request.model is not None and request.model != await self._served_model():
-            err = InvalidRequestError(f"The model `{request.model}` does not exist.", param="model")
-            err.status = 404
-            raise err
-        try:
-            scored = await self._score(request.texts())
-        except RMServeError as err:
-            raise classify_error(err, single_input=isinstance(request.input, str)) from None
+        model_id = await self.service.check_model(request.model)
+        items = request.items()
+        if items:
+            scored = await self._score(items, request.model, in_list("input", single=request.single()))
+        else:
+            scored = ScoredItems(model=model_id, rewards=[])
         activate = request.apply_activation()
-        data = [
-            ClassificationData(index=i, probs=[sigmoid(r) if activate else r]) for i, r in enumerate(scored.rewards)
-        ]
-        tokens = scored.usage.input_tokens
+        data = [ClassificationData(index=i, probs=[sigmoid(r) if activate else r]) for i, r in enumerate(scored.shown)]
+        tokens = scored.input_tokens
         return ClassifyResponse(
             id=f"classify-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -123,15 +112,13 @@ class CompatService:
         )
 
     # -- steps --------------------------------------------------------------------------------------
-    async def _score(self, texts: list[str]) -> ScoreResponse:
-        """The native /v1/score pipeline on text items (one Scorer call for all of them)."""
-        request = ScoreRequest(items=[TextItem(text=t) for t in texts], normalize=self.normalize)
-        return await self.service.score(request)
-
-    async def _served_model(self) -> str:
-        if self._model_id is None:
-            self._model_id = (await self.service.models()).data[0].id
-        return self._model_id
+    async def _score(self, items: list[Item], model: str | None, locate: Locate) -> ScoredItems:
+        """The native pipeline (one Scorer call); a full queue is waited out, not answered with 429 (see above)."""
+        while True:
+            try:
+                return await self.service.score_items(items, self.normalize, model, locate)
+            except (OverloadedError, BackPressureError):
+                await self.service.capacity.wait(self._retry_after_s)
 
     async def _strippable_pad_token(self) -> str | None:
         """The tokenizer's pad token, when it has one that is not also its EOS (every replica serves one model)."""
@@ -139,7 +126,7 @@ class CompatService:
             response = self.service.scorer.special_tokens.remote()
             try:
                 tokens = await asyncio.wait_for(_resolve(response), self._probe_timeout)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
                 response.cancel()
                 raise NotReadyError("the model is not loaded yet; GET /ready turns 200 when it is") from None
             pad, eos = tokens.get("pad_token"), tokens.get("eos_token")

@@ -112,6 +112,12 @@ class ServerConfig(_Section):
     """The whole server configuration (model, batching, limits, resources, network, access)."""
 
     model: ModelSpec = Field(default_factory=ModelSpec, description="The reward model to serve.")
+    served_model_names: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="More names a request's `model` may use for this model (as vLLM's --served-model-name), e.g. "
+        "the name or path a trainer's config already sends. The model's id and its path always work.",
+    )
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and load shedding.")
     compat: CompatConfig = Field(default_factory=CompatConfig, description="Compatibility routes.")

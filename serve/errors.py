@@ -26,8 +26,10 @@ from pydantic import ValidationError
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from rmserve.model.errors import (
+    ClientClosedRequestError,
     InternalError,
     InvalidRequestError,
     NotReadyError,
@@ -59,6 +61,9 @@ def as_rmserve_error(exc: BaseException) -> RMServeError:
         return OverloadedError("the server is at capacity; retry later")
     if isinstance(exc, DeploymentUnavailableError | ActorDiedError | ActorUnavailableError):
         return NotReadyError("no scorer replica is available right now; retry shortly")
+    if isinstance(exc, ClientDisconnect):  # a routine client timeout, not a server failure: no traceback
+        log.info("client closed the request before its body was read")
+        return ClientClosedRequestError("client closed request")
     if isinstance(exc, HTTPException):
         err = InvalidRequestError(str(exc.detail))
         err.status = exc.status_code
@@ -74,7 +79,7 @@ def internal_error(exc: BaseException, context: str = "handling a request") -> I
 
 
 def validation_error(exc: ValidationError) -> InvalidRequestError:
-    """A 422 ``invalid_request`` naming the offending field, e.g. ``items[2].response: Field required``."""
+    """A 422 ``invalid_request`` naming the offending field as the caller wrote it, e.g. ``items[2].response``."""
     errors = exc.errors()
     # Of the alternatives a union reports, the deepest location is the one the sender meant.
     first = max(errors, key=lambda e: len(e["loc"]))
@@ -83,9 +88,7 @@ def validation_error(exc: ValidationError) -> InvalidRequestError:
     else:
         message = first["msg"].removeprefix("Value error, ")
     path = field_path(first["loc"])
-    err = InvalidRequestError(f"{path}: {message}" if path else message, param=path or None)
-    err.status = 422
-    return err
+    return InvalidRequestError(f"{path}: {message}" if path else message, param=path or None, detail=message)
 
 
 def field_path(loc: tuple) -> str:

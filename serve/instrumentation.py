@@ -15,6 +15,8 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -28,6 +30,8 @@ Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 UNMATCHED_ROUTE = "other"  # requests to paths the app does not serve share one label (bounded cardinality)
 RECENT_BATCHES = 1024  # batch sizes kept for ``counts()["batching"]["recent_batch_sizes"]``
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer; not a server error
+log = logging.getLogger("rmserve.serve")
 
 
 class ScorerMetrics:
@@ -128,7 +132,8 @@ class RequestMetricsMiddleware:
     """ASGI middleware: ``requests{route, status}`` and ``request_duration_seconds{route}``.
 
     ``route`` is the path template of the matched route (FastAPI leaves it in ``scope["route"]``), or
-    ``other`` for paths the app does not serve.
+    ``other`` for paths the app does not serve. A request whose handler is cancelled because its client went
+    away before the answer counts as ``499`` (client closed request), never as a 5xx.
     """
 
     def __init__(self, app: ASGIApp, recorder: MetricsRecorder):
@@ -150,6 +155,10 @@ class RequestMetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_recording_status)
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED_REQUEST
+            log.info("client closed the request to %s before the answer", scope.get("path"))
+            raise
         finally:
             route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
             self.recorder.inc("requests", route=route, status=str(status))

@@ -67,7 +67,7 @@ class MetricsHub:
             self._departed.pop(member, None)  # back after being taken as gone: its snapshot is cumulative
             self._members[member] = _Member(kind, snapshot, answered, time.monotonic())
             self._changed.notify_all()
-            with contextlib.suppress(TimeoutError):  # no scrape for a while: answer anyway, as a heartbeat
+            with contextlib.suppress(asyncio.TimeoutError):  # no scrape for a while: answer anyway, as a heartbeat
                 await asyncio.wait_for(self._changed.wait_for(lambda: self._generation > answered), self._poll_wait_s)
             return self._generation
 
@@ -84,7 +84,7 @@ class MetricsHub:
 
             try:
                 await asyncio.wait_for(self._changed.wait_for(answered), wait_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 for m in awaited:
                     if m in self._members and self._members[m].answered < target:
                         self._members[m].late = True

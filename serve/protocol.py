@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag, field_validator
 
 from rmserve.model.items import (
     ConversationItem,
@@ -55,7 +55,9 @@ class _NativeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     normalize: StrictBool = Field(False, description="Return (r - mean) / std instead of the raw reward.")
-    model: StrictStr | None = Field(None, description="Optional; when given it must be the served model's id.")
+    model: StrictStr | None = Field(
+        None, description="Optional; the served model's id, path or one of its served_model_names (else 404)."
+    )
 
 
 class _Response(BaseModel):
@@ -68,15 +70,16 @@ class ScoreRequest(_NativeRequest):
 
     items: list[ItemField] = Field(min_length=1, description="Items to score, all of one form.")
 
-    @model_validator(mode="after")
-    def _one_form(self) -> ScoreRequest:
+    @field_validator("items")
+    @classmethod
+    def _one_form(cls, items: list) -> list:
         forms: dict[str, int] = {}
-        for i, item in enumerate(self.items):
+        for i, item in enumerate(items):
             forms.setdefault(item_form(item), i)
-        if len(forms) > 1:
-            described = ", ".join(f"item {i} is {form}" for form, i in forms.items())
+        if len(forms) > 1:  # a field validator, so the error's param is "items"
+            described = ", ".join(f"items[{i}] is {form}" for form, i in forms.items())
             raise ValueError(f"items mix forms ({described}); one request uses one item form")
-        return self
+        return items
 
 
 class Usage(_Response):
@@ -146,6 +149,10 @@ class RerankResponse(_Response):
 # -- operational --------------------------------------------------------------------------------
 class ModelCard(_Response):
     id: str
+    names: list[str] = Field(
+        default_factory=list,
+        description="Every name a request's model may use: the id, served_model_names, the path as given and resolved.",
+    )
     dtype: str
     quantization: str
     max_length: int

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from rmserve.model.errors import InvalidRequestError, RequestTooLargeError, RMServeError
 
 from .auth import ApiKeyAuth
-from .compat import CompatService, classify_error, get_reward_error
+from .compat import CompatService, classify_error
 from .compat_protocol import ClassifyRequest, ClassifyResponse, GetRewardRequest, GetRewardResponse
 from .config import ServerConfig
 from .errors import error_response
@@ -74,8 +74,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, text in [
         (400, "invalid_request / context_length_exceeded"),
         (401, "unauthorized"),
+        (404, "invalid_request: the request's model is not served here (param 'model')"),
         (413, "request_too_large"),
-        (422, "invalid_request"),
+        (422, "invalid_request: malformed JSON, wrong types, unknown fields, empty lists, bad items"),
         (429, "overloaded"),
         (500, "internal"),
         (503, "not_ready"),
@@ -289,7 +290,7 @@ def create_http_app(
         summary="OpenRLHF remote reward model",
     )
     async def get_reward(request: Request) -> Response:
-        return await respond(request, GetRewardRequest, compat.get_reward, adapt_error=get_reward_error)
+        return await respond(request, GetRewardRequest, compat.get_reward)
 
     @app.post(
         "/classify",

@@ -296,5 +296,5 @@ def _reward_or_raise(outcome: Outcome, index: int) -> float:
     if isinstance(outcome, RMServeError):
         if outcome.index == index:
             raise outcome
-        raise item_error(type(outcome), index, outcome.message)
+        raise item_error(type(outcome), index, outcome.detail, outcome.field)
     return outcome

@@ -15,13 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
-from rmserve.model.errors import InvalidRequestError, NotReadyError, RequestTooLargeError, RMServeError
-from rmserve.model.items import PairItem
+from rmserve.model.errors import (
+    ModelNotFoundError,
+    NotReadyError,
+    OverloadedError,
+    RequestTooLargeError,
+    RMServeError,
+)
+from rmserve.model.items import Item, PairItem
 
 from .coalescing import RequestCoalescer
 from .config import ServerConfig
+from .locations import Locate, in_groups, in_items, in_pairs
 from .protocol import (
     ModelCard,
     ModelsResponse,
@@ -63,6 +73,53 @@ def rank_group(rewards: list[float], top_k: int | None) -> RerankResult:
     return RerankResult(ranking=ranking, best_index=order[0])
 
 
+def model_names(config: ServerConfig, model_id: str) -> list[str]:
+    """Every name a request's ``model`` may use (API.md, "Model names"): the model's id, the operator's
+    ``served_model_names``, and the path it was loaded from, as given and resolved (verl sends its path)."""
+    path = config.model.path
+    names = [model_id, *config.served_model_names, path]
+    if path != "demo":
+        names.append(os.path.realpath(os.path.expanduser(path)))
+    return list(dict.fromkeys(names))
+
+
+def names_model(names: Sequence[str], requested: str) -> bool:
+    """Does ``requested`` name the model? A path matches with or without a trailing slash or ``./``."""
+    return requested in names or os.path.normpath(requested) in {os.path.normpath(n) for n in names}
+
+
+class CapacitySignal:
+    """Wakes requests waiting for room in the Scorer's queue when this Gateway's requests finish.
+
+    ``freed(n)`` wakes the ``n`` longest waiters (one finished item makes room for one); a waiter also wakes
+    after ``timeout`` (room freed by other Gateways is not seen here).
+    """
+
+    def __init__(self) -> None:
+        self._waiters: deque[asyncio.Future] = deque()
+
+    async def wait(self, timeout: float) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def freed(self, items: int) -> None:
+        woken = 0
+        while self._waiters and woken < items:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                woken += 1
+
+
 class GatewayService:
     """The native routes' pipeline on top of a Scorer ``DeploymentHandle``."""
 
@@ -70,6 +127,8 @@ class GatewayService:
         self.scorer = scorer
         self.config = config
         self._model_id: str | None = None
+        self._model_names: list[str] = []
+        self.capacity = CapacitySignal()
         self.coalescer = RequestCoalescer(
             scorer,
             window_s=config.batching.gateway_window_s,
@@ -79,7 +138,7 @@ class GatewayService:
 
     # -- routes -------------------------------------------------------------------------------------
     async def score(self, request: ScoreRequest) -> ScoreResponse:
-        scored = await self._run(list(request.items), request.normalize, request.model)
+        scored = await self.score_items(list(request.items), request.normalize, request.model, in_items)
         return ScoreResponse(
             model=scored.model,
             rewards=scored.shown,
@@ -92,14 +151,15 @@ class GatewayService:
         for pair in request.pairs:
             items += [PairItem(prompt=pair.prompt, response=pair.response_a)]
             items += [PairItem(prompt=pair.prompt, response=pair.response_b)]
-        scored = await self._run(items, request.normalize, request.model)
+        scored = await self.score_items(items, request.normalize, request.model, in_pairs)
         raw, shown = scored.rewards, scored.shown
         results = [preference_result(raw[k], raw[k + 1], shown[k], shown[k + 1]) for k in range(0, len(raw), 2)]
         return PreferenceResponse(model=scored.model, results=results)
 
     async def rerank(self, request: RerankRequest) -> RerankResponse:
         items = [PairItem(prompt=g.prompt, response=r) for g in request.groups for r in g.responses]
-        scored = await self._run(items, request.normalize, request.model)
+        locate = in_groups([len(g.responses) for g in request.groups])
+        scored = await self.score_items(items, request.normalize, request.model, locate)
         results, start = [], 0
         for group in request.groups:
             end = start + len(group.responses)
@@ -109,22 +169,36 @@ class GatewayService:
 
     async def models(self) -> ModelsResponse:
         info = await self._probe()
-        return ModelsResponse(data=[ModelCard.model_validate(info)])
+        return ModelsResponse(data=[ModelCard.model_validate({**info, "names": self._model_names})])
 
     async def ready(self) -> ReadyResponse:
         info = await self._probe()
         return ReadyResponse(model=info["id"])
 
     # -- steps --------------------------------------------------------------------------------------
-    async def _run(self, items: list, normalize: bool, model: str | None) -> ScoredItems:
+    async def check_model(self, model: str | None) -> str:
+        """The served model's id; ``ModelNotFoundError`` (404, ``param="model"``) when ``model`` names another."""
+        model_id = self._model_id or (await self._probe())["id"]
+        if model is not None and not names_model(self._model_names, model):
+            raise ModelNotFoundError(
+                f"model {model!r} is not served here; use one of {self._model_names}", param="model"
+            )
+        return model_id
+
+    async def score_items(
+        self, items: Sequence[Item], normalize: bool, model: str | None, locate: Locate
+    ) -> ScoredItems:
+        """One Scorer call for a request's flat item list; an item's error names the caller's field (``locate``)."""
         limit = self.config.limits.max_items_per_request
         if len(items) > limit:
             raise RequestTooLargeError(f"{len(items)} items exceed the limit of {limit} per request")
-        model_id = self._model_id or (await self._probe())["id"]
-        if model is not None and model != model_id:
-            raise InvalidRequestError(f"model {model!r} is not served here; this one is {model_id!r}", param="model")
+        await self.check_model(model)
         result = await self.coalescer.submit(items, normalize)
+        if not isinstance(result, OverloadedError):  # its items were admitted and have left the queue now
+            self.capacity.freed(len(items))
         if isinstance(result, RMServeError):
+            if result.index is not None:
+                result.relocate(locate(result.index, result.field))
             raise result
         return result
 
@@ -136,6 +210,7 @@ class GatewayService:
         except asyncio.TimeoutError:
             raise NotReadyError("the model is not loaded yet; GET /ready turns 200 when it is") from None
         self._model_id = info["id"]
+        self._model_names = model_names(self.config, info["id"])
         return info
 
     async def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:

@@ -196,14 +196,14 @@ async def test_compat_routes_normalise_when_configured(client, norm_app, checkpo
 @pytest.mark.parametrize(
     ("path", "kwargs", "status", "param"),
     [
-        ("/get_reward", {"content": b'{"query": ["x"'}, 400, None),
-        ("/get_reward", {"json": {"query": []}}, 422, "query"),
+        ("/get_reward", {"content": b'{"query": ["x"'}, 422, None),
         ("/get_reward", {"json": {"query": "<s>not a list</s>"}}, 422, "query"),
         ("/get_reward", {"json": {"query": ["<s>ok</s>", 7]}}, 422, "query[1]"),
         ("/get_reward", {"json": {"prompts": ["p"]}}, 422, "query"),
-        ("/get_reward", {"json": {"query": ["<s>ok</s>", PAD * 3]}}, 400, "query[1]"),  # nothing left to score
+        ("/get_reward", {"json": {"query": ["<s>ok</s>", PAD * 3]}}, 422, "query[1]"),  # nothing left to score
         ("/classify", {"content": b"{not json"}, 400, None),
-        ("/classify", {"json": {"input": []}}, 400, "input"),
+        ("/classify", {"json": {"input": [[1, 2], [3, 100000]]}}, 400, "input[1][1]"),  # outside the vocabulary
+        ("/classify", {"json": {"input": [5, -1]}}, 400, "input[1]"),
         ("/classify", {"json": {"input": 5}}, 400, "input"),
         ("/classify", {"json": {"input": ["ok", ""]}}, 400, "input[1]"),
         ("/classify", {"json": {"input": "ok", "use_activation": "yes"}}, 400, "use_activation"),

@@ -72,44 +72,87 @@ def assert_error(response: httpx.Response, status: int, type_: str) -> dict:
     return body["error"]
 
 
-# -- 400 / 422 invalid_request ---------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("path", "kwargs", "status", "fragment"),
-    [
-        ("/v1/score", {"content": b'{"items": [{"text": "x"}'}, 400, "malformed JSON"),
-        ("/v1/score", {"content": b'{"items": [{"input_ids": [1, NaN]}]}'}, 400, "NaN is not a JSON number"),
-        ("/v1/score", {"json": {"items": [{"prompt": 1, "response": "r"}]}}, 422, "items[0].prompt"),
-        ("/v1/score", {"json": {"items": [{"text": "x"}], "temperature": 1}}, 422, "temperature: Extra inputs"),
-        ("/v1/score", {"json": {"items": []}}, 422, "items: List should have at least 1 item"),
-        ("/v1/score", {"json": {"items": [{"text": "x"}, {"input_ids": [1]}]}}, 422, "items mix forms"),
-        ("/v1/preference", {"json": {"pairs": []}}, 422, "pairs: List should have at least 1 item"),
-        ("/v1/rerank", {"json": {"groups": [{"prompt": "q", "responses": ["a"]}], "top_k": -1}}, 422, "top_k"),
-        ("/score", {"json": {"items": [{"input_ids": [1, 2, 100000]}]}}, 400, "item 0: token id 100000"),
-        ("/v1/score", {"json": {"items": [{"messages": [{"role": "user", "content": "q"}]}]}}, 400, "item 0:"),
-        ("/v1/score", {"json": {"items": [{"text": "x"}], "normalize": True}}, 400, "no normalisation"),
-        ("/v1/score", {"json": {"items": [{"text": "x"}], "model": "other-model"}}, 400, "'other-model' is not served"),
-    ],
-)
-async def test_invalid_request(client, offline, path, kwargs, status, fragment):
-    error = assert_error(
-        await with_valid_request(client, offline, client.post(path, **kwargs)), status, "invalid_request"
-    )
-    assert fragment in error["message"]
+# -- 422 / 400 invalid_request, 404 model, 400 context_length_exceeded, 413, 401: every route -------------------
+# API.md: ``param`` names the failing field in the caller's own request; one status for one kind of mistake wherever
+# it is caught (the Gateway's schema or the Scorer's item checks): 422 on the native routes and /get_reward, 400 on
+# /classify (vLLM's status). An over-long item (truncation "error") is 400 context_length_exceeded everywhere.
+LONG = "owls " * 60  # more than MAX_LENGTH tokens
+NATIVE = ["/v1/score", "/score"]
+CASES = [
+    # (path, body or raw bytes, status, type, param)
+    *[(p, b'{"items": [{"text": "x"}', 422, "invalid_request", None) for p in NATIVE],
+    ("/v1/score", b'{"items": [{"input_ids": [1, NaN]}]}', 422, "invalid_request", None),
+    ("/v1/score", {"items": [{"prompt": 1, "response": "r"}]}, 422, "invalid_request", "items[0].prompt"),
+    ("/v1/score", {"items": [{"text": "x"}], "temperature": 1}, 422, "invalid_request", "temperature"),
+    ("/v1/score", {"items": []}, 422, "invalid_request", "items"),
+    ("/v1/score", {"items": [{"text": "x"}, {"input_ids": [1]}]}, 422, "invalid_request", "items"),
+    ("/score", {"items": [{"input_ids": [1, 2]}, {"input_ids": [1, 2, 100000]}]}, 422, "invalid_request",
+     "items[1].input_ids[2]"),
+    ("/v1/score", {"items": [{"prompt": [{"role": "wizard", "content": "q"}], "response": "r"}]}, 422,
+     "invalid_request", "items[0].prompt[0].role"),
+    ("/v1/score", {"items": [{"messages": [{"role": "user", "content": "q"}]}]}, 422, "invalid_request",
+     "items[0].messages"),
+    ("/v1/score", {"items": [{"text": "x"}], "normalize": True}, 422, "invalid_request", "normalize"),
+    ("/v1/preference", {"pairs": []}, 422, "invalid_request", "pairs"),
+    ("/v1/preference", b"[", 422, "invalid_request", None),
+    ("/v1/preference", {"pairs": [{"prompt": "q", "response_a": "a", "response_b": 1}]}, 422, "invalid_request",
+     "pairs[0].response_b"),
+    ("/v1/preference", {"pairs": [{"prompt": "q", "response_a": "a", "response_b": "b"},
+                                  {"prompt": "q", "response_a": "", "response_b": "b"}]}, 422, "invalid_request",
+     "pairs[1].response_a"),
+    ("/v1/preference", {"pairs": [{"prompt": [{"role": "wizard", "content": "q"}], "response_a": "a",
+                                   "response_b": "b"}]}, 422, "invalid_request", "pairs[0].prompt[0].role"),
+    ("/v1/rerank", b"{", 422, "invalid_request", None),
+    ("/v1/rerank", {"groups": [{"prompt": "q", "responses": ["a"]}], "top_k": -1}, 422, "invalid_request", "top_k"),
+    ("/v1/rerank", {"groups": [{"prompt": "q", "responses": []}]}, 422, "invalid_request", "groups[0].responses"),
+    ("/v1/rerank", {"groups": [{"prompt": "q", "responses": ["a", "b", "c", ""]}]}, 422, "invalid_request",
+     "groups[0].responses[3]"),
+    ("/get_reward", b'{"query": ["x"', 422, "invalid_request", None),
+    ("/get_reward", {"query": ["a", 7]}, 422, "invalid_request", "query[1]"),
+    ("/get_reward", {"query": ["a", "b", "c", "d", "e", ""]}, 422, "invalid_request", "query[5]"),
+    ("/classify", b"{not json", 400, "invalid_request", None),
+    ("/classify", {"input": ["a", "b", ""]}, 400, "invalid_request", "input[2]"),
+    ("/classify", {"input": ""}, 400, "invalid_request", "input"),
+    ("/classify", {"input": [[1, 2], [3, 100000]]}, 400, "invalid_request", "input[1][1]"),
+    ("/classify", {"input": "a", "use_activation": "yes"}, 400, "invalid_request", "use_activation"),
+    # unknown model: 404 on every route that takes one
+    *[(p, {"items": [{"text": "x"}], "model": "other-model"}, 404, "invalid_request", "model") for p in NATIVE],
+    ("/v1/preference", {"pairs": [{"prompt": "q", "response_a": "a", "response_b": "b"}], "model": "other-model"},
+     404, "invalid_request", "model"),
+    ("/v1/rerank", {"groups": [{"prompt": "q", "responses": ["a"]}], "model": "other-model"}, 404,
+     "invalid_request", "model"),
+    ("/classify", {"input": "a", "model": "other-model"}, 404, "invalid_request", "model"),
+    # context_length_exceeded
+    *[(p, {"items": [{"text": "ok"}, {"text": LONG}]}, 400, "context_length_exceeded", "items[1]") for p in NATIVE],
+    ("/v1/preference", {"pairs": [{"prompt": "q", "response_a": "a", "response_b": LONG}]}, 400,
+     "context_length_exceeded", "pairs[0].response_b"),
+    ("/v1/rerank", {"groups": [{"prompt": "q", "responses": ["a"]}, {"prompt": "q", "responses": ["a", LONG]}]},
+     400, "context_length_exceeded", "groups[1].responses[1]"),
+    ("/get_reward", {"query": ["ok", LONG]}, 400, "context_length_exceeded", "query[1]"),
+    ("/classify", {"input": ["ok", LONG]}, 400, "context_length_exceeded", "input[1]"),
+    ("/classify", {"input": LONG}, 400, "context_length_exceeded", "input"),
+    # request_too_large: more than 8 items
+    *[(p, {"items": [{"text": "x"}] * 9}, 413, "request_too_large", None) for p in NATIVE],
+    ("/v1/preference", {"pairs": [{"prompt": "q", "response_a": "a", "response_b": "b"}] * 5}, 413,
+     "request_too_large", None),
+    ("/v1/rerank", {"groups": [{"prompt": "q", "responses": ["a"] * 9}]}, 413, "request_too_large", None),
+    ("/get_reward", {"query": ["x"] * 9}, 413, "request_too_large", None),
+    ("/classify", {"input": ["x"] * 9}, 413, "request_too_large", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body", "status", "type_", "param"), CASES)
+async def test_error_rows_name_the_callers_field_on_every_route(client, offline, path, body, status, type_, param):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    error = assert_error(await with_valid_request(client, offline, client.post(path, **kwargs)), status, type_)
+    assert error["param"] == param, error
+    if param is not None and "[" in param:  # an item's error: the message starts with the same path
+        assert error["message"].startswith(f"{param}: "), error
 
 
 async def test_unknown_route_and_method_use_the_error_body(client, offline):
     assert_error(await with_valid_request(client, offline, client.get("/v1/nothing")), 404, "invalid_request")
     assert_error(await with_valid_request(client, offline, client.get("/v1/score")), 405, "invalid_request")
-
-
-# -- 400 context_length_exceeded -------------------------------------------------------------------
-async def test_context_length_exceeded_names_the_item(client, offline):
-    body = {"items": [{"input_ids": ids(10)}, {"input_ids": ids(MAX_LENGTH + 1)}, {"input_ids": ids(12)}]}
-    error = assert_error(
-        await with_valid_request(client, offline, client.post("/v1/score", json=body)), 400, "context_length_exceeded"
-    )
-    assert error["param"] == "items[1]" and error["message"].startswith("item 1:")
-    assert f"max_length={MAX_LENGTH}" in error["message"]
 
 
 # -- 413 request_too_large -------------------------------------------------------------------------
@@ -140,10 +183,11 @@ async def test_item_count_over_the_limit(client, offline):
 
 # -- 401 unauthorized ------------------------------------------------------------------------------
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"X-API-Key": KEY + "x"}])
-@pytest.mark.parametrize("path", ["/v1/score", "/score", "/v1/preference", "/v1/rerank"])
+@pytest.mark.parametrize("path", ["/v1/score", "/score", "/v1/preference", "/v1/rerank", "/get_reward", "/classify"])
 async def test_missing_or_wrong_api_key(app, client, offline, headers, path):
+    body = {"/get_reward": {"query": ["x"]}, "/classify": {"input": "x"}}.get(path, VALID)
     async with async_client(app, headers=headers) as anonymous:
-        response = await with_valid_request(client, offline, anonymous.post(path, json=VALID))
+        response = await with_valid_request(client, offline, anonymous.post(path, json=body))
     assert_error(response, 401, "unauthorized")
     assert response.headers["www-authenticate"] == "Bearer"
 
@@ -208,8 +252,17 @@ async def test_model_not_loaded_yet_is_503(client, offline, slow_app):
         await asyncio.sleep(0.1)
     ready = await with_valid_request(client, offline, client.get(f"{slow_app}/ready"))
     assert_error(ready, 503, "not_ready")
-    score = await with_valid_request(client, offline, client.post(f"{slow_app}/v1/score", json=VALID))
-    assert "not loaded yet" in assert_error(score, 503, "not_ready")["message"]
+    bodies = {
+        "/v1/score": VALID,
+        "/score": VALID,
+        "/v1/preference": {"pairs": [{"prompt": "q", "response_a": "a", "response_b": "b"}]},
+        "/v1/rerank": {"groups": [{"prompt": "q", "responses": ["a"]}]},
+        "/get_reward": {"query": ["x"]},
+        "/classify": {"input": "x"},
+    }
+    for path, body in bodies.items():
+        score = await with_valid_request(client, offline, client.post(f"{slow_app}{path}", json=body))
+        assert "not loaded yet" in assert_error(score, 503, "not_ready")["message"], path
     assert (await client.get("/ready")).json() == {"status": "ready", "model": offline.model_id}
 
 
@@ -239,7 +292,7 @@ async def test_unexpected_failure_is_a_sanitised_500_for_its_own_request_only(ap
         error = assert_error(await with_valid_request(client, offline, bad), 500, "internal")
         assert "reference" in error["message"] and "/internal/detail" not in error["message"]
         assert "Injected" not in error["message"]
-        assert error["message"].startswith("item 0: internal error") and error["param"] == "items[0]"
+        assert error["message"].startswith("items[0]: internal error") and error["param"] == "items[0]"
 
         # The failing item shares a batch with shorter items of other requests: they still get their rewards.
         before = (await app.stats())["rescored_batches"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 
 import pytest
 from serve_harness import LiveApp, async_client, demo_config, running_app
@@ -39,7 +40,8 @@ async def test_operational_routes(app: LiveApp, offline):
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
     assert (ready.status_code, ready.json()) == (200, {"status": "ready", "model": offline.model_id})
     assert models.status_code == 200
-    assert models.json() == {"data": [offline.info()]}
+    names = [offline.model_id, app.config.model.path, os.path.realpath(app.config.model.path)]
+    assert models.json() == {"data": [{**offline.info(), "names": list(dict.fromkeys(names))}]}
     card = models.json()["data"][0]
     assert (card["dtype"], card["max_length"], card["normalization"]) == ("fp32", 64, {"mean": MEAN, "std": STD})
 
@@ -179,7 +181,7 @@ async def test_ray_handle_scores_without_http(app: LiveApp, offline):
     assert normalized == pytest.approx([(r - MEAN) / STD for r in offline.score(items)], abs=TOL)
     with pytest.raises(InvalidRequestError) as info:
         await handle.score.remote([{"text": "ok"}, {"prompt": "q", "response": "r", "extra": 1}])
-    assert info.value.index == 1 and "item 1" in info.value.message
+    assert info.value.index == 1 and info.value.message.startswith("items[1]")
 
 
 async def test_fault_hooks_are_off_by_default(app: LiveApp):
@@ -220,7 +222,7 @@ async def test_reconfigure_changes_batching_limits_without_restart(app: LiveApp,
 async def test_concurrent_requests_share_handle_calls_and_keep_their_own_errors(app: LiveApp, offline):
     # The Gateway merges requests that reach it together into one Scorer call (serve/coalescing.py). Among 96
     # concurrent requests, every fourth is invalid in its own way (an empty prompt+response text, an unknown
-    # model); each must get its own 400 while the ones merged with it get their exact rewards.
+    # model); each must get its own 422 / 404 while the ones merged with it get their exact rewards.
     items = distinct_items(96)
     expected = offline.score(items)
     bad = {k: ({"items": [{"text": ""}]} if k % 8 == 3 else {"items": [items[k]], "model": "not-this-one"})
@@ -233,7 +235,7 @@ async def test_concurrent_requests_share_handle_calls_and_keep_their_own_errors(
     after = (await app.stats())["gateway_calls"]
     for k, (response, reward) in enumerate(zip(responses, expected, strict=True)):
         if k in bad:
-            assert response.status_code == 400, (k, response.text)
+            assert response.status_code == (422 if k % 8 == 3 else 404), (k, response.text)
             assert response.json()["error"]["type"] == "invalid_request"
         else:
             assert response.status_code == 200, response.text

@@ -70,7 +70,7 @@ def test_concurrency_is_bounded(mode, concurrency):
 @pytest.mark.parametrize(
     ("server_message", "client_message"),
     [
-        ("item {i}: 'response' must not be empty", "item 7: 'response' must not be empty"),  # model-side errors
+        ("items[{i}].response: response is empty", "items[7].response: response is empty"),  # the Scorer's checks
         ("items[{i}].response: Field required", "items[7].response: Field required"),  # request validation
         ("a batch with items[{i}] in it", "a batch with items[1] in it"),  # only a leading name is rewritten
     ],
@@ -84,10 +84,10 @@ def test_error_in_a_later_chunk_names_the_item_in_the_whole_call(mode, server_me
                 error = {
                     "message": message,
                     "type": "invalid_request",
-                    "code": 400,
+                    "code": 422,
                     "param": f"items[{j}].response",
                 }
-                return httpx.Response(400, json={"error": error})
+                return httpx.Response(422, json={"error": error})
         return httpx.Response(200, json={"model": "m", "rewards": [0.0] * len(items), "truncated": []})
 
     responses = ["ok"] * 10
@@ -97,7 +97,7 @@ def test_error_in_a_later_chunk_names_the_item_in_the_whole_call(mode, server_me
         call(client, "score", ["p"] * 10, responses)
     assert info.value.param == "items[7].response"
     assert info.value.message == client_message
-    assert str(info.value) == f"Error code: 400 invalid_request - {client_message}"
+    assert str(info.value) == f"Error code: 422 invalid_request - {client_message}"
 
 
 def test_a_failed_chunk_fails_the_call_without_waiting_for_slow_ones(mode):

@@ -94,7 +94,7 @@ def test_left_truncate_without_bos():
 def test_truncation_policy_error(chat_tok):
     with pytest.raises(ContextLengthExceededError) as info:
         _fmt(chat_tok, max_length=10, truncation="error").encode({"text": "Owls " * 40}, index=4)
-    assert info.value.index == 4 and "item 4" in info.value.message and info.value.status == 400
+    assert info.value.index == 4 and info.value.message.startswith("items[4]: ") and info.value.status == 400
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_truncation_policy_error(chat_tok):
 def test_invalid_items_raise_typed_errors_naming_the_index(chat_tok, item, match):
     with pytest.raises(InvalidRequestError, match=match) as info:
         _fmt(chat_tok).encode(item, index=7)
-    assert info.value.index == 7 and info.value.message.startswith("item 7:")
+    assert info.value.index == 7 and info.value.message.startswith("items[7]")
     assert info.value.param.startswith("items[7]") and info.value.type == "invalid_request"
 
 

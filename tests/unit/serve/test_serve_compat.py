@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import httpx
 import pytest
@@ -10,14 +11,16 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from rmserve.model.errors import InvalidRequestError, RequestTooLargeError, item_error
+from rmserve.model.errors import ContextLengthExceededError, InvalidRequestError, item_error
+from rmserve.model.items import TextItem, TokensItem
 from rmserve.serve.cli_flags import add_config_flags, overrides_from_args
-from rmserve.serve.compat import classify_error, get_reward_error, strip_padding
+from rmserve.serve.compat import classify_error, strip_padding
 from rmserve.serve.compat_protocol import ClassifyRequest, GetRewardRequest
 from rmserve.serve.config import ServerConfig
 from rmserve.serve.config_loading import ConfigError, load_config
 from rmserve.serve.errors import validation_error
 from rmserve.serve.instrumentation import RequestMetricsMiddleware
+from rmserve.serve.locations import in_groups, in_items, in_list, in_pairs
 from rmserve.serve.metrics import MetricsRecorder
 
 
@@ -42,34 +45,73 @@ def test_get_reward_request_accepts_openrlhf_bodies_and_ignores_extra_fields():
     request = GetRewardRequest.model_validate(body)
     assert request.query == ["<s>a</s>", "<s>b</s>"]
     assert not hasattr(request, "step")
-    for bad in ({"query": []}, {"query": "<s>a</s>"}, {"query": [1]}, {}):
+    assert GetRewardRequest.model_validate({"query": [], "prompts": [], "labels": []}).query == []  # an empty shard
+    for bad in ({"query": "<s>a</s>"}, {"query": [1]}, {}):
         with pytest.raises(ValidationError):
             GetRewardRequest.model_validate(bad)
 
 
 def test_classify_request_shapes_and_activation_default():
     one = ClassifyRequest.model_validate({"input": "t", "model": "m", "add_special_tokens": False, "priority": 0})
-    assert one.texts() == ["t"] and one.model == "m"
+    assert one.items() == [TextItem(text="t")] and one.model == "m" and one.single()
     assert one.apply_activation() is True  # vLLM's default for classify
-    assert ClassifyRequest.model_validate({"input": ["a", "b"], "use_activation": False}).texts() == ["a", "b"]
+    two = ClassifyRequest.model_validate({"input": ["a", "b"], "use_activation": False})
+    assert two.items() == [TextItem(text="a"), TextItem(text="b")] and not two.single()
     assert ClassifyRequest.model_validate({"input": "a", "use_activation": False}).apply_activation() is False
     assert ClassifyRequest.model_validate({"input": "a", "activation": False}).apply_activation() is False
     both = ClassifyRequest.model_validate({"input": "a", "activation": False, "use_activation": True})
     assert both.apply_activation() is True
-    for bad in ({"input": []}, {"input": 3}, {"input": ["a", 2]}, {"input": "a", "use_activation": "no"}, {}):
+    assert ClassifyRequest.model_validate({"input": []}).items() == []  # an empty shard
+    bad_bodies = [{"input": 3}, {"input": ["a", 2]}, {"input": [[1], []]}, {"input": "a", "use_activation": "no"}, {}]
+    for bad in bad_bodies:
         with pytest.raises(ValidationError):
             ClassifyRequest.model_validate(bad)
 
 
-def test_item_errors_name_the_compat_field():
-    err = get_reward_error(item_error(InvalidRequestError, 2, "text is empty", field="text"))
-    assert (err.param, err.message, err.status) == ("query[2]", "query[2]: text is empty", 400)
-    err = classify_error(item_error(InvalidRequestError, 1, "text is empty", field="text"))
-    assert (err.param, err.message) == ("input[1]", "input[1]: text is empty")
-    err = classify_error(item_error(InvalidRequestError, 0, "text is empty", field="text"), single_input=True)
-    assert (err.param, err.message) == ("input", "input: text is empty")
-    untouched = get_reward_error(RequestTooLargeError("9 items exceed the limit of 8 per request"))
-    assert (untouched.param, untouched.status) == (None, 413)
+def test_classify_accepts_token_ids_as_vllm_does():
+    one = ClassifyRequest.model_validate({"input": [1, 15, 29]})
+    assert one.items() == [TokensItem(input_ids=[1, 15, 29])] and one.single()
+    many = ClassifyRequest.model_validate({"input": [[1, 15], [1, 7, 9]]})
+    assert many.items() == [TokensItem(input_ids=[1, 15]), TokensItem(input_ids=[1, 7, 9])] and not many.single()
+
+
+@pytest.mark.parametrize(
+    ("locate", "index", "field", "param"),
+    [
+        (in_items, 3, "prompt[0].role", "items[3].prompt[0].role"),
+        (in_items, 1, None, "items[1]"),
+        (in_pairs, 2, "response", "pairs[1].response_a"),
+        (in_pairs, 3, "response", "pairs[1].response_b"),
+        (in_pairs, 3, None, "pairs[1].response_b"),
+        (in_pairs, 5, "prompt[1].role", "pairs[2].prompt[1].role"),
+        (in_groups([2, 5]), 1, "response", "groups[0].responses[1]"),
+        (in_groups([2, 5]), 5, "response", "groups[1].responses[3]"),
+        (in_groups([2, 5]), 6, "prompt", "groups[1].prompt"),
+        (in_list("query", single=False), 5, "text", "query[5]"),
+        (in_list("input", single=False), 2, None, "input[2]"),
+        (in_list("input", single=True), 0, "text", "input"),
+        (in_list("input", single=True), 0, "input_ids[4]", "input[4]"),
+        (in_list("input", single=False), 1, "input_ids[4]", "input[1][4]"),
+    ],
+)
+def test_item_errors_name_the_callers_own_field(locate, index, field, param):
+    err = item_error(InvalidRequestError, index, "something is wrong", field=field)
+    assert err.relocate(locate(err.index, err.field)) is err
+    assert (err.param, err.message, str(err)) == (param, f"{param}: something is wrong", f"{param}: something is wrong")
+
+
+def test_item_errors_keep_their_location_across_processes():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(item_error(ContextLengthExceededError, 4, "too long")))
+    assert (type(err), err.index, err.field, err.detail, err.status) == (
+        ContextLengthExceededError,
+        4,
+        None,
+        "too long",
+        400,
+    )
+    assert err.relocate(in_pairs(err.index, err.field)).param == "pairs[2].response_a"
 
 
 def test_classify_validation_errors_are_400_as_in_vllm():
@@ -79,8 +121,8 @@ def test_classify_validation_errors_are_400_as_in_vllm():
     assert err.status == 400 and err.type == "invalid_request" and err.param == "input[1]"
     with pytest.raises(ValidationError) as info:
         GetRewardRequest.model_validate({"query": ["a", 2]})
-    err = get_reward_error(validation_error(info.value))
-    assert err.status == 422 and err.param == "query[1]"
+    err = validation_error(info.value)
+    assert err.status == 422 and err.param == "query[1]"  # /get_reward answers as the native routes do
 
 
 async def test_request_metrics_middleware_labels_route_templates_and_statuses():
@@ -96,6 +138,10 @@ async def test_request_metrics_middleware_labels_route_templates_and_statuses():
     async def boom() -> JSONResponse:
         raise RuntimeError("bug")
 
+    @app.get("/gone")
+    async def gone() -> JSONResponse:
+        raise asyncio.CancelledError  # what the server does to a handler whose client went away
+
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         assert (await client.post("/v1/score")).status_code == 200
@@ -103,11 +149,15 @@ async def test_request_metrics_middleware_labels_route_templates_and_statuses():
         assert (await client.get("/v1/score")).status_code == 405
         assert (await client.get("/random/path/123")).status_code == 404
         assert (await client.get("/boom")).status_code == 500
+        with pytest.raises(asyncio.CancelledError):
+            await client.get("/gone")
     snap = recorder.snapshot()
     assert snap.get("requests", route="/v1/score", status="200") == 2.0
     assert snap.get("requests", route="/v1/score", status="405") == 1.0
     assert snap.get("requests", route="other", status="404") == 1.0
     assert snap.get("requests", route="/boom", status="500") == 1.0
+    assert snap.get("requests", route="/gone", status="499") == 1.0  # client closed request: not a 5xx
+    assert snap.get("requests", route="/gone", status="500") == 0.0
     assert snap.histogram("request_duration_seconds", route="/v1/score").count == 3
 
 

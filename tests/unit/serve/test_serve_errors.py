@@ -33,7 +33,7 @@ def body_of(response) -> dict:
 @pytest.mark.parametrize(
     ("exc", "status", "type_"),
     [
-        (InvalidRequestError("bad"), 400, "invalid_request"),
+        (InvalidRequestError("bad"), 422, "invalid_request"),
         (ContextLengthExceededError("long"), 400, "context_length_exceeded"),
         (RequestTooLargeError("big"), 413, "request_too_large"),
         (UnauthorizedError("who"), 401, "unauthorized"),
@@ -65,7 +65,7 @@ def test_retry_after_and_www_authenticate_headers():
 def test_item_errors_keep_index_and_param():
     body = body_of(error_response(item_error(ContextLengthExceededError, 3, "too long")))
     assert body["error"] == {
-        "message": "item 3: too long",
+        "message": "items[3]: too long",
         "type": "context_length_exceeded",
         "code": 400,
         "param": "items[3]",
@@ -86,7 +86,11 @@ def test_ray_task_errors_are_unwrapped():
     cause = item_error(InvalidRequestError, 2, "bad role", field="messages")
     wrapped = RayTaskError("score_request", "traceback text", cause)
     err = as_rmserve_error(wrapped)
-    assert err is cause or (err.status, err.message, err.param) == (400, "item 2: bad role", "items[2].messages")
+    assert err is cause or (err.status, err.message, err.param) == (
+        422,
+        "items[2].messages: bad role",
+        "items[2].messages",
+    )
 
 
 def test_validation_errors_are_422():

@@ -60,7 +60,7 @@ def test_invalid_score_requests_are_422_naming_the_field(body, message, param):
 def test_mixed_item_forms_are_rejected():
     status, message, _ = rejection(ScoreRequest, {"items": [{"prompt": "q", "response": "r"}, {"text": "t"}]})
     assert status == 422
-    assert "items mix forms (item 0 is pair, item 1 is text)" in message
+    assert "items mix forms (items[0] is pair, items[1] is text)" in message
 
 
 @pytest.mark.parametrize(
@@ -89,10 +89,10 @@ def test_invalid_preference_and_rerank_requests(model, body, message):
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ],
 )
-def test_malformed_json_is_400(raw, message):
+def test_malformed_json_is_422(raw, message):
     with pytest.raises(InvalidRequestError) as info:
         parse_json(raw)
-    assert info.value.status == 400 and message in info.value.message
+    assert info.value.status == 422 and message in info.value.message
 
 
 def test_parse_json_accepts_utf8_and_huge_numbers():
