@@ -51,6 +51,7 @@ class LoadResult:
     mean_ms: float = 0.0
     server_cpu_ms_per_item: float | None = None  # filled in by the caller that knows the server's processes
     loadgen_cpu_ms_per_item: float | None = None
+    computed_over_received: float | None = None  # rmserve: forward tokens / received tokens (from /metrics)
     errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -33,7 +33,7 @@ from .launch import (
 )
 from .loadgen import LoadResult, run_load
 from .models import resolve_model_dir
-from .scenarios import Scenario, build_requests, scenario_plan
+from .scenarios import Scenario, build_requests, prefix_plan, scenario_plan
 
 IDLE_REQUESTS = 64
 
@@ -81,6 +81,35 @@ def server_specs(model: str, with_rmserve: bool, quick: bool) -> list[ServerSpec
             # 1.75 CPUs run torch on 2 threads and leave the Gateway its 0.25 on a 2-core machine.
             specs.append(ServerSpec("rmserve-omp2", "rmserve", env=two_threads, args=("--num-cpus", "1.75")))
     return specs
+
+
+def prefix_specs() -> list[ServerSpec]:
+    """The prefix-sharing comparison: each server at its own defaults (the naive server on torch's default threads,
+    rmserve at ``num_cpus: auto``), rmserve with ``--prefix-sharing off``, and all three again at one torch thread."""
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    return [
+        ServerSpec("baseline", "baseline"),
+        ServerSpec("rmserve", "rmserve"),
+        ServerSpec("rmserve-noshare", "rmserve", args=("--prefix-sharing", "off")),
+        ServerSpec("baseline-1t", "baseline", env=one_thread),
+        ServerSpec("rmserve-1t", "rmserve", args=("--num-cpus", "1")),
+        ServerSpec("rmserve-noshare-1t", "rmserve", args=("--num-cpus", "1", "--prefix-sharing", "off")),
+    ]
+
+
+def token_counters(url: str) -> tuple[float, float] | None:
+    """(tokens computed by forwards, tokens received) from an rmserve ``/metrics``; None for other servers."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    except httpx.HTTPError:
+        return None
+    values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    if "rmserve_input_tokens_total" not in values:
+        return None
+    return values.get("rmserve_forward_real_tokens_total", 0.0), values["rmserve_input_tokens_total"]
 
 
 def run_point(url: str, requests, scenario: Scenario, server: str, concurrency: int) -> LoadResult:
@@ -151,7 +180,11 @@ def run_model(model: str, scenarios: list[Scenario], specs: list[ServerSpec], *,
                     for spec in running if repeat % 2 == 0 else running[::-1]:
                         server, loadgen_cpu = started[spec.name], os.times()
                         cpu = server.cpu_seconds()
+                        tokens = token_counters(server.url) if spec.kind == "rmserve" else None
                         point = run_point(server.url, requests[spec.name], scenario, spec.name, concurrency)
+                        if tokens is not None and (after := token_counters(server.url)) is not None:
+                            received = after[1] - tokens[1]
+                            point.computed_over_received = (after[0] - tokens[0]) / received if received else None
                         point.server_cpu_ms_per_item = (server.cpu_seconds() - cpu) * 1000 / max(1, point.items_ok)
                         point.loadgen_cpu_ms_per_item = _cpu_since(loadgen_cpu) * 1000 / max(1, point.items_ok)
                         runs[spec.name].append(point)
@@ -159,8 +192,11 @@ def run_model(model: str, scenarios: list[Scenario], specs: list[ServerSpec], *,
                     point = {"model": model, "dtype": dtype, **median_point(measured), "load_avg": os.getloadavg()}
                     points.append(point)
                     if progress:
+                        ratio = point.get("computed_over_received")
+                        share = f", computed/received {ratio:.3f}" if ratio is not None else ""
                         progress(f"server {model} {scenario.workload} C={concurrency} {name}: "
-                                 f"{point['items_per_s']:.1f} items/s, p50 {point['p50_ms']:.1f} ms")  # fmt: skip
+                                 f"{point['items_per_s']:.1f} items/s, p50 {point['p50_ms']:.1f} ms"
+                                 f"{share}")  # fmt: skip
         served = {s.name: started[s.name].url for s in specs if s.kind != "ceiling"}
         overhead = idle_overhead(model, model_dir, served, dtype, vocab) if model == "demo" else []
     return points, overhead
@@ -187,24 +223,27 @@ def run_server_benchmarks(
     progress=None,
     with_rmserve: bool | None = None,
     model: str | None = None,
+    prefix: bool = False,
 ) -> dict:
     """Every scenario of the plan on every server (the baseline alone when ``rmserve serve`` is not installed);
-    ``model``: one checkpoint directory at the full PPO mix instead of the CPU plan."""
+    ``model``: one checkpoint directory at the full PPO mix instead of the CPU plan; ``prefix``: the prefix-sharing
+    comparison (``prefix_plan`` on ``prefix_specs``) instead."""
     with_rmserve = rmserve_available() if with_rmserve is None else with_rmserve
     notes = [] if with_rmserve else ["`rmserve serve` is not available in this installation: baseline only"]
     repeats = repeats or (1 if quick else 2)
-    plan = scenario_plan(quick, model)
+    plan = prefix_plan(quick) if prefix else scenario_plan(quick, model)
     points: list[dict] = []
     overhead: list[dict] = []
     for name in dict.fromkeys(s.model for s in plan):
-        specs = server_specs(name, with_rmserve, quick)
+        specs = prefix_specs() if prefix else server_specs(name, with_rmserve, quick)
         scenarios = [s for s in plan if s.model == name]
         model_points, model_overhead = run_model(
             name, scenarios, specs, dtype=dtype, repeats=repeats, out_dir=out_dir, progress=progress
         )
         points += model_points
         overhead += model_overhead
-    return {"repeats": repeats, "points": points, "overhead": overhead, "speedups": speedups(points), "notes": notes}
+    ratios = prefix_ratios(points) if prefix else speedups(points)
+    return {"repeats": repeats, "points": points, "overhead": overhead, "speedups": ratios, "notes": notes}
 
 
 def count_points(quick: bool, with_rmserve: bool, model: str | None = None) -> int:
@@ -230,6 +269,24 @@ def speedups(points: list[dict]) -> list[dict]:
     return rows
 
 
+def prefix_ratios(points: list[dict]) -> list[dict]:
+    """Items/s of each rmserve variant over the baseline with the same threads, and sharing on over off."""
+    by_key = {(p["model"], p["workload"], p["concurrency"], p["server"]): p for p in points}
+    rows = []
+    for (model, workload, concurrency, server), p in by_key.items():
+        if not server.startswith("rmserve"):
+            continue
+        suffix = "-1t" if server.endswith("-1t") else ""
+        against = [f"baseline{suffix}"] + ([f"rmserve-noshare{suffix}"] if "noshare" not in server else [])
+        for other in against:
+            base = by_key.get((model, workload, concurrency, other))
+            if base and base["items_per_s"] > 0:
+                rows.append({"model": model, "workload": workload, "concurrency": concurrency, "server": server,
+                             "against": other, "speedup": p["items_per_s"] / base["items_per_s"],
+                             "computed_over_received": p.get("computed_over_received")})  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -237,12 +294,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--model", default=None, help="a checkpoint directory instead of the CPU plan (GPU runs)")
+    parser.add_argument("--prefix", action="store_true", help="the prefix-sharing comparison (GRPO, best-of-16, PPO)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = run_server_benchmarks(quick=args.quick, out_dir=out, dtype=args.dtype, repeats=args.repeats,
-                                    progress=print, model=args.model)  # fmt: skip
-    (out / "server.json").write_text(json.dumps(results, indent=2))
+                                    progress=print, model=args.model, prefix=args.prefix)  # fmt: skip
+    (out / ("server-prefix.json" if args.prefix else "server.json")).write_text(json.dumps(results, indent=2))
+    for row in results["speedups"]:
+        print(
+            f"{row['workload']} C={row['concurrency']} {row['server']} vs {row.get('against', 'baseline')}: "
+            f"{row['speedup']:.2f}x"
+        )
     return results
 
 
