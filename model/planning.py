@@ -46,6 +46,13 @@ class Row:
         return self.end - self.start
 
 
+# What a cached token (keys and values a row attends to) weighs in the token budget, against one it computes: it
+# costs no linear layers and little attention, but its keys and values occupy memory in the batch. Counted whole,
+# suffix micro-batches behind a 1,000-token prompt would hold a dozen 200-token rows; measured on an H200 (8B
+# shape, GRPO n = 8, budget 16,384), sharing then gained 2.2x where a 4x larger budget gave 3.5x. A micro-batch
+# that still runs out of memory is split in half and retried.
+CACHED_TOKEN_SHARE = 0.25
+
 Known = Callable[[Sequence[int], int], int]  # (ids, limit) -> how many leading tokens are cached
 
 
@@ -115,9 +122,9 @@ def plan_microbatches(
     """Cut rows sorted by computed length (ascending) into ``[start, end)`` runs.
 
     Minimises padded computed tokens plus ``overhead_tokens`` per micro-batch, exactly (contiguous runs of a
-    sorted list are optimal for this cost). A run's rows x (longest computed + longest ``cached`` width) must
-    fit ``max_batch_tokens``; a row over the budget gets a micro-batch of its own. The queue prices every batch
-    it forms with this, so the inner loop over run starts is vectorised.
+    sorted list are optimal for this cost). A run's rows x (longest computed + ``CACHED_TOKEN_SHARE`` x longest
+    ``cached`` width) must fit ``max_batch_tokens``; a row over the budget gets a micro-batch of its own. The queue
+    prices every batch it forms with this, so the inner loop over run starts is vectorised.
     """
     n = len(sorted_lengths)
     if n == 0:
@@ -134,7 +141,7 @@ def plan_microbatches(
         rows = j - starts
         widest = np.maximum.accumulate(widths[first:j][::-1])[::-1]  # widest cached width of rows start..j-1
         cost = best[first:j] + rows * longest + overhead_tokens
-        cost[(rows > 1) & (rows * (longest + widest) > max_batch_tokens)] = np.inf
+        cost[(rows > 1) & (rows * (longest + CACHED_TOKEN_SHARE * widest) > max_batch_tokens)] = np.inf
         k = int(np.argmin(cost))
         best[j], cut[j] = cost[k], first + k
     plans: list[tuple[int, int]] = []
