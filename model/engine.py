@@ -121,7 +121,7 @@ class ScoringEngine:
         # and a shared prefix must save at least this much to get a level of its own.
         self.overhead_tokens = overhead_tokens
         self.stats = EngineStats()
-        # Test hook (off by default): called with (rows, max_len) before each forward; may raise OOM.
+        # Test hook (off by default): called with (rows, longest row's length) before each forward; may raise OOM.
         self.fault_injector: Callable[[int, int], None] | None = None
         self.observers: list[MicrobatchObserver] = []
         self._lock = threading.Lock()
@@ -275,7 +275,7 @@ class ScoringEngine:
         count, cached_width = len(rows), max(r.start for r in rows)
         width = max(r.new_tokens for r in rows)
         if self.fault_injector is not None:
-            self.fault_injector(count, cached_width + width)
+            self.fault_injector(count, max(r.end for r in rows))
         input_ids = torch.full((count, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((count, cached_width + width), dtype=torch.long)
         for r, row in enumerate(rows):
@@ -321,12 +321,17 @@ class ScoringEngine:
         return {rows[r].item: reward for r, reward in zip(scored, rewards, strict=True)}
 
     def _store(self, rows: list[Row], cache, cached_width: int) -> None:
-        """Put each row's new keys and values into the prefix cache."""
+        """Put each row's new keys and values into the prefix cache, unless any is not finite: a masked-out NaN
+        still spreads over its whole row (0 x NaN), so one poisoned token would corrupt every item that later
+        shares the row's clean-looking prefix."""
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         # [layers, 2, rows, kv_heads, new tokens, head_dim]
         new = torch.stack([torch.stack((k[:, :, cached_width:], v[:, :, cached_width:])) for k, v in layers])
         width = new.shape[4]
+        finite = torch.isfinite(new).transpose(0, 2).reshape(len(rows), -1).all(dim=1).tolist()
         for r, row in enumerate(rows):
+            if not finite[r]:
+                continue
             first = 0 if self.padding_side == "right" else width - row.new_tokens
             self.prefix_cache.insert(row.seq, row.start, new[:, :, r, :, first : first + row.new_tokens])
 

@@ -10,6 +10,7 @@ import torch
 
 from rmserve.model import load_reward_model
 from rmserve.model.caches import PrefixKVCache, RewardCache
+from rmserve.model.errors import InternalError
 from rmserve.model.planning import levels_cost, plan_levels
 
 FP32_TOL = 1e-5
@@ -251,3 +252,30 @@ def test_int8_preference_agreement_is_unchanged_by_sharing(demo_model_dir, devic
     agreement = sum(a == b for a, b in zip(prefer, prefer_shared, strict=True)) / len(prefer)
     print(f"int8 shared vs unshared preference agreement = {agreement:.3f}")
     assert agreement >= 0.98
+
+
+def test_a_nan_item_never_poisons_the_prefixes_other_items_share(demo_model):
+    """A NaN anywhere in a row spreads over the whole row (masked attention weights are 0, and 0 x NaN is NaN), so
+    a poisoned item's states must never be cached for the clean prefix it shares with others."""
+    engine = demo_model.engine
+    rng = random.Random(13)
+    prompt = [rng.randrange(3, 300) for _ in range(30)]
+    poison = 299
+    clean = [prompt + [rng.randrange(3, 290) for _ in range(6)] for _ in range(3)]
+    poisoned = prompt + [poison] + [rng.randrange(3, 290) for _ in range(5)]
+    want = unshared_rewards(engine, clean)
+    embeddings = engine.backbone.get_input_embeddings().weight
+    saved_row, saved_overhead = embeddings[poison].detach().clone(), engine.overhead_tokens
+    try:
+        with torch.no_grad():
+            embeddings[poison] = float("nan")
+        sharing(engine, cache_bytes=1 << 24)
+        first = engine.score_batch([poisoned])  # alone: its whole row is cached, unless it is not finite
+        later = engine.score_batch(clean)  # these match the poisoned row's first 30 tokens
+    finally:
+        with torch.no_grad():
+            embeddings[poison] = saved_row
+        engine.overhead_tokens = saved_overhead
+        engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+    assert isinstance(first[0], InternalError)
+    assert later == pytest.approx(want, abs=FP32_TOL)
