@@ -3,8 +3,9 @@
 OpenRLHF and verl send one item per HTTP request from hundreds of workers. Each Ray handle call costs a few
 milliseconds of CPU in the Gateway and in the Scorer replica, far more than scoring one short item, so the
 Gateway collects the requests that are ready to call the Scorer in the same event-loop turn (or within
-``window_s``) and sends them as ONE ``Scorer.score_requests`` call, each with its own request id. Each request
-keeps its own result: its rewards, or its own error (a bad request never fails the others merged with it).
+``window_s``) and sends them as ONE ``Scorer.score_requests_streamed`` call, each with its own request id. Each
+request keeps its own result: its rewards, or its own error (a bad request never fails the others merged with it),
+streamed back as soon as it is ready, so a request never waits for a slower one merged with it.
 
 A request whose caller goes away (timeout, client disconnect) stops waiting at once and its id is sent to the
 Scorer in a ``withdraw`` call (the ids of one event-loop turn together): the replica takes that request's waiting
@@ -107,24 +108,30 @@ class RequestCoalescer:
         if members:
             for member in members:
                 member.sent = True
-            response = self.scorer.score_requests.remote([(m.items, m.normalize, m.request_id) for m in members])
-            asyncio.ensure_future(self._deliver(members, response))
+            stream = self.scorer.options(stream=True).score_requests_streamed.remote(
+                [(m.items, m.normalize, m.request_id) for m in members]
+            )
+            asyncio.ensure_future(self._deliver(members, stream))
 
     @staticmethod
-    async def _deliver(members: list[_Member], response: Any) -> None:
+    async def _deliver(members: list[_Member], stream: Any) -> None:
+        """Hand each request its result as the replica streams it back (a request never waits for a slower one
+        merged with it)."""
         try:
-            results = await response
+            async for index, result in stream:
+                if not members[index].future.done():
+                    members[index].future.set_result(result)
         except (Exception, asyncio.CancelledError) as exc:
-            for member in members:  # e.g. the replica died: every request of the call sees it
+            for member in members:  # e.g. the replica died: every request of the call still waiting sees it
                 if not member.future.done():
                     if isinstance(exc, asyncio.CancelledError):
                         member.future.cancel()
                     else:
                         member.future.set_exception(exc)
             return
-        for member, result in zip(members, results, strict=True):
+        for member in members:  # a stream that ended early (never expected): nobody waits forever
             if not member.future.done():
-                member.future.set_result(result)
+                member.future.set_exception(RuntimeError("the Scorer's stream ended without this request's result"))
 
 
 async def _settle(response: Any) -> None:

@@ -82,6 +82,12 @@ class Scorer:
         """``score_request`` for each ``(items, normalize, request_id)`` a Gateway merged into one call."""
         return await self.core.score_requests(requests)
 
+    async def score_requests_streamed(self, requests: Sequence[tuple]):
+        """``score_requests`` as a stream of ``(index, result)``, each request's as soon as it is ready (call it
+        through ``handle.options(stream=True)``)."""
+        async for indexed in self.core.score_requests_as_completed(requests):
+            yield indexed
+
     def withdraw(self, request_ids: Sequence[str]) -> None:
         """Requests of a merged call whose callers went away: their waiting items are dropped, nobody else's."""
         self.core.withdraw(request_ids)

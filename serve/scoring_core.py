@@ -28,7 +28,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -107,6 +107,22 @@ class ScoringCore:
         """``score_request`` for each ``(items, normalize[, request_id])`` of a Gateway's call; each its own result."""
         self.metrics.on_gateway_call(len(requests))
         return list(await asyncio.gather(*(self.score_request(*request) for request in requests)))
+
+    async def score_requests_as_completed(self, requests: Sequence[tuple]) -> AsyncIterator[tuple[int, Any]]:
+        """``score_requests``, yielding ``(index, result)`` as each request finishes: a request merged with a slower
+        one (a long request, one waiting out a fault) gets its answer when it is ready, not when the call ends."""
+        self.metrics.on_gateway_call(len(requests))
+
+        async def indexed(k: int, request: tuple) -> tuple[int, Any]:
+            return k, await self.score_request(*request)
+
+        tasks = [asyncio.ensure_future(indexed(k, request)) for k, request in enumerate(requests)]
+        try:
+            for done in asyncio.as_completed(tasks):
+                yield await done
+        finally:  # the Gateway stopped listening (its replica went away): nothing is left running
+            for task in tasks:
+                task.cancel()
 
     def withdraw(self, request_ids: Sequence[str]) -> None:
         """The callers of these requests went away: their items that have not reached a forward never will."""

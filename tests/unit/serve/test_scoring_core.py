@@ -234,3 +234,15 @@ async def test_a_request_withdrawn_while_it_waits_to_be_queued_ends_at_once(core
     [result] = await call  # without waiting out the hour
     assert isinstance(result, InternalError)
     assert core.stats()["queued_items"] == 0 and core.stats()["client_gone_items"] == 2
+
+
+async def test_a_merged_request_gets_its_answer_without_waiting_for_a_slower_one(core, demo_model):
+    core.set_faults(FaultPlan(delays={44: 30.0}))  # the slow request waits 30 s before it is queued
+    fast = items_of(10, 1, seed=6)
+    stream = core.score_requests_as_completed([(items_of(44, 1, seed=7), False, "s:1"), (fast, False, "s:2")])
+    try:
+        index, result = await stream.__anext__()
+    finally:
+        await stream.aclose()  # the Gateway stops listening: the slow request is cancelled
+    assert index == 1 and result.rewards == pytest.approx(demo_model.score(fast), abs=TOL)
+    await until(lambda: core.stats()["queued_items"] == 0, "the slow request left the queue count")

@@ -1,7 +1,8 @@
 """The Gateway's request coalescer without Ray: merging, per-request results, and clients that leave.
 
-``LocalHandle`` plays the part of a Ray ``DeploymentHandle`` in-process: ``.score_requests.remote(x)`` starts the
+``LocalHandle`` plays the part of a Ray ``DeploymentHandle`` in-process: ``.score_request.remote(x)`` starts the
 coroutine as a task and returns something that can be awaited and cancelled, as a ``DeploymentResponse`` can;
+``.options(stream=True).score_requests_streamed.remote(x)`` is an async iterator of ``(index, result)``;
 ``.withdraw.remote(ids)`` records the withdrawn request ids.
 """
 
@@ -33,6 +34,20 @@ class _Method:
         return _Response(asyncio.ensure_future(self.run(*args)))
 
 
+class _StreamMethod:
+    """``handle.options(stream=True).method.remote(x)``: an async iterator over ``(index, result)``."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def remote(self, *args):
+        async def stream():
+            for indexed in enumerate(await self.run(*args)):
+                yield indexed
+
+        return stream()
+
+
 class LocalHandle:
     """Scores each request as the sum of its items; records every call; a request of ["boom"] gets an error."""
 
@@ -44,6 +59,11 @@ class LocalHandle:
         self.score_requests = _Method(self._score_requests)
         self.score_request = _Method(self._score_request)
         self.withdraw = _Method(self._withdraw)
+        self.score_requests_streamed = _StreamMethod(lambda requests: self._score_requests(requests))
+
+    def options(self, *, stream: bool = False):
+        assert stream, "the coalescer streams merged calls"
+        return self
 
     async def _score_requests(self, requests):
         self.calls.append([(items, normalize) for items, normalize, _id in requests])
