@@ -20,9 +20,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .cli_flags import add_config_flags, overrides_from_args
+from .cli_flags import add_config_file_arg, add_config_flags, config_from_args
 from .config import ServerConfig
-from .config_loading import CONFIG_FILE_ENV, ENV_NESTING, ENV_PREFIX, ConfigError, load_config
+from .config_loading import ENV_NESTING, ENV_PREFIX, ConfigError
 
 
 class UsageError(ValueError):
@@ -41,21 +41,13 @@ EXTERNAL_COMMANDS = {
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help=f"YAML file of settings (default: ${CONFIG_FILE_ENV}). Precedence: file < environment < flags.",
-    )
+    add_config_file_arg(parser)
     add_config_flags(parser)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start a local Ray instance, deploy the app, serve until Ctrl-C or SIGTERM, then shut down cleanly."""
-    config = load_config(
-        yaml_path=args.config or os.environ.get(CONFIG_FILE_ENV),
-        environ=os.environ,
-        overrides=overrides_from_args(args),
-    )
+    config = config_from_args(args)
     _prepare_model(config)
     from .server import run_until_signalled
 

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import os
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from .config import ServerConfig
+from .config_loading import CONFIG_FILE_ENV, load_config
 
 FLATTENED_SECTIONS = ("model", "batching", "limits", "compat")
 SKIPPED = frozenset({("model", "max_batch_tokens"), ("testing",)})
@@ -103,3 +105,21 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return result
+
+
+def add_config_file_arg(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--config FILE``: the YAML settings file (default ``$RMSERVE_CONFIG``)."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"YAML file of settings (default: ${CONFIG_FILE_ENV}){note}. Precedence: file < environment < flags.",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The settings of a command: its ``--config`` file (or ``$RMSERVE_CONFIG``) < ``RMSERVE_*`` < its flags."""
+    return load_config(
+        yaml_path=args.config or os.environ.get(CONFIG_FILE_ENV),
+        environ=os.environ,
+        overrides=overrides_from_args(args),
+    )

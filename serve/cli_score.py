@@ -14,12 +14,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import os
 
 from rmserve.model.cli_commands import add_score_io_args, run_command, score_file
 
-from .cli_flags import add_config_flags, overrides_from_args
-from .config_loading import CONFIG_FILE_ENV, load_config
+from .cli_flags import add_config_file_arg, add_config_flags, config_from_args
 
 __all__ = ["add_score_args", "cmd_score", "run_command"]
 
@@ -30,23 +28,14 @@ def scores_with(path: tuple[str, ...]) -> bool:
 
 
 def add_score_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help=f"YAML file of settings (default: ${CONFIG_FILE_ENV}); the same file `rmserve serve` reads. "
-        "Precedence: file < environment < flags.",
-    )
+    add_config_file_arg(parser, "; the same file `rmserve serve` reads")
     add_config_flags(parser, include=scores_with)
     add_score_io_args(parser)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score ``--input`` into ``--output`` with the model the configuration describes."""
-    config = load_config(
-        yaml_path=args.config or os.environ.get(CONFIG_FILE_ENV),
-        environ=os.environ,
-        overrides=overrides_from_args(args),
-    )
+    config = config_from_args(args)
 
     def load_model():
         from rmserve.model import load_reward_model
