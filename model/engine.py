@@ -301,13 +301,15 @@ class ScoringEngine:
             )
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             scored = [r for r, row in enumerate(rows) if row.item is not None]
+            last = hidden[torch.arange(count, device=hidden.device), last_token_index(new_mask).to(hidden.device)]
             rewards: list[float] = []
             if scored:
-                index = torch.tensor(scored, device=hidden.device)
-                last = hidden[index, last_token_index(new_mask).to(hidden.device)[index]]
-                rewards = self.head(last.float()).squeeze(-1).tolist()
+                rewards = self.head(last[torch.tensor(scored, device=hidden.device)].float()).squeeze(-1).tolist()
             if store:
-                self._store(rows, cache, cached_width)  # the forward appended the new states to it
+                # A NaN or inf anywhere in a row's keys or values reaches its last token (even a masked-out NaN
+                # does: 0 x NaN is NaN), so a finite last hidden state vouches for the whole row.
+                finite = torch.isfinite(last).all(dim=1).tolist()
+                self._store([row for row, ok in zip(rows, finite, strict=True) if ok], cache, cached_width)
         seconds = time.perf_counter() - started
         if observe:
             real = sum(r.new_tokens for r in rows)
@@ -321,17 +323,13 @@ class ScoringEngine:
         return {rows[r].item: reward for r, reward in zip(scored, rewards, strict=True)}
 
     def _store(self, rows: list[Row], cache, cached_width: int) -> None:
-        """Put each row's new keys and values into the prefix cache, unless any is not finite: a masked-out NaN
-        still spreads over its whole row (0 x NaN), so one poisoned token would corrupt every item that later
-        shares the row's clean-looking prefix."""
+        """Put each of ``rows``' new keys and values into the prefix cache (``_forward`` leaves out rows whose states
+        are not finite: one poisoned token would otherwise corrupt every item that later shares the row's prefix)."""
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         # [layers, 2, rows, kv_heads, new tokens, head_dim]
         new = torch.stack([torch.stack((k[:, :, cached_width:], v[:, :, cached_width:])) for k, v in layers])
         width = new.shape[4]
-        finite = torch.isfinite(new).transpose(0, 2).reshape(len(rows), -1).all(dim=1).tolist()
         for r, row in enumerate(rows):
-            if not finite[r]:
-                continue
             first = 0 if self.padding_side == "right" else width - row.new_tokens
             self.prefix_cache.insert(row.seq, row.start, new[:, :, r, :, first : first + row.new_tokens])
 

@@ -95,3 +95,9 @@ print(json.dumps({
     assert {Requirement(r).name for r in found["base"]} == CLIENT_DEPENDENCIES
     assert all(found["absent"].values()), found["absent"]
     assert found["loaded"] == []
+
+    # The console script comes with the light install too: it says what to install, in one line, no traceback.
+    command = subprocess.run([str(env_dir / "bin" / "rmserve"), "--help"], capture_output=True, text=True)
+    assert command.returncode == 1, command.stderr
+    assert "pip install 'rmserve[serve]'" in command.stderr and "Traceback" not in command.stderr
+    assert len(command.stderr.strip().splitlines()) == 1
