@@ -311,3 +311,52 @@ async def test_unexpected_failure_is_a_sanitised_500_for_its_own_request_only(ap
         assert (await app.stats())["rescored_batches"] > before, "the failing item never shared a batch"
     finally:
         await scorer.set_faults.remote()
+
+
+def failing_request(path: str, offline) -> tuple[dict, int, str]:
+    """A body for ``path`` with one item of a length no other item here has, that length, and the caller's field
+    of that item (fault injection keys on item length)."""
+    prompt, response = "Tell me about bees.", "Bees are wonderful and busy, thank you for asking about them."
+    pair_length = len(offline.tokenize({"prompt": prompt, "response": response}).input_ids)
+    text = "Bees change with the seasons and bees are lovely."
+    if path in ("/v1/score", "/score"):
+        return {"items": [{"input_ids": ids(31)}]}, 31, "items[0]"
+    if path == "/classify":
+        return {"input": [ids(12), ids(31)], "activation": False}, 31, "input[1]"
+    if path == "/v1/preference":
+        body = {"pairs": [{"prompt": prompt, "response_a": "No.", "response_b": response}]}
+        return body, pair_length, "pairs[0].response_b"
+    if path == "/v1/rerank":
+        return (
+            {"groups": [{"prompt": prompt, "responses": ["No.", "Maybe.", response]}]},
+            pair_length,
+            ("groups[0].responses[2]"),
+        )
+    return {"query": ["Hello there.", text]}, len(offline.tokenize({"text": text}).input_ids), "query[1]"
+
+
+SCORING_ROUTES = ["/v1/score", "/score", "/v1/preference", "/v1/rerank", "/get_reward", "/classify"]
+
+
+@pytest.mark.parametrize("path", SCORING_ROUTES)
+async def test_500_and_504_on_every_scoring_route(app, client, offline, path):
+    """API.md's 500 and 504 rows on each route: the failing item is named in the caller's terms (500); a request
+    past its deadline is a 504 and leaves the queue; a concurrent valid request is unaffected either way."""
+    body, length, param = failing_request(path, offline)
+    valid_length = len(offline.tokenize(VALID["items"][0]).input_ids)
+    assert length not in (valid_length, 12) and length < MAX_LENGTH
+    scorer = app.scorer()
+    try:
+        await scorer.set_faults.remote(fail_on_length=length)
+        error = assert_error(await with_valid_request(client, offline, client.post(path, json=body)), 500, "internal")
+        assert error["param"] == param and error["message"].startswith(f"{param}: internal error"), error
+        await scorer.set_faults.remote(delays={length: 30.0})
+        error = assert_error(await with_valid_request(client, offline, client.post(path, json=body)), 504, "timeout")
+        assert error["param"] is None
+        for _ in range(100):  # the deadline withdrew the request: its item left the queue
+            if (await app.stats())["queued_items"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await app.stats())["queued_items"] == 0
+    finally:
+        await scorer.set_faults.remote()
