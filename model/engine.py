@@ -308,8 +308,7 @@ class ScoringEngine:
             if store:
                 # A NaN or inf anywhere in a row's keys or values reaches its last token (even a masked-out NaN
                 # does: 0 x NaN is NaN), so a finite last hidden state vouches for the whole row.
-                finite = torch.isfinite(last).all(dim=1).tolist()
-                self._store([row for row, ok in zip(rows, finite, strict=True) if ok], cache, cached_width)
+                self._store(rows, torch.isfinite(last).all(dim=1).tolist(), cache, cached_width)
         seconds = time.perf_counter() - started
         if observe:
             real = sum(r.new_tokens for r in rows)
@@ -322,14 +321,16 @@ class ScoringEngine:
                 observer(count, count * width, real, seconds)
         return {rows[r].item: reward for r, reward in zip(scored, rewards, strict=True)}
 
-    def _store(self, rows: list[Row], cache, cached_width: int) -> None:
-        """Put each of ``rows``' new keys and values into the prefix cache (``_forward`` leaves out rows whose states
-        are not finite: one poisoned token would otherwise corrupt every item that later shares the row's prefix)."""
+    def _store(self, rows: list[Row], finite: list[bool], cache, cached_width: int) -> None:
+        """Put the new keys and values of each row whose states are ``finite`` into the prefix cache (one poisoned
+        token would otherwise corrupt every item that later shares the row's prefix)."""
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         # [layers, 2, rows, kv_heads, new tokens, head_dim]
         new = torch.stack([torch.stack((k[:, :, cached_width:], v[:, :, cached_width:])) for k, v in layers])
         width = new.shape[4]
-        for r, row in enumerate(rows):
+        for r, (row, ok) in enumerate(zip(rows, finite, strict=True)):
+            if not ok:
+                continue
             first = 0 if self.padding_side == "right" else width - row.new_tokens
             self.prefix_cache.insert(row.seq, row.start, new[:, :, r, :, first : first + row.new_tokens])
 

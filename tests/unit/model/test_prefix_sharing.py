@@ -259,10 +259,10 @@ def test_a_nan_item_never_poisons_the_prefixes_other_items_share(demo_model):
     a poisoned item's states must never be cached for the clean prefix it shares with others."""
     engine = demo_model.engine
     rng = random.Random(13)
-    prompt = [rng.randrange(3, 300) for _ in range(30)]
-    poison = 299
-    clean = [prompt + [rng.randrange(3, 290) for _ in range(6)] for _ in range(3)]
-    poisoned = prompt + [poison] + [rng.randrange(3, 290) for _ in range(5)]
+    prompt = [rng.randrange(10, 300) for _ in range(30)]
+    poison = 3  # the lowest id here: the poisoned row sorts before the clean ones
+    clean = [prompt + [rng.randrange(10, 290) for _ in range(6)] for _ in range(3)]
+    poisoned = prompt + [poison] + [rng.randrange(10, 290) for _ in range(5)]
     want = unshared_rewards(engine, clean)
     embeddings = engine.backbone.get_input_embeddings().weight
     saved_row, saved_overhead = embeddings[poison].detach().clone(), engine.overhead_tokens
@@ -270,12 +270,13 @@ def test_a_nan_item_never_poisons_the_prefixes_other_items_share(demo_model):
         with torch.no_grad():
             embeddings[poison] = float("nan")
         sharing(engine, cache_bytes=1 << 24)
-        first = engine.score_batch([poisoned])  # alone: its whole row is cached, unless it is not finite
-        later = engine.score_batch(clean)  # these match the poisoned row's first 30 tokens
+        engine.overhead_tokens = 1e9  # no shared level: the poisoned row and a clean one side by side in one forward
+        first = engine.score_batch([poisoned, clean[0]])  # the poisoned row sorts first: its neighbour keeps its own
+        later = engine.score_batch(clean[1:])  # these match the cached rows' first 30 tokens
     finally:
         with torch.no_grad():
             embeddings[poison] = saved_row
         engine.overhead_tokens = saved_overhead
         engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
     assert isinstance(first[0], InternalError)
-    assert later == pytest.approx(want, abs=FP32_TOL)
+    assert [first[1], *later] == pytest.approx(want, abs=FP32_TOL)
