@@ -39,6 +39,9 @@ class GetRewardRequest(_CompatRequest):
     """
 
     query: list[StrictStr] = Field(description="Formatted texts to score (special tokens included); may be empty.")
+    model: StrictStr | None = Field(
+        None, description="Optional (rmserve's addition): a served model's or ensemble's name; absent: the first."
+    )
     prompts: Any = Field(None, description="Sent by OpenRLHF; not used.")
     labels: Any = Field(None, description="Sent by OpenRLHF; not used.")
 
@@ -61,7 +64,9 @@ class ClassifyRequest(_CompatRequest):
     """
 
     model: StrictStr | None = Field(
-        None, description="Optional; the served model's id, the path it was loaded from, or a served_model_names entry."
+        None,
+        description="Optional; a served model's id, the path it was loaded from or a served_model_names entry, or "
+        "an ensemble's name. Absent: the first served model.",
     )
     input: StrictStr | list[StrictStr] | TokenIds | list[TokenIds] = Field(
         description="One formatted text, a list of them, one list of token ids, or a list of such lists."

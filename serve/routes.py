@@ -46,6 +46,7 @@ from .protocol import (
     ScoreResponse,
 )
 from .service import GatewayService
+from .telemetry import RewardTelemetry
 
 _ERROR_BODY = {
     "content": {
@@ -172,6 +173,9 @@ def create_http_app(
     limits = config.limits
     compat = compat or CompatService(service, config)
     metrics = metrics or LocalMetrics()
+    if service.telemetry is None:  # without a Gateway (tests): this process's answers, in this process's /metrics
+        service.telemetry = RewardTelemetry(metrics.recorder, config.reward_window_items)
+        metrics.sources.append(service.telemetry.snapshot)
     drain = drain or Drain()
 
     async def respond(
@@ -268,7 +272,12 @@ def create_http_app(
     async def ready(request: Request) -> Response:
         return await respond(request, None, service.ready, protected=ops)
 
-    @app.get("/v1/models", response_model=ModelsResponse, responses=ERROR_RESPONSES, summary="The served model")
+    @app.get(
+        "/v1/models",
+        response_model=ModelsResponse,
+        responses=ERROR_RESPONSES,
+        summary="The served models and ensembles",
+    )
     async def models(request: Request) -> Response:
         return await respond(request, None, service.models, protected=ops)
 
