@@ -52,7 +52,6 @@ class MetricSpec:
     help: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
-    internal: bool = False  # recorded and merged, never rendered (the inputs of derived gauges)
 
 
 CATALOGUE = (
@@ -138,16 +137,16 @@ CATALOGUE = (
         ("model",),
         SPREADS,
     ),
-    # Sums over each Gateway's window, merged (added) across Gateways; the rolling gauges are derived from them.
+    # The moments behind the rolling gauges: sums over each Gateway's window, added up across Gateways.
     *(
-        MetricSpec(name, "gauge", "Window moment (internal).", ("model",), internal=True)
-        for name in (
-            "reward_window_items",
-            "reward_window_sum",
-            "reward_window_sum_squares",
-            "reward_window_length_sum",
-            "reward_window_length_sum_squares",
-            "reward_window_length_products",
+        MetricSpec(f"reward_window_{name}", "gauge", f"Rolling window, by model: {text}.", ("model",))
+        for name, text in (
+            ("items", "items in the windows"),
+            ("sum", "sum of the rewards"),
+            ("sum_squares", "sum of the squared rewards"),
+            ("length_sum", "sum of the lengths in tokens"),
+            ("length_sum_squares", "sum of the squared lengths"),
+            ("length_products", "sum of reward x length"),
         )
     ),
 )
@@ -285,8 +284,7 @@ class _SnapshotCollector:
 
     def collect(self) -> Iterator[Metric]:
         for spec in CATALOGUE:
-            if not spec.internal:
-                yield self._family(spec)
+            yield self._family(spec)
 
     def _family(self, spec: MetricSpec) -> Metric:
         name, labels = PREFIX + spec.name, list(spec.labels)
