@@ -73,7 +73,7 @@ def reference_reward(model, ids) -> float:
 def save_checkpoint(
     out: Path, head_format: str, arch: str = "llama", tok_variant: str = "chat", seed: int = 0, **config_extra
 ):
-    """Write a checkpoint of ``head_format`` (weights from ``seed``) and return ``(dir, reference_model, tokenizer)``."""
+    """Write a checkpoint of ``head_format`` (weights from ``seed``); return ``(dir, reference_model, tokenizer)``."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
