@@ -26,6 +26,7 @@ from typing import Literal
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 PREFIX = "rmserve_"
 # Prometheus' classic text format, which every Prometheus version and promtool parse.
@@ -298,7 +299,12 @@ class _SnapshotCollector:
             family = HistogramMetricFamily(name, spec.help, labels=labels)
             hists = sorted((key[1], h) for key, h in self.snapshot.histograms.items() if key[0] == spec.name)
             for label_values, hist in hists or ([((), Histogram.empty(spec.buckets))] if not labels else []):
-                family.add_metric([v for _, v in label_values], _cumulative(hist, spec.buckets), hist.sum)
+                values = [v for _, v in label_values]
+                family.add_metric(values, _cumulative(hist, spec.buckets), hist.sum)
+                if spec.buckets[0] < 0:  # prometheus_client leaves _count and _sum out then (an OpenMetrics rule)
+                    series = dict(zip(labels, values, strict=True))
+                    family.samples.append(Sample(name + "_count", series, float(hist.count)))
+                    family.samples.append(Sample(name + "_sum", series, hist.sum))
             return family
         family = GaugeMetricFamily(name, spec.help, labels=labels)
         if spec.name == "padding_efficiency":
