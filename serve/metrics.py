@@ -143,11 +143,11 @@ CATALOGUE = (
         MetricSpec(f"reward_window_{name}", "gauge", f"Rolling window, by model: {text}.", ("model",))
         for name, text in (
             ("items", "items in the windows"),
-            ("sum", "sum of the rewards"),
-            ("sum_squares", "sum of the squared rewards"),
-            ("length_sum", "sum of the lengths in tokens"),
-            ("length_sum_squares", "sum of the squared lengths"),
-            ("length_products", "sum of reward x length"),
+            ("rewards", "sum of the rewards"),
+            ("rewards_squared", "sum of the squared rewards"),
+            ("lengths", "sum of the lengths in tokens"),
+            ("lengths_squared", "sum of the squared lengths"),
+            ("products", "sum of reward x length"),
         )
     ),
 )
@@ -331,18 +331,19 @@ class _SnapshotCollector:
         return self.snapshot.get("forward_real_tokens") / padded if padded else 1.0
 
 
-WINDOW_MOMENTS = ("sum", "sum_squares", "length_sum", "length_sum_squares", "length_products")
+# Names avoid the _sum/_count/_total suffixes Prometheus reserves for histograms, summaries and counters.
+WINDOW_MOMENTS = ("rewards", "rewards_squared", "lengths", "lengths_squared", "products")
 
 
 def window_statistics(count: float, moments: dict[str, float]) -> dict[str, float]:
-    """Mean and standard deviation of the rewards, and their Pearson correlation with length, from the moments
-    ``sum`` (rewards), ``sum_squares``, ``length_sum``, ``length_sum_squares`` and ``length_products`` of
-    ``count`` items."""
-    mean = moments["sum"] / count
-    mean_length = moments["length_sum"] / count
-    var = max(moments["sum_squares"] / count - mean * mean, 0.0)
-    var_length = max(moments["length_sum_squares"] / count - mean_length * mean_length, 0.0)
-    cov = moments["length_products"] / count - mean * mean_length
+    """Mean and standard deviation of the rewards, and their Pearson correlation with length, from the sums
+    ``WINDOW_MOMENTS`` names (of rewards, squared rewards, lengths, squared lengths, reward x length) of ``count``
+    items."""
+    mean = moments["rewards"] / count
+    mean_length = moments["lengths"] / count
+    var = max(moments["rewards_squared"] / count - mean * mean, 0.0)
+    var_length = max(moments["lengths_squared"] / count - mean_length * mean_length, 0.0)
+    cov = moments["products"] / count - mean * mean_length
     # A variance within rounding error of zero (constant values) leaves the correlation undefined.
     defined = count >= 2 and var > 1e-12 * (1.0 + mean * mean) and var_length > 1e-12 * (1.0 + mean_length**2)
     correlation = max(-1.0, min(1.0, cov / math.sqrt(var * var_length))) if defined else math.nan

@@ -81,10 +81,10 @@ def window_moments(pairs: Sequence[tuple[float, int]]) -> dict[str, float]:
     rewards = [float(r) for r, _ in pairs]
     lengths = [float(n) for _, n in pairs]
     sums = {
-        "sum": math.fsum(rewards),
-        "sum_squares": math.fsum(r * r for r in rewards),
-        "length_sum": math.fsum(lengths),
-        "length_sum_squares": math.fsum(n * n for n in lengths),
-        "length_products": math.fsum(r * n for r, n in zip(rewards, lengths, strict=True)),
+        "rewards": math.fsum(rewards),
+        "rewards_squared": math.fsum(r * r for r in rewards),
+        "lengths": math.fsum(lengths),
+        "lengths_squared": math.fsum(n * n for n in lengths),
+        "products": math.fsum(r * n for r, n in zip(rewards, lengths, strict=True)),
     }
     return {"items": float(len(pairs)), **{name: sums[name] for name in WINDOW_MOMENTS}}
