@@ -14,7 +14,9 @@ formatter collapses a duplicated leading BOS).
   unless the request says ``"use_activation": false``, which is what RL trainers send) and ``[r]`` with
   activation off; ``r`` is normalised first with ``compat.normalize``. ``input`` may also be token ids.
   ``model`` follows API.md's model names (verl sends the path it loaded the reward model from); another
-  name is a 404, as in vLLM. ``/get_reward`` takes an optional ``model`` too (absent: the first served model).
+  name is a 404, as in vLLM. ``/get_reward`` scores with the first served model; ``/get_reward/<model>`` (a URL
+  OpenRLHF's ``--reward.remote_url`` can hold) with the model or ensemble named there (404 when none). A ``model``
+  in the body of ``/get_reward`` is ignored, as OpenRLHF's own server does.
   An ensemble answers with its combined reward (already normalised: ``compat.normalize`` changes nothing for it).
   Validation errors are 400, as in vLLM (native routes: 422).
 * Errors name the caller's own field: ``query[5]``, ``input[2]`` (``input`` for a single input).
@@ -83,12 +85,15 @@ class CompatService:
         self.normalize = config.compat.normalize
         self._retry_after_s = float(config.limits.retry_after_s)
 
-    async def get_reward(self, request: GetRewardRequest) -> GetRewardResponse:
+    async def get_reward(self, request: GetRewardRequest, model: str | None = None) -> GetRewardResponse:
+        """``model`` comes from the URL (``/get_reward/<model>``): OpenRLHF sends no model field of its own."""
         if not request.query:
+            if model is not None:
+                await self.service.check_model(model)
             return GetRewardResponse(rewards=[], scores=[], extra_logs={})
-        pad = await self._strippable_pad_token(request.model)
+        pad = await self._strippable_pad_token(model)
         items = [TextItem(text=strip_padding(q, pad)) for q in request.query]
-        scored = await self._score(items, request.model, in_list("query", single=False))
+        scored = await self._score(items, model, in_list("query", single=False))
         return GetRewardResponse(rewards=scored.shown, scores=list(scored.shown), extra_logs={})
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:

@@ -39,9 +39,6 @@ class GetRewardRequest(_CompatRequest):
     """
 
     query: list[StrictStr] = Field(description="Formatted texts to score (special tokens included); may be empty.")
-    model: StrictStr | None = Field(
-        None, description="Optional (rmserve's addition): a served model's or ensemble's name; absent: the first."
-    )
     prompts: Any = Field(None, description="Sent by OpenRLHF; not used.")
     labels: Any = Field(None, description="Sent by OpenRLHF; not used.")
 

@@ -302,6 +302,16 @@ def create_http_app(
         return await respond(request, GetRewardRequest, compat.get_reward)
 
     @app.post(
+        "/get_reward/{model:path}",
+        response_model=GetRewardResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_json_body(GetRewardRequest),
+        summary="OpenRLHF remote reward model, scored by the model or ensemble the path names",
+    )
+    async def get_reward_of_model(request: Request, model: str) -> Response:
+        return await respond(request, GetRewardRequest, lambda body: compat.get_reward(body, model))
+
+    @app.post(
         "/classify",
         response_model=ClassifyResponse,
         responses=ERROR_RESPONSES,

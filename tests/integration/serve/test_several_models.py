@@ -138,7 +138,7 @@ async def test_an_unknown_model_is_a_404_naming_the_model_field(client):
         ("/v1/score", {"items": items_of(1), "model": "nope"}),
         ("/v1/preference", {"pairs": [{"prompt": "p", "response_a": "a", "response_b": "b"}], "model": "nope"}),
         ("/v1/rerank", {"groups": [{"prompt": "p", "responses": ["a"]}], "model": "nope"}),
-        ("/get_reward", {"query": ["text"], "model": "nope"}),
+        ("/get_reward/nope", {"query": ["text"]}),
         ("/classify", {"input": ["text"], "model": "nope"}),
     ]
     for route, body in routes:
@@ -213,17 +213,17 @@ async def test_preference_and_rerank_of_an_ensemble_report_members_and_spread(cl
 async def test_compatibility_routes_pick_by_model(client, offline):
     texts = [f"Question {k}? Answer: {'yes ' * k}" for k in range(1, 6)]
     text_items = [{"text": t} for t in texts]
-    response = await client.post("/get_reward", json={"query": texts, "model": "safe"})
+    response = await client.post("/get_reward/safe", json={"query": texts})
     assert response.status_code == 200, response.text
     assert response.json()["rewards"] == pytest.approx(offline["safe"].score(text_items), abs=TOL)
-    default = await client.post("/get_reward", json={"query": texts})
+    default = await client.post("/get_reward", json={"query": texts, "model": "safe"})  # a body's model is ignored
     assert default.json()["rewards"] == pytest.approx(offline["helpful"].score(text_items), abs=TOL)
     reward, _, _ = expected_ensemble(offline, "worst", text_items)
     response = await client.post("/classify", json={"model": "worst", "input": texts, "use_activation": False})
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "worst"
     assert [d["probs"][0] for d in response.json()["data"]] == pytest.approx(list(reward), abs=TOL)
-    response = await client.post("/get_reward", json={"query": texts, "model": "avg"})
+    response = await client.post("/get_reward/avg", json={"query": texts})
     assert response.json()["rewards"] == pytest.approx(list(expected_ensemble(offline, "avg", text_items)[0]), abs=TOL)
 
 
