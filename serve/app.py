@@ -30,9 +30,10 @@ from ray.serve import Application
 
 from .config import ServerConfig
 from .config_loading import load_config
+from .ensemble import check_ensemble_members
 from .gateway import Gateway
 from .resources import Capacity, host_cores, ray_capacity, resolve_resources
-from .scorer import Scorer
+from .scorer import Scorer, scorer_deployment_name
 
 # A replica whose constructor fails (e.g. a checkpoint without weights) is retried this often, not Ray's 20 times.
 CONSTRUCTOR_RETRIES = 3
@@ -42,7 +43,10 @@ OVERFLOW_REQUESTS = 256
 
 
 def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Application:
-    """The application: a Gateway (FastAPI ingress) bound to a Scorer deployment."""
+    """The application: a Gateway (FastAPI ingress) bound to one Scorer deployment per served model.
+
+    Refuses (``ConfigError``) an ensemble whose member's checkpoint and config give no normalisation statistics.
+    """
     if not isinstance(config, ServerConfig):
         config = load_config(base=config or {})
     config = resolve_resources(config, _capacity())
@@ -54,20 +58,26 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
         "graceful_shutdown_wait_loop_s": 0.5,
         "logging_config": {"enable_access_log": config.access_log},
     }
-    scorer = Scorer.options(
-        num_replicas=config.replicas,
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
-        max_ongoing_requests=scorer_requests,
-        user_config=config.scorer_user_config(),
-        max_constructor_retry_count=CONSTRUCTOR_RETRIES,
-        **common,
-    ).bind(config)
+    check_ensemble_members(config)
+    served = config.served_models()
+    scorers = [
+        Scorer.options(
+            name=scorer_deployment_name(config, index),
+            num_replicas=model.replicas,
+            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+            max_ongoing_requests=scorer_requests,
+            user_config=config.scorer_user_config(),
+            max_constructor_retry_count=CONSTRUCTOR_RETRIES,
+            **common,
+        ).bind(config, index)
+        for index, model in enumerate(served)
+    ]
     return Gateway.options(
         num_replicas=config.gateway_replicas,
         ray_actor_options={"num_cpus": config.gateway_num_cpus},
-        max_ongoing_requests=scorer_requests * config.replicas,
+        max_ongoing_requests=scorer_requests * sum(model.replicas for model in served),
         **common,
-    ).bind(scorer, config)
+    ).bind(scorers[0], config, scorers[1:])
 
 
 def app_builder(args: dict[str, Any]) -> Application:

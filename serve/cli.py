@@ -49,21 +49,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Start a local Ray instance, deploy the app, serve until Ctrl-C or SIGTERM, then shut down cleanly."""
     config = config_from_args(args)
     _prepare_model(config)
+    from .ensemble import check_ensemble_members
     from .server import run_until_signalled
+
+    check_ensemble_members(config)  # before Ray starts: a clear one-line error (exit 2)
 
     return run_until_signalled(config)
 
 
 def _prepare_model(config: ServerConfig) -> None:
     """Fail fast on a missing checkpoint, and build the demo here (once) rather than in every replica."""
-    path = config.model.path
-    if path == "demo":
-        from rmserve.model.demo import ensure_demo_model
+    for path in dict.fromkeys(model.path for model in config.served_models()):
+        if path == "demo":
+            from rmserve.model.demo import ensure_demo_model
 
-        print("rmserve: preparing the demo reward model (built once, then cached)", flush=True)
-        ensure_demo_model(progress=True)
-    elif not os.path.isdir(os.path.expanduser(path)):
-        raise UsageError(f"model path {path!r} is not a directory (rmserve loads local checkpoints only)")
+            print("rmserve: preparing the demo reward model (built once, then cached)", flush=True)
+            ensure_demo_model(progress=True)
+        elif not os.path.isdir(os.path.expanduser(path)):
+            raise UsageError(f"model path {path!r} is not a directory (rmserve loads local checkpoints only)")
 
 
 def _external_command(module: str, run: str) -> Callable[[argparse.Namespace], Any]:

@@ -5,17 +5,24 @@ Fields of the ``model``, ``batching``, ``limits`` and ``compat`` sections become
 ``--compat-normalize`` and ``api_keys`` is the repeatable ``--api-key``. Values stay strings; ``load_config``
 validates them like any other source.
 
+``--model`` is repeatable: one ``--model PATH`` sets ``model.path`` (one model, as always); ``--model NAME=PATH``
+(one or more) builds the ``models`` list, whose entries take the other model flags (``--dtype`` ...) as defaults.
+``models`` and ``ensembles`` are lists of sections: YAML or the environment only.
+
 Example::
 
     add_config_flags(parser)
     overrides_from_args(parser.parse_args(["--port", "9000", "--model", "demo"]))
     # {"port": "9000", "model": {"path": "demo"}}
+    overrides_from_args(parser.parse_args(["--model", "helpful=/ckpt/a", "--model", "safe=/ckpt/b"]))
+    # {"models": [{"name": "helpful", "path": "/ckpt/a"}, {"name": "safe", "path": "/ckpt/b"}]}
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -27,7 +34,10 @@ from .config import ServerConfig
 from .config_loading import CONFIG_FILE_ENV, load_config
 
 FLATTENED_SECTIONS = ("model", "batching", "limits", "compat")
-SKIPPED = frozenset({("model", "max_batch_tokens"), ("testing",)})
+SKIPPED = frozenset({("model", "max_batch_tokens"), ("testing",), ("models",), ("ensembles",)})
+MODEL_FLAG = ("model", "path")
+# ``NAME=PATH``: a model name (served_models.NAME_PATTERN) before the first '='.
+_NAMED_MODEL = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})=(.+)")
 RENAMED = {("model", "path"): "--model", ("api_keys",): "--api-key", ("compat", "normalize"): "--compat-normalize"}
 _DEST_PREFIX = "config:"
 
@@ -65,7 +75,9 @@ def add_config_flags(parser: argparse.ArgumentParser, include: Callable[[tuple[s
         seen.add(flag)
         kwargs: dict[str, Any] = {"dest": _DEST_PREFIX + ".".join(path), "default": argparse.SUPPRESS}
         annotation = field.annotation
-        if annotation is bool:
+        if path == MODEL_FLAG:
+            kwargs.update(action="append", metavar="PATH|NAME=PATH")
+        elif annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(annotation) is list:
             kwargs.update(action="append", metavar="KEY")
@@ -74,6 +86,8 @@ def add_config_flags(parser: argparse.ArgumentParser, include: Callable[[tuple[s
         else:
             kwargs["metavar"] = path[-1].upper()
         kwargs["help"] = describe_field(field).replace("%", "%%")
+        if path == MODEL_FLAG:
+            kwargs["help"] += " Repeat as NAME=PATH to serve several models (the first is the default)."
         groups.get(path[0], groups["server"]).add_argument(flag, **kwargs)
 
 
@@ -100,6 +114,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if not dest.startswith(_DEST_PREFIX):
             continue
         path = dest[len(_DEST_PREFIX) :].split(".")
+        if tuple(path) == MODEL_FLAG:
+            _add_models(result, value)
+            continue
         node = result
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -123,3 +140,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         environ=os.environ,
         overrides=overrides_from_args(args),
     )
+
+
+def _add_models(result: dict[str, Any], values: list[str]) -> None:
+    """``--model`` values: one plain path is ``model.path``; otherwise each is an entry of ``models``."""
+    named = [_NAMED_MODEL.fullmatch(v) for v in values]
+    if len(values) == 1 and named[0] is None:
+        result.setdefault("model", {})["path"] = values[0]
+        return
+    result["models"] = [{"name": m[1], "path": m[2]} if m else {"path": v} for v, m in zip(values, named, strict=True)]

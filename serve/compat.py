@@ -14,7 +14,11 @@ formatter collapses a duplicated leading BOS).
   unless the request says ``"use_activation": false``, which is what RL trainers send) and ``[r]`` with
   activation off; ``r`` is normalised first with ``compat.normalize``. ``input`` may also be token ids.
   ``model`` follows API.md's model names (verl sends the path it loaded the reward model from); another
-  name is a 404, as in vLLM. Validation errors are 400, as in vLLM (native routes: 422).
+  name is a 404, as in vLLM. ``/get_reward`` scores with the first served model; ``/get_reward/<model>`` (a URL
+  OpenRLHF's ``--reward.remote_url`` can hold) with the model or ensemble named there (404 when none). A ``model``
+  in the body of ``/get_reward`` is ignored, as OpenRLHF's own server does.
+  An ensemble answers with its combined reward (already normalised: ``compat.normalize`` changes nothing for it).
+  Validation errors are 400, as in vLLM (native routes: 422).
 * Errors name the caller's own field: ``query[5]``, ``input[2]`` (``input`` for a single input).
 * An empty ``query`` / ``input`` list answers 200 with empty lists, without calling the Scorer.
 * **Overload.** Neither trainer's client can take a 429: verl's reward loop gives up on any 4xx
@@ -32,13 +36,12 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
 from ray.serve.exceptions import BackPressureError
 
-from rmserve.model.errors import NotReadyError, OverloadedError, RMServeError
+from rmserve.model.errors import OverloadedError, RMServeError
 from rmserve.model.items import Item, TextItem
 
 from .compat_protocol import (
@@ -52,7 +55,7 @@ from .compat_protocol import (
 from .config import ServerConfig
 from .locations import Locate, in_list
 from .protocol import ScoredItems
-from .service import READY_PROBE_TIMEOUT_S, GatewayService, sigmoid
+from .service import GatewayService, sigmoid
 
 
 def strip_padding(text: str, pad_token: str | None) -> str:
@@ -80,17 +83,17 @@ class CompatService:
     def __init__(self, service: GatewayService, config: ServerConfig):
         self.service = service
         self.normalize = config.compat.normalize
-        self._probe_timeout = min(READY_PROBE_TIMEOUT_S, config.limits.request_timeout_s / 2)
         self._retry_after_s = float(config.limits.retry_after_s)
-        self._pad_token: str | None = None
-        self._tokens_known = False
 
-    async def get_reward(self, request: GetRewardRequest) -> GetRewardResponse:
+    async def get_reward(self, request: GetRewardRequest, model: str | None = None) -> GetRewardResponse:
+        """``model`` comes from the URL (``/get_reward/<model>``): OpenRLHF sends no model field of its own."""
         if not request.query:
+            if model is not None:
+                await self.service.check_model(model)
             return GetRewardResponse(rewards=[], scores=[], extra_logs={})
-        pad = await self._strippable_pad_token()
+        pad = await self._strippable_pad_token(model)
         items = [TextItem(text=strip_padding(q, pad)) for q in request.query]
-        scored = await self._score(items, None, in_list("query", single=False))
+        scored = await self._score(items, model, in_list("query", single=False))
         return GetRewardResponse(rewards=scored.shown, scores=list(scored.shown), extra_logs={})
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
@@ -120,20 +123,9 @@ class CompatService:
             except (OverloadedError, BackPressureError):
                 await self.service.capacity.wait(self._retry_after_s)
 
-    async def _strippable_pad_token(self) -> str | None:
-        """The tokenizer's pad token, when it has one that is not also its EOS (every replica serves one model)."""
-        if not self._tokens_known:
-            response = self.service.scorer.special_tokens.remote()
-            try:
-                tokens = await asyncio.wait_for(_resolve(response), self._probe_timeout)
-            except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
-                response.cancel()
-                raise NotReadyError("the model is not loaded yet; GET /ready turns 200 when it is") from None
-            pad, eos = tokens.get("pad_token"), tokens.get("eos_token")
-            self._pad_token = pad if pad and pad != eos else None
-            self._tokens_known = True
-        return self._pad_token
-
-
-async def _resolve(response):
-    return await response
+    async def _strippable_pad_token(self, model: str | None) -> str | None:
+        """The tokenizer's pad token, when it has one that is not also its EOS (every replica of a model serves
+        the same tokenizer; an ensemble's is its first member's)."""
+        tokens = await self.service.special_tokens(model)
+        pad, eos = tokens.get("pad_token"), tokens.get("eos_token")
+        return pad if pad and pad != eos else None

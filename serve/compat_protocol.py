@@ -61,7 +61,9 @@ class ClassifyRequest(_CompatRequest):
     """
 
     model: StrictStr | None = Field(
-        None, description="Optional; the served model's id, the path it was loaded from, or a served_model_names entry."
+        None,
+        description="Optional; a served model's id, the path it was loaded from or a served_model_names entry, or "
+        "an ensemble's name. Absent: the first served model.",
     )
     input: StrictStr | list[StrictStr] | TokenIds | list[TokenIds] = Field(
         description="One formatted text, a list of them, one list of token ids, or a list of such lists."

@@ -16,11 +16,13 @@ Example::
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from rmserve.model.spec import ModelSpec
+
+from .served_models import NAME_HELP, NOT_PER_MODEL, CpuCount, EnsembleConfig, GpuCount, ServedModel
 
 MIB = 1024 * 1024
 
@@ -111,24 +113,42 @@ class CompatConfig(_Section):
 class ServerConfig(_Section):
     """The whole server configuration (model, batching, limits, resources, network, access)."""
 
-    model: ModelSpec = Field(default_factory=ModelSpec, description="The reward model to serve.")
+    model: ModelSpec = Field(
+        default_factory=ModelSpec,
+        description="The reward model to serve; with a `models` list, the defaults of every entry.",
+    )
     served_model_names: list[str] = Field(
         default_factory=list,
         max_length=64,
         description="More names a request's `model` may use for this model (as vLLM's --served-model-name), e.g. "
-        "the name or path a trainer's config already sends. The model's id and its path always work.",
+        "the name or path a trainer's config already sends. The model's id and its path always work. Single "
+        "model only (entries of `models` have their own).",
+    )
+    models: list[ServedModel] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Several models, each with its own Scorer deployment: {name, path, dtype, ..., replicas, "
+        "num_gpus, num_cpus}; the `model` section gives their defaults. Empty: serve `model` alone. A request's "
+        "absent `model` means the first.",
+    )
+    ensembles: list[EnsembleConfig] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Named ensembles of served models: {name, members: {model: weight}, combine: mean | min | "
+        "mean_minus_std, lambda}. Every member needs normalisation statistics.",
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and load shedding.")
     compat: CompatConfig = Field(default_factory=CompatConfig, description="Compatibility routes.")
     replicas: int = Field(1, ge=1, le=1024, description="Scorer replicas (each holds one copy of the model).")
-    num_gpus: Annotated[float, Field(ge=0.0, le=64.0)] | Literal["auto"] = Field(
+    num_gpus: GpuCount = Field(
         "auto", description="GPUs reserved per Scorer replica; 'auto': 1 when the Ray node has a GPU, else 0."
     )
-    num_cpus: Annotated[float, Field(ge=0.01, le=1024.0)] | Literal["auto"] = Field(
+    num_cpus: CpuCount = Field(
         "auto",
         description="CPUs reserved per Scorer replica, and its torch threads (rounded up); 'auto': the Ray node's CPUs "
-        "minus the Gateways', shared among the replicas. A request the machine cannot hold fails at start.",
+        "minus the Gateways' (and the models' that set theirs), shared among the replicas. A request the machine "
+        "cannot hold fails at start.",
     )
     gateway_replicas: int = Field(1, ge=1, le=1024, description="HTTP gateway replicas.")
     gateway_num_cpus: float = Field(0.25, ge=0.0, le=1024.0, description="CPUs reserved per gateway replica.")
@@ -162,12 +182,34 @@ class ServerConfig(_Section):
         "20-30% of single-item throughput on small machines; GET /metrics counts requests by route and status, "
         "and errors are logged either way.",
     )
+    reward_window_items: int = Field(
+        1024,
+        ge=2,
+        le=1_000_000,
+        description="Reward telemetry: the latest rewards per model (in each Gateway) behind /metrics' rolling mean, "
+        "spread and reward-length correlation.",
+    )
     testing: TestingConfig = Field(default_factory=TestingConfig, description="Test hooks (off).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_defaults(cls, data: Any) -> Any:
+        """Entries of ``models`` start from the top-level ``model`` section (their own keys win)."""
+        if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+            return data
+        defaults = data.get("model") or {}
+        if isinstance(defaults, ModelSpec):
+            defaults = defaults.model_dump(exclude_unset=True)
+        if not isinstance(defaults, dict):
+            return data
+        entries = [{**defaults, **entry} if isinstance(entry, dict) else entry for entry in data["models"]]
+        return {**data, "models": entries}
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:
         if "max_batch_tokens" in self.model.model_fields_set:
             raise ValueError("set batching.max_batch_tokens, not model.max_batch_tokens (one budget for both)")
+        self._check_models()
         if self.limits.max_items_per_request > self.limits.max_queued_items:
             raise ValueError(
                 f"limits.max_items_per_request ({self.limits.max_items_per_request}) exceeds limits.max_queued_items "
@@ -180,12 +222,61 @@ class ServerConfig(_Section):
             )
         return self
 
+    def _check_models(self) -> None:
+        if self.models and self.served_model_names:
+            raise ValueError("served_model_names applies to a single model; give each entry of models its own")
+        taken: dict[str, str] = {}
+        for i, entry in enumerate(self.models):
+            if NOT_PER_MODEL & entry.model_fields_set:
+                raise ValueError(f"models[{i}]: set batching.max_batch_tokens, not a model's max_batch_tokens")
+            if entry.name is None:
+                raise ValueError(f"models[{i}].name is required in a models list ({NAME_HELP})")
+            if entry.name in taken:
+                raise ValueError(f"models[{i}].name {entry.name!r} is already the name of {taken[entry.name]}")
+            taken[entry.name] = f"models[{i}]"
+        for i, ensemble in enumerate(self.ensembles):
+            if ensemble.name in taken:
+                raise ValueError(f"ensembles[{i}].name {ensemble.name!r} is already the name of {taken[ensemble.name]}")
+            taken[ensemble.name] = f"ensembles[{i}]"
+            models = [m.name for m in self.models] if self.models else []
+            for member in ensemble.members:
+                if member not in models:
+                    raise ValueError(
+                        f"ensembles[{i}].members: {member!r} is not the name of a served model (served: {models}; an "
+                        "ensemble needs a models list with named entries)"
+                    )
+        for i, entry in enumerate(self.models):
+            for name in entry.served_model_names:
+                if name in taken and name != entry.name:
+                    raise ValueError(f"models[{i}].served_model_names: {name!r} is already the name of {taken[name]}")
+
+    def served_models(self) -> list[ServedModel]:
+        """Every served model, first the default one, each with its replicas and resources filled in."""
+        if not self.models:
+            fields = self.model.model_dump(exclude_unset=True)
+            return [
+                ServedModel.model_validate(
+                    {
+                        **fields,
+                        "served_model_names": self.served_model_names,
+                        "replicas": self.replicas,
+                        "num_gpus": self.num_gpus,
+                        "num_cpus": self.num_cpus,
+                    }
+                )
+            ]
+        server = {"replicas": self.replicas, "num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+        return [
+            entry.model_copy(update={k: v for k, v in server.items() if getattr(entry, k) is None})
+            for entry in self.models
+        ]
+
     def uses_direct_ingress(self) -> bool:
         return self.ingress == "direct" or (self.ingress == "auto" and self.gateway_replicas == 1)
 
-    def model_spec(self) -> ModelSpec:
-        """The ``ModelSpec`` a replica loads: ``model`` with the batching token budget."""
-        return self.model.model_copy(update={"max_batch_tokens": self.batching.max_batch_tokens})
+    def model_spec(self, index: int = 0) -> ModelSpec:
+        """The ``ModelSpec`` a replica of served model ``index`` loads, with the batching token budget."""
+        return self.served_models()[index].spec(self.batching.max_batch_tokens)
 
     def scorer_user_config(self) -> dict:
         """What the Scorer's ``reconfigure`` receives (JSON-serialisable; changeable without a restart)."""

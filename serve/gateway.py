@@ -1,13 +1,15 @@
-"""The ``Gateway`` deployment: the FastAPI ingress in front of the Scorer.
+"""The ``Gateway`` deployment: the FastAPI ingress in front of the Scorers (one per served model).
 
-It holds a ``DeploymentHandle`` to the Scorer and builds its FastAPI app on the replica
-(``__serve_build_asgi_app__``), so the app's routes, limits and API keys come from the config
-object the deployment was bound with. It also reports its HTTP metrics to the application's
-metrics hub and answers ``GET /metrics`` with the totals of all replicas (``metrics_hub``), and
-follows ``rmserve serve``'s graceful shutdown (``lifecycle``).
+It holds a ``DeploymentHandle`` to each model's Scorer (the first model's is ``scorer``) and builds its
+FastAPI app on the replica (``__serve_build_asgi_app__``), so the app's routes, limits and API keys come from
+the config object the deployment was bound with. It also records reward telemetry (``telemetry``), reports its
+HTTP metrics and telemetry to the application's metrics hub, answers ``GET /metrics`` with the totals of all
+replicas (``metrics_hub``), and follows ``rmserve serve``'s graceful shutdown (``lifecycle``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from fastapi import FastAPI
 from ray import serve
@@ -18,6 +20,7 @@ from .lifecycle import Drain, start_following
 from .metrics_hub import ClusterMetrics
 from .routes import create_http_app
 from .service import GatewayService
+from .telemetry import RewardTelemetry
 
 
 @serve.deployment(name="Gateway")
@@ -25,11 +28,13 @@ from .service import GatewayService
 class Gateway:
     """HTTP front of one rmserve application (see API.md for its routes)."""
 
-    def __init__(self, scorer, config: ServerConfig):
+    def __init__(self, scorer, config: ServerConfig, more_scorers: Sequence = ()):
         self.config = config
-        self.service = GatewayService(scorer, config)
-        self.compat = CompatService(self.service, config)
         self.metrics = ClusterMetrics()
+        telemetry = RewardTelemetry(self.metrics.recorder, config.reward_window_items)
+        self.metrics.sources.append(telemetry.snapshot)
+        self.service = GatewayService(scorer, config, more_scorers, telemetry=telemetry)
+        self.compat = CompatService(self.service, config)
         self.drain = Drain()
         self._shutdown_follower = start_following(self.drain)
 

@@ -26,6 +26,7 @@ from typing import Literal
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 PREFIX = "rmserve_"
 # Prometheus' classic text format, which every Prometheus version and promtool parse.
@@ -34,6 +35,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITEMS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 TOKENS = tuple(2**k for k in range(6, 21))  # 64 .. 1,048,576
+# Rewards: symmetric around 0, fine near the normalised range and coarse out to raw rewards of typical RMs.
+REWARDS = (-10.0, -5.0, -3.0, -2.0, -1.5, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+# Ensemble disagreement: a standard deviation of normalised rewards (0 = the members agree).
+SPREADS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 
 Labels = tuple[tuple[str, str], ...]
 Key = tuple[str, Labels]
@@ -92,10 +97,63 @@ CATALOGUE = (
     MetricSpec("model_info", "info", "The served model (value 1).", ("model", "dtype", "quantization")),
     MetricSpec("scorer_replicas", "gauge", "Scorer replicas whose numbers this scrape includes."),
     MetricSpec("gateway_replicas", "gauge", "Gateway replicas whose numbers this scrape includes."),
+    # -- Reward telemetry (Gateways, by model: a served model's id or an ensemble's name; telemetry.py) ---------
+    MetricSpec(
+        "reward",
+        "histogram",
+        "Rewards returned, by model: raw rewards (before a request's normalize), an ensemble's combined reward.",
+        ("model",),
+        REWARDS,
+    ),
+    MetricSpec(
+        "reward_items", "counter", "Items answered with rewards, by model (an ensemble's count once).", ("model",)
+    ),
+    MetricSpec(
+        "reward_truncated_items",
+        "counter",
+        "Items answered that were left-truncated to max_length, by model.",
+        ("model",),
+    ),
+    MetricSpec(
+        "reward_rolling_mean", "gauge", "Mean reward of the latest reward_window_items items, by model.", ("model",)
+    ),
+    MetricSpec(
+        "reward_rolling_std",
+        "gauge",
+        "Standard deviation (population) of the rewards of the latest reward_window_items items, by model.",
+        ("model",),
+    ),
+    MetricSpec(
+        "reward_length_correlation",
+        "gauge",
+        "Pearson correlation between reward and length in tokens (the item as scored, after truncation) over the "
+        "latest reward_window_items items, by model; rising towards 1 is the length-hacking signal. NaN when "
+        "undefined (fewer than 2 items, or constant rewards or lengths).",
+        ("model",),
+    ),
+    MetricSpec(
+        "ensemble_spread",
+        "histogram",
+        "Ensembles: the members' disagreement per item (weighted standard deviation of their normalised rewards).",
+        ("model",),
+        SPREADS,
+    ),
+    # The moments behind the rolling gauges: sums over each Gateway's window, added up across Gateways.
+    *(
+        MetricSpec(f"reward_window_{name}", "gauge", f"Rolling window, by model: {text}.", ("model",))
+        for name, text in (
+            ("items", "items in the windows"),
+            ("rewards", "sum of the rewards"),
+            ("rewards_squared", "sum of the squared rewards"),
+            ("lengths", "sum of the lengths in tokens"),
+            ("lengths_squared", "sum of the squared lengths"),
+            ("products", "sum of reward x length"),
+        )
+    ),
 )
 SPECS = {spec.name: spec for spec in CATALOGUE}
 # Derived at render time from other metrics, never recorded.
-DERIVED = frozenset({"padding_efficiency"})
+DERIVED = frozenset({"padding_efficiency", "reward_rolling_mean", "reward_rolling_std", "reward_length_correlation"})
 
 
 @dataclass
@@ -241,18 +299,59 @@ class _SnapshotCollector:
             family = HistogramMetricFamily(name, spec.help, labels=labels)
             hists = sorted((key[1], h) for key, h in self.snapshot.histograms.items() if key[0] == spec.name)
             for label_values, hist in hists or ([((), Histogram.empty(spec.buckets))] if not labels else []):
-                family.add_metric([v for _, v in label_values], _cumulative(hist, spec.buckets), hist.sum)
+                values = [v for _, v in label_values]
+                family.add_metric(values, _cumulative(hist, spec.buckets), hist.sum)
+                if spec.buckets[0] < 0:  # prometheus_client leaves _count and _sum out then (an OpenMetrics rule)
+                    series = dict(zip(labels, values, strict=True))
+                    family.samples.append(Sample(name + "_count", series, float(hist.count)))
+                    family.samples.append(Sample(name + "_sum", series, hist.sum))
             return family
         family = GaugeMetricFamily(name, spec.help, labels=labels)
-        if spec.name in DERIVED:
+        if spec.name == "padding_efficiency":
             series = [((), self._padding_efficiency())]
+        elif spec.name in DERIVED:
+            series = self._window_statistic(spec.name)
         for label_values, value in series or ([((), 0.0)] if not labels else []):
             family.add_metric([v for _, v in label_values], value)
         return family
 
+    def _window_statistic(self, name: str) -> list[tuple[Labels, float]]:
+        """A rolling gauge of every model with a window, from the merged window moments."""
+        out = []
+        for key, count in sorted(self.snapshot.values.items()):
+            if key[0] != "reward_window_items" or count <= 0:
+                continue
+            labels = dict(key[1])
+            moments = {m: self.snapshot.get(f"reward_window_{m}", **labels) for m in WINDOW_MOMENTS}
+            out.append((key[1], window_statistics(count, moments)[name]))
+        return out
+
     def _padding_efficiency(self) -> float:
         padded = self.snapshot.get("forward_padded_tokens")
         return self.snapshot.get("forward_real_tokens") / padded if padded else 1.0
+
+
+# Names avoid the _sum/_count/_total suffixes Prometheus reserves for histograms, summaries and counters.
+WINDOW_MOMENTS = ("rewards", "rewards_squared", "lengths", "lengths_squared", "products")
+
+
+def window_statistics(count: float, moments: dict[str, float]) -> dict[str, float]:
+    """Mean and standard deviation of the rewards, and their Pearson correlation with length, from the sums
+    ``WINDOW_MOMENTS`` names (of rewards, squared rewards, lengths, squared lengths, reward x length) of ``count``
+    items."""
+    mean = moments["rewards"] / count
+    mean_length = moments["lengths"] / count
+    var = max(moments["rewards_squared"] / count - mean * mean, 0.0)
+    var_length = max(moments["lengths_squared"] / count - mean_length * mean_length, 0.0)
+    cov = moments["products"] / count - mean * mean_length
+    # A variance within rounding error of zero (constant values) leaves the correlation undefined.
+    defined = count >= 2 and var > 1e-12 * (1.0 + mean * mean) and var_length > 1e-12 * (1.0 + mean_length**2)
+    correlation = max(-1.0, min(1.0, cov / math.sqrt(var * var_length))) if defined else math.nan
+    return {
+        "reward_rolling_mean": mean,
+        "reward_rolling_std": math.sqrt(var),
+        "reward_length_correlation": correlation,
+    }
 
 
 def _cumulative(hist: Histogram, bounds: tuple[float, ...]) -> list[tuple[str, float]]:

@@ -166,8 +166,13 @@ class ClusterMetrics:
         self.recorder.set("gateway_replicas", 1)
         self.wait_s = wait_s
         self.content_type = CONTENT_TYPE
+        self.sources: list[Callable[[], Snapshot]] = []  # more of this replica's numbers (e.g. reward telemetry)
         self._hub: Any = None
-        self._reporter = start_reporting("gateway", self.recorder.snapshot)
+        self._reporter = start_reporting("gateway", self.snapshot)
+
+    def snapshot(self) -> Snapshot:
+        """This replica's numbers: its recorder and its ``sources``."""
+        return merge([self.recorder.snapshot(), *(source() for source in self.sources)])
 
     async def scrape(self) -> bytes:
         try:
@@ -187,6 +192,7 @@ class LocalMetrics:
         self.recorder = MetricsRecorder()
         self.recorder.set("gateway_replicas", 1)
         self.content_type = CONTENT_TYPE
+        self.sources: list[Callable[[], Snapshot]] = []
 
     async def scrape(self) -> bytes:
-        return render(self.recorder.snapshot())
+        return render(merge([self.recorder.snapshot(), *(source() for source in self.sources)]))

@@ -11,10 +11,23 @@ Example::
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    Tag,
+    field_validator,
+    model_serializer,
+)
 
 from rmserve.model.items import (
     ConversationItem,
@@ -56,12 +69,32 @@ class _NativeRequest(BaseModel):
 
     normalize: StrictBool = Field(False, description="Return (r - mean) / std instead of the raw reward.")
     model: StrictStr | None = Field(
-        None, description="Optional; the served model's id, path or one of its served_model_names (else 404)."
+        None,
+        description="Optional; a served model's id, path or one of its served_model_names, or an ensemble's name "
+        "(else 404). Absent: the first served model.",
     )
 
 
 class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+MemberRewards = dict[str, list[float]]
+
+
+class _EnsembleFields(_Response):
+    """A response whose ensemble-only fields (``ENSEMBLE_FIELDS``) are left out of the JSON when not set, so a
+    single model's body is exactly what it was before ensembles existed."""
+
+    ENSEMBLE_FIELDS: typing.ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_ensemble_fields(self, handler: SerializerFunctionWrapHandler):  # no return type: keeps the schema
+        data = handler(self)
+        for name in self.ENSEMBLE_FIELDS:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 # -- /v1/score ----------------------------------------------------------------------------------
@@ -86,11 +119,19 @@ class Usage(_Response):
     input_tokens: int
 
 
-class ScoreResponse(_Response):
+class ScoreResponse(_EnsembleFields):
+    ENSEMBLE_FIELDS = ("member_rewards", "spread")
+
     model: str
     rewards: list[float]
     truncated: list[int] = Field(description="Indices of the items that were left-truncated.")
     usage: Usage
+    member_rewards: MemberRewards | None = Field(
+        None, description="Ensembles only: each member's normalised reward per item (member name -> list)."
+    )
+    spread: list[float] | None = Field(
+        None, description="Ensembles only: the weighted standard deviation of the members' normalised rewards."
+    )
 
 
 # -- /v1/preference -----------------------------------------------------------------------------
@@ -106,11 +147,17 @@ class PreferenceRequest(_NativeRequest):
     pairs: list[PreferencePair] = Field(min_length=1)
 
 
-class PreferenceResult(_Response):
+class PreferenceResult(_EnsembleFields):
+    ENSEMBLE_FIELDS = ("member_rewards_a", "member_rewards_b", "spread_a", "spread_b")
+
     reward_a: float
     reward_b: float
     prob_a: float = Field(description="sigmoid(raw reward_a - raw reward_b)")
     preferred: Literal["a", "b"]
+    member_rewards_a: dict[str, float] | None = Field(None, description="Ensembles only: members' rewards of a.")
+    member_rewards_b: dict[str, float] | None = Field(None, description="Ensembles only: members' rewards of b.")
+    spread_a: float | None = Field(None, description="Ensembles only: the members' spread for a.")
+    spread_b: float | None = Field(None, description="Ensembles only: the members' spread for b.")
 
 
 class PreferenceResponse(_Response):
@@ -136,9 +183,17 @@ class RankedResponse(_Response):
     reward: float
 
 
-class RerankResult(_Response):
+class RerankResult(_EnsembleFields):
+    ENSEMBLE_FIELDS = ("member_rewards", "spread")
+
     ranking: list[RankedResponse]
     best_index: int
+    member_rewards: MemberRewards | None = Field(
+        None, description="Ensembles only: each member's normalised reward per response, in the group's input order."
+    )
+    spread: list[float] | None = Field(
+        None, description="Ensembles only: the members' spread per response, in the group's input order."
+    )
 
 
 class RerankResponse(_Response):
@@ -147,7 +202,9 @@ class RerankResponse(_Response):
 
 
 # -- operational --------------------------------------------------------------------------------
-class ModelCard(_Response):
+class ModelCard(_EnsembleFields):
+    ENSEMBLE_FIELDS = ("ensemble",)
+
     id: str
     names: list[str] = Field(
         default_factory=list,
@@ -159,6 +216,10 @@ class ModelCard(_Response):
     head: str
     normalization: dict[str, float] | None
     template: str
+    ensemble: dict[str, Any] | None = Field(
+        None,
+        description="Ensembles only: {members: {name: weight}, combine, lambda} (see rmserve.serve.ensemble).",
+    )
 
 
 class ModelsResponse(_Response):
@@ -184,6 +245,9 @@ class ScoredItems:
     normalized: list[float] | None = None  # when asked for
     truncated: list[int] = field(default_factory=list)
     input_tokens: int = 0
+    lengths: list[int] = field(default_factory=list)  # tokens of each item as scored (after truncation)
+    member_rewards: dict[str, list[float]] | None = None  # ensembles: each member's normalised rewards
+    spread: list[float] | None = None  # ensembles: the members' weighted spread per item
 
     @property
     def shown(self) -> list[float]:

@@ -67,36 +67,60 @@ def ray_capacity() -> Capacity:
 
 
 def resolve_resources(config: ServerConfig, capacity: Capacity) -> ServerConfig:
-    """``config`` with ``num_cpus``/``num_gpus`` of ``auto`` replaced by what ``capacity`` allows."""
-    update: dict[str, float] = {}
+    """``config`` with every ``num_cpus``/``num_gpus`` of ``auto`` (top level and per model) replaced by what
+    ``capacity`` allows; automatic CPUs are what the Gateways and the models with explicit CPUs leave, shared
+    evenly among the replicas of the other models."""
+    served = config.served_models()
+    gpus = 1.0 if capacity.largest_node_gpus >= 1 else 0.0
+    explicit = sum(m.replicas * float(m.num_cpus) for m in served if m.num_cpus != "auto")
+    auto_replicas = sum(m.replicas for m in served if m.num_cpus == "auto")
+    spare = capacity.largest_node_cpus - config.gateway_replicas * config.gateway_num_cpus - explicit
+    # Rounded down to 1/100 CPU so the sum never exceeds what exists; at least a sliver, so the check below
+    # reports a machine too small for the Gateways rather than a negative reservation.
+    cpus = max(math.floor(100 * spare / max(auto_replicas, 1)) / 100, 0.01)
+    update: dict[str, object] = {}
     if config.num_gpus == "auto":
-        update["num_gpus"] = 1.0 if capacity.largest_node_gpus >= 1 else 0.0
+        update["num_gpus"] = gpus
     if config.num_cpus == "auto":
-        spare = capacity.largest_node_cpus - config.gateway_replicas * config.gateway_num_cpus
-        # Rounded down to 1/100 CPU so the sum never exceeds what exists; at least a sliver, so the check below
-        # reports a machine too small for the Gateways rather than a negative reservation.
-        update["num_cpus"] = max(math.floor(100 * spare / config.replicas) / 100, 0.01)
+        update["num_cpus"] = cpus
+    if config.models:
+        update["models"] = [
+            entry.model_copy(
+                update={
+                    **({"num_gpus": gpus} if entry.num_gpus == "auto" else {}),
+                    **({"num_cpus": cpus} if entry.num_cpus == "auto" else {}),
+                }
+            )
+            for entry in config.models
+        ]
     return config.model_copy(update=update) if update else config
 
 
 def check_fits(config: ServerConfig, capacity: Capacity) -> None:
     """Raise ``ResourceError`` when the deployments' reservations cannot all be placed (Ray would wait forever)."""
     config = resolve_resources(config, capacity)
-    cpus, gpus = float(config.num_cpus), float(config.num_gpus)
-    need_cpus = config.replicas * cpus + config.gateway_replicas * config.gateway_num_cpus
-    need_gpus = config.replicas * gpus
+    served = config.served_models()
+    need_cpus = config.gateway_replicas * config.gateway_num_cpus
+    need_gpus = 0.0
+    parts = []
+    for model in served:
+        cpus, gpus = float(model.num_cpus), float(model.num_gpus)
+        need_cpus += model.replicas * cpus
+        need_gpus += model.replicas * gpus
+        label = "Scorer" if len(served) == 1 else f"Scorer {model.name}"
+        parts.append(f"{label}: {model.replicas} replica(s) x {_n(cpus)} CPUs, {_n(gpus)} GPUs")
     too_big = (
         need_cpus > capacity.cpus + 1e-9
         or need_gpus > capacity.gpus + 1e-9
-        or cpus > capacity.largest_node_cpus + 1e-9
-        or gpus > capacity.largest_node_gpus + 1e-9
+        or any(float(m.num_cpus) > capacity.largest_node_cpus + 1e-9 for m in served)
+        or any(float(m.num_gpus) > capacity.largest_node_gpus + 1e-9 for m in served)
     )
     if too_big:
         raise ResourceError(
-            f"the application asks for {_n(need_cpus)} CPUs and {_n(need_gpus)} GPUs (Scorer: {config.replicas} "
-            f"replica(s) x {_n(cpus)} CPUs, {_n(gpus)} GPUs; Gateway: {config.gateway_replicas} replica(s) x "
-            f"{_n(config.gateway_num_cpus)} CPUs), but Ray has {_n(capacity.cpus)} CPUs and {_n(capacity.gpus)} "
-            "GPUs; lower --num-cpus/--num-gpus (auto fits them to the machine) or raise --ray-num-cpus"
+            f"the application asks for {_n(need_cpus)} CPUs and {_n(need_gpus)} GPUs ({'; '.join(parts)}; Gateway: "
+            f"{config.gateway_replicas} replica(s) x {_n(config.gateway_num_cpus)} CPUs), but Ray has "
+            f"{_n(capacity.cpus)} CPUs and {_n(capacity.gpus)} GPUs; lower --num-cpus/--num-gpus (auto fits them to "
+            "the machine) or raise --ray-num-cpus"
         )
 
 

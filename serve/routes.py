@@ -46,6 +46,7 @@ from .protocol import (
     ScoreResponse,
 )
 from .service import GatewayService
+from .telemetry import RewardTelemetry
 
 _ERROR_BODY = {
     "content": {
@@ -172,6 +173,9 @@ def create_http_app(
     limits = config.limits
     compat = compat or CompatService(service, config)
     metrics = metrics or LocalMetrics()
+    if service.telemetry is None:  # without a Gateway (tests): this process's answers, in this process's /metrics
+        service.telemetry = RewardTelemetry(metrics.recorder, config.reward_window_items)
+        metrics.sources.append(service.telemetry.snapshot)
     drain = drain or Drain()
 
     async def respond(
@@ -268,7 +272,12 @@ def create_http_app(
     async def ready(request: Request) -> Response:
         return await respond(request, None, service.ready, protected=ops)
 
-    @app.get("/v1/models", response_model=ModelsResponse, responses=ERROR_RESPONSES, summary="The served model")
+    @app.get(
+        "/v1/models",
+        response_model=ModelsResponse,
+        responses=ERROR_RESPONSES,
+        summary="The served models and ensembles",
+    )
     async def models(request: Request) -> Response:
         return await respond(request, None, service.models, protected=ops)
 
@@ -291,6 +300,16 @@ def create_http_app(
     )
     async def get_reward(request: Request) -> Response:
         return await respond(request, GetRewardRequest, compat.get_reward)
+
+    @app.post(
+        "/get_reward/{model:path}",
+        response_model=GetRewardResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_json_body(GetRewardRequest),
+        summary="OpenRLHF remote reward model, scored by the model or ensemble the path names",
+    )
+    async def get_reward_of_model(request: Request, model: str) -> Response:
+        return await respond(request, GetRewardRequest, lambda body: compat.get_reward(body, model))
 
     @app.post(
         "/classify",

@@ -35,26 +35,44 @@ from .scoring_core import ScoringCore
 log = logging.getLogger("rmserve.serve")
 
 
+def scorer_deployment_name(config: ServerConfig, model_index: int) -> str:
+    """``Scorer`` for the first (default) model, so handles to the default model keep their name; else
+    ``Scorer-<name>``."""
+    return "Scorer" if model_index == 0 else f"Scorer-{config.served_models()[model_index].name}"
+
+
 @serve.deployment(name="Scorer")
 class Scorer:
     """Scores items with one reward model; batches items across concurrent requests.
+
+    An application serving several models has one Scorer deployment per model: the first model's is named
+    ``Scorer``, the others ``Scorer-<name>`` (``scorer_deployment_name``).
 
     Methods callable through a ``DeploymentHandle``: ``score(items, normalize=False) -> list[float]``,
     ``score_request(items, normalize) -> ScoredItems``, ``score_requests`` and ``withdraw`` (a Gateway's merged
     calls), ``info()``, ``special_tokens()``, ``stats()``, ``metrics_snapshot()``, ``reconfigure``, ``set_faults``.
     """
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, model_index: int = 0):
         if config.testing.scorer_start_delay_s:
             time.sleep(config.testing.scorer_start_delay_s)
         self._config = config
-        threads = use_cores(config.num_cpus)
-        self.model: RewardModel = load_reward_model(config.model_spec())
+        served = config.served_models()[model_index]
+        threads = use_cores(served.num_cpus)
+        self.model: RewardModel = load_reward_model(served.spec(config.batching.max_batch_tokens))
+        if served.name is not None:
+            self.model.model_id = served.name  # requests and responses name it as the operator did
         if config.compat.normalize and self.model.normalization is None:
             raise ModelLoadError(
                 f"compat.normalize is on but model {self.model.model_id} has no normalisation; set "
                 "model.reward_mean and model.reward_std, or add mean/std to its config.json"
             )
+        for ensemble in config.ensembles:
+            if self.model.model_id in ensemble.members and self.model.normalization is None:
+                raise ModelLoadError(
+                    f"model {self.model.model_id!r} is a member of ensemble {ensemble.name!r} but has no normalisation "
+                    "statistics; set its reward_mean and reward_std, or add mean/std to its config.json"
+                )
         self.model.score([{"text": "warm-up"}])  # one real forward before the replica reports ready
         self.core = ScoringCore(self.model, config.batching, config.limits)  # after the warm-up: it is not traffic
         self._metrics_reporter = start_reporting("scorer", self.core.metrics_snapshot)

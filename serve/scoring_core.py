@@ -178,6 +178,7 @@ class ScoringCore:
             normalized=self._normalized(rewards) if normalize else None,
             truncated=truncated,
             input_tokens=sum(lengths),
+            lengths=lengths,
         )
 
     def _admit(self, count: int) -> None:

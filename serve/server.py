@@ -131,10 +131,13 @@ def run_until_signalled(config: ServerConfig, stop: threading.Event | None = Non
             check_fits(config, capacity)
         except ResourceError as exc:
             raise StartupError(str(exc)) from None
-        print(
-            f"rmserve: deploying (Scorer: {config.replicas} x {config.num_cpus:g} CPUs, {config.num_gpus:g} GPUs)",
-            flush=True,
+        served = config.served_models()
+        scorers = "; ".join(
+            f"Scorer{'' if len(served) == 1 else ' ' + str(m.name)}: {m.replicas} x {float(m.num_cpus):g} CPUs, "
+            f"{float(m.num_gpus):g} GPUs"
+            for m in served
         )
+        print(f"rmserve: deploying ({scorers})", flush=True)
         proxy_port = free_port(config.host) if direct else config.port
         started = _in_background(lambda: _deploy(config, proxy_port, build_app, start_coordinator))
         while not started.done.wait(0.2):
@@ -144,7 +147,8 @@ def run_until_signalled(config: ServerConfig, stop: threading.Event | None = Non
         coordinator = started.result()
         deployed = True
         url = f"http://{config.host}:{config.port}"
-        print(f"rmserve: serving {config.model.path!r} at {url} (GET {url}/ready; Ctrl-C to stop)", flush=True)
+        what = ", ".join(repr(m.path) if m.name is None else f"{m.name}={m.path}" for m in served)
+        print(f"rmserve: serving {what} at {url} (GET {url}/ready; Ctrl-C to stop)", flush=True)
         while not stop.wait(0.5):
             pass
         print("rmserve: shutting down (new requests get 503; requests in flight finish)", flush=True)

@@ -1,8 +1,10 @@
 """What the Gateway's routes do, without HTTP: validate → preprocess → run (one Scorer call) → build the response.
 
-Each native route turns its request into one flat list of items, sends them to the Scorer in ONE
-handle call (shared with the other requests that reached this Gateway in the same event-loop turn, see
-``coalescing``; the Scorer's one queue batches them with everyone else's), and builds its response from the rewards.
+Each native route turns its request into one flat list of items, finds the model its ``model`` names
+(``model_routing``), sends the items to that model's Scorer in ONE handle call (shared with the other requests
+that reached this Gateway in the same event-loop turn, see ``coalescing``; the Scorer's one queue batches them with
+everyone else's), and builds its response from the rewards. An ensemble sends one call to each member at once and
+combines their normalised rewards (``ensemble.combine_rewards``).
 The response-building steps are pure functions (``preference_result``, ``rank_group``).
 
 Example::
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -29,9 +30,10 @@ from rmserve.model.errors import (
 )
 from rmserve.model.items import Item, PairItem
 
-from .coalescing import RequestCoalescer
 from .config import ServerConfig
+from .ensemble import combine_rewards
 from .locations import Locate, in_groups, in_items, in_pairs
+from .model_routing import EnsembleRoute, ModelLane, ModelRouter
 from .protocol import (
     ModelCard,
     ModelsResponse,
@@ -48,6 +50,7 @@ from .protocol import (
     ScoreResponse,
     Usage,
 )
+from .telemetry import RewardTelemetry
 
 READY_PROBE_TIMEOUT_S = 2.0  # at most; never more than half the request deadline
 
@@ -71,21 +74,6 @@ def rank_group(rewards: list[float], top_k: int | None) -> RerankResult:
     order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
     ranking = [RankedResponse(index=i, reward=rewards[i]) for i in order[:top_k]]
     return RerankResult(ranking=ranking, best_index=order[0])
-
-
-def model_names(config: ServerConfig, model_id: str) -> list[str]:
-    """Every name a request's ``model`` may use (API.md, "Model names"): the model's id, the operator's
-    ``served_model_names``, and the path it was loaded from, as given and resolved (verl sends its path)."""
-    path = config.model.path
-    names = [model_id, *config.served_model_names, path]
-    if path != "demo":
-        names.append(os.path.realpath(os.path.expanduser(path)))
-    return list(dict.fromkeys(names))
-
-
-def names_model(names: Sequence[str], requested: str) -> bool:
-    """Does ``requested`` name the model? A path matches with or without a trailing slash or ``./``."""
-    return requested in names or os.path.normpath(requested) in {os.path.normpath(n) for n in names}
 
 
 class CapacitySignal:
@@ -121,20 +109,23 @@ class CapacitySignal:
 
 
 class GatewayService:
-    """The native routes' pipeline on top of a Scorer ``DeploymentHandle``."""
+    """The native routes' pipeline on top of the Scorer ``DeploymentHandle`` of each served model.
 
-    def __init__(self, scorer: Any, config: ServerConfig):
-        self.scorer = scorer
+    ``scorer`` is the first (default) model's handle, ``more_scorers`` the others', in ``config.served_models()``
+    order. ``telemetry`` (the Gateway sets it) sees every answer (``telemetry.py``).
+    """
+
+    def __init__(
+        self,
+        scorer: Any,
+        config: ServerConfig,
+        more_scorers: Sequence[Any] = (),
+        telemetry: RewardTelemetry | None = None,
+    ):
         self.config = config
-        self._model_id: str | None = None
-        self._model_names: list[str] = []
+        self.router = ModelRouter([scorer, *more_scorers], config)
         self.capacity = CapacitySignal()
-        self.coalescer = RequestCoalescer(
-            scorer,
-            window_s=config.batching.gateway_window_s,
-            max_items=config.batching.max_batch_items,
-            merge=config.replicas == 1,  # a withdrawal must reach the replica that holds the request
-        )
+        self.telemetry = telemetry
 
     # -- routes -------------------------------------------------------------------------------------
     async def score(self, request: ScoreRequest) -> ScoreResponse:
@@ -144,6 +135,8 @@ class GatewayService:
             rewards=scored.shown,
             truncated=scored.truncated,
             usage=Usage(input_tokens=scored.input_tokens),
+            member_rewards=scored.member_rewards,
+            spread=scored.spread,
         )
 
     async def preference(self, request: PreferenceRequest) -> PreferenceResponse:
@@ -154,6 +147,12 @@ class GatewayService:
         scored = await self.score_items(items, request.normalize, request.model, in_pairs)
         raw, shown = scored.rewards, scored.shown
         results = [preference_result(raw[k], raw[k + 1], shown[k], shown[k + 1]) for k in range(0, len(raw), 2)]
+        if scored.member_rewards is not None and scored.spread is not None:
+            members, spread = scored.member_rewards, scored.spread
+            for n, result in enumerate(results):
+                result.member_rewards_a = {m: values[2 * n] for m, values in members.items()}
+                result.member_rewards_b = {m: values[2 * n + 1] for m, values in members.items()}
+                result.spread_a, result.spread_b = spread[2 * n], spread[2 * n + 1]
         return PreferenceResponse(model=scored.model, results=results)
 
     async def rerank(self, request: RerankRequest) -> RerankResponse:
@@ -163,37 +162,78 @@ class GatewayService:
         results, start = [], 0
         for group in request.groups:
             end = start + len(group.responses)
-            results.append(rank_group(scored.shown[start:end], request.top_k))
+            result = rank_group(scored.shown[start:end], request.top_k)
+            if scored.member_rewards is not None and scored.spread is not None:
+                result.member_rewards = {m: values[start:end] for m, values in scored.member_rewards.items()}
+                result.spread = scored.spread[start:end]
+            results.append(result)
             start = end
         return RerankResponse(model=scored.model, results=results)
 
     async def models(self) -> ModelsResponse:
-        info = await self._probe()
-        return ModelsResponse(data=[ModelCard.model_validate({**info, "names": self._model_names})])
+        cards = []
+        for lane in self.router.lanes:
+            info = await self._probe(lane)
+            cards.append(ModelCard.model_validate({**info, "names": lane.names}))
+        for ensemble in self.router.ensembles.values():
+            cards.append(ensemble_card(ensemble, [lane.info or {} for lane in ensemble.lanes]))
+        return ModelsResponse(data=cards)
 
     async def ready(self) -> ReadyResponse:
-        info = await self._probe()
-        return ReadyResponse(model=info["id"])
+        infos = [await self._probe(lane) for lane in self.router.lanes]
+        return ReadyResponse(model=infos[0]["id"])
 
     # -- steps --------------------------------------------------------------------------------------
-    async def check_model(self, model: str | None) -> str:
-        """The served model's id; ``ModelNotFoundError`` (404, ``param="model"``) when ``model`` names another."""
-        model_id = self._model_id or (await self._probe())["id"]
-        if model is not None and not names_model(self._model_names, model):
+    async def resolve(self, model: str | None) -> ModelLane | EnsembleRoute:
+        """The lane or ensemble ``model`` names, its models probed (``NotReadyError`` while one is not loaded);
+        ``ModelNotFoundError`` (404, ``param="model"``) when nothing served has that name."""
+        for lane in self.router.unknown_lanes():  # a single unnamed model's id is its checkpoint's
+            await self._probe(lane)
+        target = self.router.find(model)
+        if target is None:
             raise ModelNotFoundError(
-                f"model {model!r} is not served here; use one of {self._model_names}", param="model"
+                f"model {model!r} is not served here; use one of {self.router.all_names()}", param="model"
             )
-        return model_id
+        for lane in target.lanes if isinstance(target, EnsembleRoute) else [target]:
+            if lane.info is None:
+                await self._probe(lane)
+        return target
+
+    async def check_model(self, model: str | None) -> str:
+        """The id (or ensemble name) that ``model`` names; 404 ``param="model"`` when none."""
+        target = await self.resolve(model)
+        return target.name if isinstance(target, EnsembleRoute) else str(target.model_id)
 
     async def score_items(
         self, items: Sequence[Item], normalize: bool, model: str | None, locate: Locate
     ) -> ScoredItems:
-        """One Scorer call for a request's flat item list; an item's error names the caller's field (``locate``)."""
+        """One Scorer call per model for a request's flat item list (an ensemble calls its members concurrently);
+        an item's error names the caller's field (``locate``)."""
         limit = self.config.limits.max_items_per_request
         if len(items) > limit:
             raise RequestTooLargeError(f"{len(items)} items exceed the limit of {limit} per request")
-        await self.check_model(model)
-        result = await self.coalescer.submit(items, normalize)
+        target = await self.resolve(model)
+        if isinstance(target, EnsembleRoute):
+            scored = await self._score_ensemble(target, items, locate)
+        else:
+            scored = await self._score_lane(target, items, normalize, locate)
+        if self.telemetry is not None:
+            self.telemetry.observe(scored.model, scored.rewards, scored.lengths, len(scored.truncated), scored.spread)
+        return scored
+
+    async def special_tokens(self, model: str | None) -> dict:
+        """The tokenizer's special tokens of the model ``model`` names (an ensemble's: its first member's)."""
+        target = await self.resolve(model)
+        lane = target.lanes[0] if isinstance(target, EnsembleRoute) else target
+        if lane.special_tokens is None:
+            try:
+                lane.special_tokens = await self._call(lane, "special_tokens", timeout=self._probe_timeout())
+            except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+                raise NotReadyError("the model is not loaded yet; GET /ready turns 200 when it is") from None
+        return lane.special_tokens
+
+    async def _score_lane(self, lane: ModelLane, items: Sequence[Item], normalize: bool, locate: Locate) -> ScoredItems:
+        result = await lane.coalescer.submit(items, normalize)
         if not isinstance(result, OverloadedError):  # its items were admitted and have left the queue now
             self.capacity.freed(len(items))
         if isinstance(result, RMServeError):
@@ -202,25 +242,70 @@ class GatewayService:
             raise result
         return result
 
-    async def _probe(self) -> dict:
+    async def _score_ensemble(self, ensemble: EnsembleRoute, items: Sequence[Item], locate: Locate) -> ScoredItems:
+        """Every member scores the items at once (each through its own Scorer queue), normalised; then combine."""
+        calls = [self._score_lane(lane, items, True, locate) for lane in ensemble.lanes]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        members: list[ScoredItems] = list(outcomes)  # type: ignore[arg-type]
+        combined = combine_rewards(
+            ensemble.config,
+            {member: scored.shown for member, scored in zip(ensemble.config.members, members, strict=True)},
+        )
+        return ScoredItems(
+            model=ensemble.name,
+            rewards=combined.rewards,
+            truncated=sorted({i for scored in members for i in scored.truncated}),
+            input_tokens=sum(scored.input_tokens for scored in members),
+            lengths=members[0].lengths,
+            member_rewards=combined.members,
+            spread=combined.spread,
+        )
+
+    def _probe_timeout(self) -> float:
+        return min(READY_PROBE_TIMEOUT_S, self.config.limits.request_timeout_s / 2)
+
+    async def _probe(self, lane: ModelLane) -> dict:
         """The model card, from a Scorer replica within a short timeout, else ``NotReadyError``."""
         try:
-            timeout = min(READY_PROBE_TIMEOUT_S, self.config.limits.request_timeout_s / 2)
-            info = await self._call("info", timeout=timeout)
+            info = await self._call(lane, "info", timeout=self._probe_timeout())
         except asyncio.TimeoutError:
             raise NotReadyError("the model is not loaded yet; GET /ready turns 200 when it is") from None
-        self._model_id = info["id"]
-        self._model_names = model_names(self.config, info["id"])
+        lane.learn(info)
         return info
 
-    async def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+    async def _call(self, lane: ModelLane, method: str, *args: Any, timeout: float | None = None) -> Any:
         """One Scorer handle call; on timeout or cancellation the call is cancelled in the replica too."""
-        response = getattr(self.scorer, method).remote(*args)
+        response = getattr(lane.scorer, method).remote(*args)
         try:
             return await asyncio.wait_for(_resolve(response), timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             response.cancel()
             raise
+
+
+def ensemble_card(ensemble: EnsembleRoute, infos: Sequence[dict]) -> ModelCard:
+    """The ``/v1/models`` entry of an ensemble: what its members share (else ``"mixed"``), the shortest
+    ``max_length``, no normalisation (its rewards are already normalised), and its definition."""
+
+    def shared(key: str) -> str:
+        values = {str(info.get(key)) for info in infos}
+        return values.pop() if len(values) == 1 else "mixed"
+
+    config = ensemble.config
+    return ModelCard(
+        id=config.name,
+        names=[config.name],
+        dtype=shared("dtype"),
+        quantization=shared("quantization"),
+        max_length=min(int(info.get("max_length", 0)) for info in infos),
+        head="ensemble",
+        normalization=None,
+        template=shared("template"),
+        ensemble={"members": dict(config.members), "combine": config.combine, "lambda": config.lambda_},
+    )
 
 
 async def _resolve(response: Any) -> Any:

@@ -70,13 +70,15 @@ def reference_reward(model, ids) -> float:
         model.config.pad_token_id = saved
 
 
-def save_checkpoint(out: Path, head_format: str, arch: str = "llama", tok_variant: str = "chat", **config_extra):
-    """Write a checkpoint of ``head_format`` and return ``(dir, reference_model, tokenizer)``."""
+def save_checkpoint(
+    out: Path, head_format: str, arch: str = "llama", tok_variant: str = "chat", seed: int = 0, **config_extra
+):
+    """Write a checkpoint of ``head_format`` (weights from ``seed``); return ``(dir, reference_model, tokenizer)``."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
     tok = build_tokenizer(tok_variant)
-    ref = reference_model(arch, tok)
+    ref = reference_model(arch, tok, seed)
     for k, v in config_extra.items():
         setattr(ref.config, k, v)
     tok.save_pretrained(str(out))

@@ -48,16 +48,17 @@ def demo_model(demo_model_dir):
 
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
-    """``make(head_format, arch='llama', tok_variant='chat', **config_extra) -> (dir, reference, tokenizer)``."""
+    """``make(head_format, arch='llama', tok_variant='chat', seed=0, **config_extra) -> (dir, reference, tokenizer)``;
+    another ``seed`` gives different weights (a second, different model)."""
     import checkpoints
 
     cache: dict = {}
 
-    def make(head_format: str = "score", arch: str = "llama", tok_variant: str = "chat", **extra):
-        key = (head_format, arch, tok_variant, tuple(sorted(extra.items())))
+    def make(head_format: str = "score", arch: str = "llama", tok_variant: str = "chat", seed: int = 0, **extra):
+        key = (head_format, arch, tok_variant, seed, tuple(sorted(extra.items())))
         if key not in cache:
-            out = tmp_path_factory.mktemp(f"ckpt-{head_format}-{arch}-{tok_variant}")
-            cache[key] = checkpoints.save_checkpoint(out, head_format, arch, tok_variant, **extra)
+            out = tmp_path_factory.mktemp(f"ckpt-{head_format}-{arch}-{tok_variant}-{seed}")
+            cache[key] = checkpoints.save_checkpoint(out, head_format, arch, tok_variant, seed, **extra)
         return cache[key]
 
     return make

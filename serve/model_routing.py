@@ -1,0 +1,122 @@
+"""Which served model or ensemble a request's ``model`` names (API.md, "Model names"), and what a Gateway keeps
+per served model.
+
+A Gateway has one ``ModelLane`` per served model (its Scorer handle, the ``RequestCoalescer`` that merges calls to
+it, its names and model card once probed) and one ``EnsembleRoute`` per ensemble (its members' lanes).
+``ModelRouter.find`` maps a request's ``model`` to one of them: absent means the first served model; otherwise an
+ensemble's name, or a served model's id, ``served_model_names`` entry or path (as given or resolved; a path
+matches with or without a trailing slash or ``./``).
+
+Example::
+
+    router = ModelRouter([scorer_a, scorer_b], config)
+    router.find(None) is router.lanes[0]
+    router.find("both")          # EnsembleRoute, when config.ensembles names "both"
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .coalescing import RequestCoalescer
+from .config import ServerConfig
+from .served_models import EnsembleConfig, ServedModel
+
+
+def model_names(served: ServedModel, model_id: str | None) -> list[str]:
+    """Every name a request's ``model`` may use for ``served``: its id (when known), its ``served_model_names``, and
+    the path it was loaded from, as given and resolved (verl sends its path)."""
+    path = served.path
+    names = [*([model_id] if model_id else []), *served.served_model_names, path]
+    if path != "demo":
+        names.append(os.path.realpath(os.path.expanduser(path)))
+    return list(dict.fromkeys(names))
+
+
+def names_model(names: Sequence[str], requested: str) -> bool:
+    """Does ``requested`` name the model? A path matches with or without a trailing slash or ``./``."""
+    return requested in names or os.path.normpath(requested) in {os.path.normpath(n) for n in names}
+
+
+@dataclass(eq=False)
+class ModelLane:
+    """One served model as a Gateway sees it."""
+
+    served: ServedModel
+    scorer: Any  # the model's Scorer DeploymentHandle (or any object with its methods)
+    coalescer: RequestCoalescer
+    model_id: str | None = None  # the operator's name; else the checkpoint's, known once probed
+    info: dict | None = None  # the model card, once a replica answered
+    special_tokens: dict | None = None
+    names: list[str] = field(default_factory=list)
+
+    def learn(self, info: dict) -> None:
+        """Record the model card a replica answered with (its ``id`` completes the names)."""
+        self.info = info
+        self.model_id = info["id"]
+        self.names = model_names(self.served, self.model_id)
+
+
+@dataclass(eq=False)
+class EnsembleRoute:
+    """An ensemble and the lanes of its members (in ``members`` order)."""
+
+    config: EnsembleConfig
+    lanes: list[ModelLane]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+class ModelRouter:
+    """The Gateway's served models (``lanes``, the first is the default) and ``ensembles``, found by name."""
+
+    def __init__(self, scorers: Sequence[Any], config: ServerConfig):
+        served = config.served_models()
+        if len(scorers) != len(served):
+            raise ValueError(f"{len(served)} served models need {len(served)} Scorer handles, got {len(scorers)}")
+        self.lanes = [
+            ModelLane(
+                served=model,
+                scorer=scorer,
+                coalescer=RequestCoalescer(
+                    scorer,
+                    window_s=config.batching.gateway_window_s,
+                    max_items=config.batching.max_batch_items,
+                    merge=model.replicas == 1,  # a withdrawal must reach the replica that holds the request
+                ),
+                model_id=model.name,
+                names=model_names(model, model.name),
+            )
+            for model, scorer in zip(served, scorers, strict=True)
+        ]
+        by_name = {lane.model_id: lane for lane in self.lanes}
+        self.ensembles = {
+            e.name: EnsembleRoute(config=e, lanes=[by_name[member] for member in e.members]) for e in config.ensembles
+        }
+
+    def find(self, requested: str | None) -> ModelLane | EnsembleRoute | None:
+        """The lane or ensemble ``requested`` names (None: the first lane); None when nothing has that name."""
+        if requested is None:
+            return self.lanes[0]
+        if requested in self.ensembles:
+            return self.ensembles[requested]
+        for lane in self.lanes:  # exact names first: a path given as another model's alias still finds its owner
+            if requested in lane.names:
+                return lane
+        for lane in self.lanes:
+            if names_model(lane.names, requested):
+                return lane
+        return None
+
+    def unknown_lanes(self) -> list[ModelLane]:
+        """Lanes whose id is not known yet (a single model without a configured name, before its first probe)."""
+        return [lane for lane in self.lanes if lane.model_id is None]
+
+    def all_names(self) -> list[str]:
+        names = [name for lane in self.lanes for name in lane.names]
+        return list(dict.fromkeys([*names, *self.ensembles]))

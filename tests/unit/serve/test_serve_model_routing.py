@@ -1,0 +1,56 @@
+"""Issue 12: which served model or ensemble a request's ``model`` names (no Ray: handles are plain objects)."""
+
+from __future__ import annotations
+
+import os
+
+from rmserve.serve.config import ServerConfig
+from rmserve.serve.model_routing import EnsembleRoute, ModelRouter
+
+
+def router(tmp_path) -> ModelRouter:
+    (tmp_path / "a").mkdir()
+    config = ServerConfig.model_validate(
+        {
+            "models": [
+                {"name": "helpful", "path": str(tmp_path / "a")},
+                {"name": "safe", "path": "/ckpt/b", "served_model_names": ["safety", "org/safe"], "replicas": 2},
+            ],
+            "ensembles": [{"name": "both", "members": {"safe": 1.0, "helpful": 2.0}}],
+        }
+    )
+    return ModelRouter(["handle-a", "handle-b"], config)
+
+
+def test_absent_means_the_first_model_and_every_name_finds_its_model(tmp_path):
+    r = router(tmp_path)
+    helpful, safe = r.lanes
+    assert (helpful.scorer, safe.scorer) == ("handle-a", "handle-b")
+    assert r.find(None) is helpful
+    for name in ("helpful", str(tmp_path / "a"), str(tmp_path / "a") + "/", os.path.realpath(tmp_path / "a")):
+        assert r.find(name) is helpful, name
+    for name in ("safe", "safety", "org/safe", "/ckpt/b", "/ckpt/b/", "/ckpt/./b"):
+        assert r.find(name) is safe, name
+    assert r.find("nope") is None and r.find("/ckpt") is None
+
+
+def test_an_ensemble_is_found_by_name_with_its_members_lanes(tmp_path):
+    r = router(tmp_path)
+    both = r.find("both")
+    assert isinstance(both, EnsembleRoute) and both.name == "both"
+    assert both.lanes == [r.lanes[1], r.lanes[0]]  # in members order
+    assert "both" in r.all_names() and "safety" in r.all_names()
+
+
+def test_requests_are_merged_per_model_only_where_it_has_one_replica(tmp_path):
+    helpful, safe = router(tmp_path).lanes
+    assert (helpful.coalescer.merge, safe.coalescer.merge) == (True, False)
+
+
+def test_a_single_unnamed_model_learns_its_id_from_its_card():
+    r = ModelRouter(["handle"], ServerConfig.model_validate({"model": {"path": "demo"}, "served_model_names": ["rm"]}))
+    (lane,) = r.unknown_lanes()
+    assert r.find("rmserve-demo") is None and r.find("rm") is lane
+    lane.learn({"id": "rmserve-demo"})
+    assert r.find("rmserve-demo") is lane and not r.unknown_lanes()
+    assert lane.names == ["rmserve-demo", "rm", "demo"]
