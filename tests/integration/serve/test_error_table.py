@@ -266,6 +266,15 @@ async def test_model_not_loaded_yet_is_503(client, offline, slow_app):
     assert (await client.get("/ready")).json() == {"status": "ready", "model": offline.model_id}
 
 
+async def until_the_queue_is_empty(app: LiveApp) -> None:
+    """Await (bounded) the Scorer's queue count reaching 0, e.g. after a withdrawal that travels to the replica."""
+    for _ in range(100):
+        if (await app.stats())["queued_items"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await app.stats())["queued_items"] == 0
+
+
 # -- 504 timeout -----------------------------------------------------------------------------------
 async def test_request_past_its_deadline_is_504_and_cancelled(app, client, offline):
     scorer = app.scorer()
@@ -274,11 +283,7 @@ async def test_request_past_its_deadline_is_504_and_cancelled(app, client, offli
         slow = client.post("/v1/score", json={"items": [{"input_ids": ids(44)}]})
         error = assert_error(await with_valid_request(client, offline, slow), 504, "timeout")
         assert "deadline" in error["message"]
-        for _ in range(100):  # the cancellation reached the replica: the item left its queue
-            if (await app.stats())["queued_items"] == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert (await app.stats())["queued_items"] == 0
+        await until_the_queue_is_empty(app)  # the cancellation reached the replica: the item left its queue
     finally:
         await scorer.set_faults.remote()
 
@@ -353,10 +358,6 @@ async def test_500_and_504_on_every_scoring_route(app, client, offline, path):
         await scorer.set_faults.remote(delays={length: 30.0})
         error = assert_error(await with_valid_request(client, offline, client.post(path, json=body)), 504, "timeout")
         assert error["param"] is None
-        for _ in range(100):  # the deadline withdrew the request: its item left the queue
-            if (await app.stats())["queued_items"] == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert (await app.stats())["queued_items"] == 0
+        await until_the_queue_is_empty(app)  # the deadline withdrew the request: its item left the queue
     finally:
         await scorer.set_faults.remote()
