@@ -38,7 +38,7 @@ import torch
 
 from .caches import PrefixKVCache, RewardCache, token_digest
 from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError
-from .planning import Row, levels_cost, padded_tokens, plan_levels, plan_microbatches, sort_rows
+from .planning import Row, levels_cost, padded_tokens, plan_level, plan_levels, plan_microbatches
 
 # The per-forward overhead, in tokens, until ``calibrate`` measures it on the machine at hand.
 DEFAULT_OVERHEAD_TOKENS = 64
@@ -242,11 +242,7 @@ class ScoringEngine:
                         self.stats.prefix_hits += 1
                     else:
                         self.stats.prefix_misses += 1
-            rows = sort_rows([r for r in level if r.start < r.end])
-            lengths = [r.new_tokens for r in rows]
-            plan = plan_microbatches(lengths, self.max_batch_tokens, self.overhead_tokens, [r.start for r in rows])
-            for start, end in plan:
-                chunk = rows[start:end]
+            for chunk in plan_level(level, self.max_batch_tokens, self.overhead_tokens):
                 store = store_items or any(r.item is None for r in chunk)
                 results.update(self._run_splitting_on_oom(chunk, store))
         return results

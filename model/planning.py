@@ -157,17 +157,19 @@ def padded_tokens(lengths: Sequence[int]) -> int:
     return len(lengths) * max(lengths, default=0)
 
 
-def sort_rows(rows: Sequence[Row]) -> list[Row]:
-    """Rows in the order micro-batch planning expects: by computed tokens, then cached width."""
-    return sorted(rows, key=lambda r: (r.new_tokens, r.start))
+def plan_level(level: Sequence[Row], max_batch_tokens: int, overhead_tokens: float) -> list[list[Row]]:
+    """A level's rows cut into micro-batches by ``plan_microbatches``, sorted by computed tokens, then cached width
+    (rows left with nothing to compute are dropped)."""
+    rows = sorted((r for r in level if r.start < r.end), key=lambda r: (r.new_tokens, r.start))
+    lengths = [r.new_tokens for r in rows]
+    plan = plan_microbatches(lengths, max_batch_tokens, overhead_tokens, [r.start for r in rows])
+    return [rows[start:end] for start, end in plan]
 
 
 def levels_cost(levels: Sequence[Sequence[Row]], max_batch_tokens: int, overhead_tokens: float) -> int:
     """Padded computed tokens plus per-forward overhead of running these levels: what a batch costs."""
     total = 0.0
     for level in levels:
-        rows = sort_rows(level)
-        lengths = [r.new_tokens for r in rows]
-        plan = plan_microbatches(lengths, max_batch_tokens, overhead_tokens, [r.start for r in rows])
-        total += sum(padded_tokens(lengths[s:e]) + overhead_tokens for s, e in plan)
+        for chunk in plan_level(level, max_batch_tokens, overhead_tokens):
+            total += padded_tokens([r.new_tokens for r in chunk]) + overhead_tokens
     return math.ceil(total)

@@ -9,18 +9,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from test_serve_metrics import samples
 
 from rmserve.serve.metrics import PREFIX, REWARDS, SPREADS, MetricsRecorder, merge, render, window_statistics
 from rmserve.serve.telemetry import RewardTelemetry, window_moments
-
-
-def samples(text: bytes) -> dict[tuple[str, tuple], float]:
-    out = {}
-    for family in text_string_to_metric_families(text.decode()):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def scrape(recorder: MetricsRecorder, *telemetry: RewardTelemetry) -> dict[tuple[str, tuple], float]:
