@@ -27,7 +27,7 @@ RMSERVE_TEST_DEVICE=cuda timeout "${PARITY_TIMEOUT:-240}" $PY -m pytest -q -s -p
 
 echo "== prefix sharing, 8B shape, bf16"
 timeout "${PREFIX_TIMEOUT:-180}" $PY -m rmserve.benchmarks.prefix --config 8B-shape --dtype bf16 --groups 16 \
-  --max-batch-tokens 65536 --json "$OUT/prefix-8b.json" 2>&1 | grep -v Warning | tee "$OUT/prefix.log"
+  --max-batch-tokens 65536 --repeats 3 --json "$OUT/prefix-8b.json" 2>&1 | grep -v Warning | tee "$OUT/prefix.log"
 
 echo "== engine, 8B shape, bf16 then int8"
 for run in 8B-shape:bf16 8B-shape:int8; do
