@@ -27,8 +27,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
-from .config import ServerConfig
+from .affinity import PrefixAffinityRouter
+from .config import RoutingConfig, ServerConfig
 from .config_loading import load_config
 from .ensemble import check_ensemble_members
 from .gateway import Gateway
@@ -68,6 +70,7 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
             max_ongoing_requests=scorer_requests,
             user_config=config.scorer_user_config(),
             max_constructor_retry_count=CONSTRUCTOR_RETRIES,
+            **_router(config.routing),
             **common,
         ).bind(config, index)
         for index, model in enumerate(served)
@@ -78,6 +81,15 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
         max_ongoing_requests=scorer_requests * sum(model.replicas for model in served),
         **common,
     ).bind(scorers[0], config, scorers[1:])
+
+
+def _router(routing: RoutingConfig) -> dict[str, Any]:
+    """Scorer deployment options for ``routing`` (nothing for Serve's default router)."""
+    if routing.policy != "prefix_affinity":
+        return {}
+    kwargs = {"imbalance_items": routing.imbalance_items}
+    config = RequestRouterConfig(request_router_class=PrefixAffinityRouter, request_router_kwargs=kwargs)
+    return {"request_router_config": config}
 
 
 def app_builder(args: dict[str, Any]) -> Application:

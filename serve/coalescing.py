@@ -11,9 +11,10 @@ A request whose caller goes away (timeout, client disconnect) stops waiting at o
 Scorer in a ``withdraw`` call (the ids of one event-loop turn together): the replica takes that request's waiting
 items out of its queue, so they never reach a forward, and the other requests of the call keep their place.
 
-A withdrawal must reach the replica that holds the request, and a handle call goes to whichever replica Serve's
-router picks; so requests are merged only when the Scorer has one replica. With several, each request is its own
-call and leaving cancels that call (Ray cancels it in the replica, which drops the request's waiting items).
+With several Scorer replicas, the requests of one flush are split by the replica the deployment's prefix-affinity
+router (``affinity.PrefixAffinityRouter``) will send them to, so requests that share a prompt stay together and go
+where that prompt was computed before; the router also sends each ``withdraw`` to the replica holding its requests
+(one withdraw call per merged call).
 
 Example::
 
@@ -25,11 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .affinity import deployment_policy, item_text
+
+log = logging.getLogger("rmserve.serve")
 
 MAX_REQUESTS_PER_CALL = 512  # keeps one call's size bounded
 
@@ -43,26 +50,25 @@ class _Member:
     normalize: bool
     future: asyncio.Future
     sent: bool = False
+    call: int = -1  # the merged call it was sent in
 
 
 class RequestCoalescer:
     """Sends the requests pending in one event-loop turn (plus ``window_s``) as one ``score_requests`` call."""
 
-    def __init__(self, scorer: Any, *, window_s: float = 0.0, max_items: int = 256, merge: bool = True):
+    def __init__(self, scorer: Any, *, window_s: float = 0.0, max_items: int = 256):
         self.scorer = scorer
         self.window_s = window_s
         self.max_items = max_items
-        self.merge = merge
+        self._calls = itertools.count()
         self._ids = (f"{secrets.token_hex(4)}:{n}" for n in itertools.count())  # unique across Gateway replicas
         self._pending: list[_Member] = []
         self._pending_items = 0
         self._flush_handle: asyncio.Handle | None = None
-        self._withdrawals: list[str] = []
+        self._withdrawals: dict[int, list[str]] = {}  # call -> ids of its requests whose callers left
 
     async def submit(self, items: Sequence[Any], normalize: bool) -> Any:
         """This request's ``ScoredItems`` or ``RMServeError``, as ``Scorer.score_request`` would return it."""
-        if not self.merge:
-            return await self._call_alone(items, normalize)
         loop = asyncio.get_running_loop()
         if not self._pending:
             delay = self.window_s
@@ -78,40 +84,47 @@ class RequestCoalescer:
             self._leave(member)
             raise
 
-    async def _call_alone(self, items: Sequence[Any], normalize: bool) -> Any:
-        response = self.scorer.score_request.remote(items, normalize)
-        try:
-            return await response
-        except asyncio.CancelledError:
-            response.cancel()  # Ray cancels it in the replica, which drops the request's waiting items
-            raise
-
     def _leave(self, member: _Member) -> None:
         member.future.cancel()  # its result, when it comes, is not wanted
         if not member.sent:  # still pending here: it never will be sent
             self._pending.remove(member)
             self._pending_items -= len(member.items)
             return
-        if not self._withdrawals:  # one withdraw call for the requests that leave in this loop turn
+        if not self._withdrawals:  # one withdraw call per merged call for the requests that leave in this loop turn
             asyncio.get_running_loop().call_soon(self._send_withdrawals)
-        self._withdrawals.append(member.request_id)
+        self._withdrawals.setdefault(member.call, []).append(member.request_id)
 
     def _send_withdrawals(self) -> None:
-        ids, self._withdrawals = self._withdrawals, []
-        asyncio.ensure_future(_settle(self.scorer.withdraw.remote(ids)))
+        calls, self._withdrawals = self._withdrawals, {}
+        for ids in calls.values():
+            asyncio.ensure_future(_settle(_apart(self.scorer.withdraw.remote, ids)))
 
     def _flush(self) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
         members, self._pending, self._pending_items = self._pending, [], 0
-        if members:
-            for member in members:
-                member.sent = True
-            stream = self.scorer.options(stream=True).score_requests_streamed.remote(
-                [(m.items, m.normalize, m.request_id) for m in members]
-            )
-            asyncio.ensure_future(self._deliver(members, stream))
+        for group in self._split(members):
+            call = next(self._calls)
+            for member in group:
+                member.sent, member.call = True, call
+            requests = [(m.items, m.normalize, m.request_id) for m in group]
+            stream = _apart(self.scorer.options(stream=True).score_requests_streamed.remote, requests)
+            asyncio.ensure_future(self._deliver(group, stream))
+
+    def _split(self, members: list[_Member]) -> list[list[_Member]]:
+        """The merged calls: one, or one per replica the affinity router would choose (several replicas)."""
+        scorer = self.scorer
+        policy = deployment_policy(getattr(scorer, "app_name", None), getattr(scorer, "deployment_name", None))
+        if policy is None or len(members) <= 1:
+            return [members] if members else []
+        texts = [item_text(m.items[0]) if len(m.items) else "" for m in members]
+        try:
+            groups = policy.partition(texts, [len(m.items) for m in members])
+        except Exception:  # routing is an optimisation: never strand the requests
+            log.exception("affinity: cannot split a merged call; sending it whole")
+            return [members]
+        return [[members[i] for i in group] for group in groups]
 
     @staticmethod
     async def _deliver(members: list[_Member], stream: Any) -> None:
@@ -132,6 +145,14 @@ class RequestCoalescer:
         for member in members:  # a stream that ended early (never expected): nobody waits forever
             if not member.future.done():
                 member.future.set_exception(RuntimeError("the Scorer's stream ended without this request's result"))
+
+
+def _apart(send: Any, *args: Any) -> Any:
+    """Make a handle call outside the context of the HTTP request that happened to trigger it. Serve takes a call's
+    request ids from the caller's context, and its router matches a routed call by that id: calls that share it
+    (one per replica from one flush, a withdraw next to a call) could take each other's replica and leave one
+    waiting forever."""
+    return contextvars.Context().run(send, *args)
 
 
 async def _settle(response: Any) -> None:

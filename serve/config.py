@@ -62,6 +62,24 @@ class BatchingConfig(_Section):
     )
 
 
+class RoutingConfig(_Section):
+    """How a Gateway's calls are spread over a model's Scorer replicas (Ray Serve's request router)."""
+
+    policy: Literal["prefix_affinity", "power_of_two"] = Field(
+        "prefix_affinity",
+        description="'prefix_affinity': calls whose items share a prompt go to the replica that computed it (a GRPO "
+        "group's samples, best-of-n candidates), unless it is imbalance_items busier than the least-loaded one "
+        "(rmserve.serve.affinity.PrefixAffinityRouter); 'power_of_two': Ray Serve's default router.",
+    )
+    imbalance_items: int = Field(
+        256,
+        ge=0,
+        le=10_000_000,
+        description="Items in flight a replica may hold beyond the least-loaded one and still take a call for a "
+        "prefix it holds; past it the least-loaded replica takes the call (and computes the prompt again).",
+    )
+
+
 class LimitsConfig(_Section):
     """Request limits and load shedding (API.md's 413, 429 and 504 rows)."""
 
@@ -139,6 +157,7 @@ class ServerConfig(_Section):
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and load shedding.")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Routing over Scorer replicas.")
     compat: CompatConfig = Field(default_factory=CompatConfig, description="Compatibility routes.")
     replicas: int = Field(1, ge=1, le=1024, description="Scorer replicas (each holds one copy of the model).")
     num_gpus: GpuCount = Field(

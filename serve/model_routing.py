@@ -87,7 +87,6 @@ class ModelRouter:
                     scorer,
                     window_s=config.batching.gateway_window_s,
                     max_items=config.batching.max_batch_items,
-                    merge=model.replicas == 1,  # a withdrawal must reach the replica that holds the request
                 ),
                 model_id=model.name,
                 names=model_names(model, model.name),

@@ -143,17 +143,33 @@ async def test_requests_that_leave_together_are_withdrawn_in_one_call():
     assert handle.cancelled == 0 and len(handle.calls) == 1
 
 
-async def test_without_merging_each_request_is_its_own_call_and_leaving_cancels_it():
-    # Several Scorer replicas: a withdrawal could reach the wrong one, so each request is a call Ray can cancel.
+async def test_with_several_replicas_a_flush_splits_by_the_replica_each_prompt_goes_to(monkeypatch):
+    # The affinity router of this deployment knows two replicas and where prompt A was computed: the requests of
+    # prompt A go in one call (to its replica), prompt B's in another; leaving withdraws within each call.
+    from rmserve.serve import affinity
+
     handle = LocalHandle(delay_s=0.2)
-    coalescer = RequestCoalescer(handle, merge=False)
-    first = asyncio.ensure_future(coalescer.submit([1], False))
-    second = asyncio.ensure_future(coalescer.submit([2], False))
+    handle.app_name, handle.deployment_name = "app", "Scorer"
+    policy = affinity.AffinityPolicy()
+    policy.replicas = ["r1", "r2"]
+    prompt_a, prompt_b = "a" * 300, "b" * 300
+    policy.choose(["r1", "r2"], [affinity.item_text({"prompt": prompt_a, "response": "x"})], items=1, call="c0")
+    policy.finished("c0")
+    monkeypatch.setitem(affinity._POLICIES, ("app", "Scorer"), policy)
+    coalescer = RequestCoalescer(handle)
+
+    def item(prompt, k):
+        return {"prompt": prompt, "response": f"answer {k}"}
+
+    tasks = [
+        asyncio.ensure_future(coalescer.submit([item(p, k)], False)) for k in range(3) for p in (prompt_a, prompt_b)
+    ]
     await asyncio.sleep(0.02)
-    first.cancel()
-    assert await second == 2
-    assert handle.calls == [[([1], False)], [([2], False)]]
-    assert handle.cancelled == 1 and handle.withdrawn == []
+    tasks[0].cancel(), tasks[1].cancel()  # one request of each prompt leaves
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert sorted(sorted(items[0]["prompt"][0] for items, _ in call) for call in handle.calls) == [["a"] * 3, ["b"] * 3]
+    assert len(handle.withdrawn) == 2 and all(len(ids) == 1 for ids in handle.withdrawn)
 
 
 async def test_a_failed_call_fails_each_request_in_it():
