@@ -8,12 +8,13 @@ members' servers at once, normalises each member's raw rewards with that member'
 the server's own formula (``combine_members``: ``rmserve.serve.ensemble.combine_rewards``). Both members load the
 same checkpoint (a member's cost is its shape, not its weights; no cache is shared between two Scorers or two
 servers), each with its own normalisation statistics (``MEMBER_STATS``, which the harness sets in every config).
-Before measuring, the first requests go to both setups and their combined rewards and spreads are compared.
+Before measuring, eight other requests go to both setups and their combined rewards and spreads are compared.
 
 Resources, defaults first: at ``num_cpus: auto`` the app's two Scorers share the machine's cores minus its Gateway's,
 while each separate server gives its one Scorer all the cores but its Gateway's; *equal* then pins each separate
 server's Scorer to the app's per-member share, so both setups run the same torch threads (the CPUs and threads of
-each setup are printed). Each point runs on both setups in turn, repeated with alternating order; the median is kept.
+each setup are printed). Each point runs on both setups in turn, repeated with alternating order and new items
+each repeat (a replayed item would come from the reward cache); the median is kept.
 
     python -m rmserve.benchmarks.ensemble --quick
     python -m rmserve.benchmarks.ensemble             # demo and bench-20M, defaults and equal resources
@@ -49,6 +50,7 @@ ENSEMBLE = EnsembleConfig(name="ens", members={"a": 1.0, "b": 1.0}, combine="mea
 MEMBER_STATS: dict[str, tuple[float, float]] = {"a": (0.0, 1.0), "b": (0.5, 2.0)}  # (reward_mean, reward_std)
 CONCURRENCY = 64
 AGREEMENT_REQUESTS = 8
+AGREEMENT_SEED = 1  # the load's seeds are concurrency * 1000 + repeat: no item is sent twice to a server
 APP, SEPARATE = "one app", "two servers"
 MODELS = ("demo", "bench-20M")
 
@@ -164,8 +166,11 @@ def run_scenario(scenario: Scenario, plan: Resources, *, dtype: str, repeats: in
 
     model_dir = str(resolve_model_dir(scenario.model))
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    requests = build_requests(scenario.workload, "rmserve", vocab_size=vocab, n_requests=scenario.n_requests,
+
+    def requests(seed: int, n: int = scenario.n_requests) -> list[BenchRequest]:
+        return build_requests(scenario.workload, "rmserve", vocab_size=vocab, n_requests=n, seed=seed,
                               ppo_shape=scenario.ppo_shape)  # fmt: skip
+
     tag = f"{Path(scenario.model).name}-{plan.name}"
     with contextlib.ExitStack() as stack:
         servers = {
@@ -174,13 +179,17 @@ def run_scenario(scenario: Scenario, plan: Resources, *, dtype: str, repeats: in
                               out_dir) for m in ENSEMBLE.members],
         }  # fmt: skip
         urls = {setup: [s.url for s in running] for setup, running in servers.items()}
-        agreement = asyncio.run(max_disagreement(urls[APP][0], urls[SEPARATE], requests[:AGREEMENT_REQUESTS]))
-        loads = {APP: (urls[APP][0], with_model(requests, ENSEMBLE.name), {}),
-                 SEPARATE: (urls[SEPARATE], requests, {"send": send_to_members})}  # fmt: skip
+        checked = requests(AGREEMENT_SEED, AGREEMENT_REQUESTS)
+        agreement = asyncio.run(max_disagreement(urls[APP][0], urls[SEPARATE], checked))
         rows = []
         for concurrency in scenario.concurrencies:
             runs: dict[str, list[LoadResult]] = {APP: [], SEPARATE: []}
             for repeat in range(repeats):
+                # Items never seen before by either setup (PPO rollouts do not repeat): a replayed item would be
+                # answered from the server's reward cache.
+                fresh = requests(seed=concurrency * 1000 + repeat)
+                loads = {APP: (urls[APP][0], with_model(fresh, ENSEMBLE.name), {}),
+                         SEPARATE: (urls[SEPARATE], fresh, {"send": send_to_members})}  # fmt: skip
                 for setup in (APP, SEPARATE) if repeat % 2 == 0 else (SEPARATE, APP):
                     url, setup_requests, kwargs = loads[setup]
                     cpu = sum(s.cpu_seconds() for s in servers[setup])
