@@ -52,9 +52,11 @@ def rmserve_executable() -> str:
     return str(candidate) if candidate.exists() else "rmserve"
 
 
-def rmserve_command(model_dir: str, port: int, dtype: str, extra: list[str] | None = None) -> list[str]:
-    return [rmserve_executable(), "serve", "--model", model_dir, "--host", LOOPBACK, "--port", str(port),
-            "--dtype", dtype, *(extra or [])]  # fmt: skip
+def rmserve_command(model_dir: str | None, port: int, dtype: str, extra: list[str] | None = None) -> list[str]:
+    """``rmserve serve`` on loopback; ``model_dir`` None: the models come from ``extra`` (``--config models.yaml``)."""
+    model = ["--model", model_dir] if model_dir is not None else []
+    return [rmserve_executable(), "serve", *model, "--host", LOOPBACK, "--port", str(port), "--dtype", dtype,
+            *(extra or [])]  # fmt: skip
 
 
 def baseline_command(model_dir: str, port: int, dtype: str, extra: list[str] | None = None) -> list[str]:

@@ -2,7 +2,8 @@
 
 Each client sends its next request as soon as its previous one answered (closed loop, the trainer pattern).
 A run stops when every request was sent or ``max_seconds`` passed, whichever comes first; throughput is
-items answered ÷ wall time, latency percentiles are over successful requests.
+items answered ÷ wall time, latency percentiles are over successful requests. By default a request is one POST
+to one server; ``send`` replaces that (e.g. the same request to several servers, answers combined by the client).
 
     python -m rmserve.benchmarks.loadgen --url http://127.0.0.1:8000 --concurrency 1,16,64 --requests 256
 """
@@ -14,7 +15,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
@@ -58,6 +59,17 @@ class LoadResult:
         return asdict(self)
 
 
+Send = Callable[[Sequence[httpx.AsyncClient], BenchRequest], Awaitable[str | None]]
+"""How one client sends one request over its connections (one per URL, in order): ``None`` when it succeeded,
+else what went wrong (one line)."""
+
+
+async def post_request(connections: Sequence[httpx.AsyncClient], request: BenchRequest) -> str | None:
+    """The default ``Send``: one POST to the one server; success is a 200."""
+    response = await connections[0].post(request.path, json=request.body)
+    return None if response.status_code == 200 else f"HTTP {response.status_code}: {response.text[:200]}"
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0–100) with linear interpolation between closest ranks (numpy's default)."""
     if not values:
@@ -75,7 +87,7 @@ def check_loopback(url: str) -> None:
 
 
 async def run_load(
-    url: str,
+    url: str | Sequence[str],
     requests: Sequence[BenchRequest],
     concurrency: int,
     *,
@@ -84,49 +96,53 @@ async def run_load(
     max_seconds: float = 60.0,
     request_timeout_s: float = 120.0,
     warmup: int = 0,
+    send: Send = post_request,
 ) -> LoadResult:
-    """Replay ``requests`` with ``concurrency`` clients; the first ``warmup`` requests are sent and not counted."""
-    check_loopback(url)
+    """Replay ``requests`` with ``concurrency`` clients; the first ``warmup`` requests are sent and not counted.
+
+    ``url`` may be several servers: each client then holds one connection to each, and ``send`` uses them.
+    """
+    urls = [url] if isinstance(url, str) else list(url)
+    for each in urls:
+        check_loopback(each)
     result = LoadResult(server=server, workload=workload, concurrency=concurrency)
     latencies: list[float] = []
     pending = iter(requests[warmup:])  # shared by the clients: each request is sent exactly once
-    # One connection per client (as separate trainer workers have): httpx's shared pool costs the load
+    # One connection per client and server (as separate trainer workers have): httpx's shared pool costs the load
     # generator O(connections) CPU per request at high concurrency, which on a small machine skews the servers.
-    clients = [httpx.AsyncClient(base_url=url, timeout=request_timeout_s, limits=httpx.Limits(max_connections=1))
-               for _ in range(concurrency)]  # fmt: skip
+    clients = [[httpx.AsyncClient(base_url=u, timeout=request_timeout_s, limits=httpx.Limits(max_connections=1))
+                for u in urls] for _ in range(concurrency)]  # fmt: skip
     try:
-        # Every client opens its connection first with an uncounted GET /health (any status will do; trainer
+        # Every client opens its connections first with an uncounted GET /health (any status will do; trainer
         # workers keep their connections open), so a short run measures serving, not 64 TCP handshakes.
-        await asyncio.gather(*(c.get("/health") for c in clients))
+        await asyncio.gather(*(c.get("/health") for connections in clients for c in connections))
         for request in requests[:warmup]:
-            await clients[0].post(request.path, json=request.body)
+            await send(clients[0], request)
         started = time.perf_counter()
         deadline = started + max_seconds
 
-        async def client_loop(client: httpx.AsyncClient) -> None:
+        async def client_loop(connections: list[httpx.AsyncClient]) -> None:
             for request in pending:
                 if time.perf_counter() >= deadline:
                     return
                 sent = time.perf_counter()
                 try:
-                    response = await client.post(request.path, json=request.body)
-                    ok = response.status_code == 200
-                    detail = f"HTTP {response.status_code}: {response.text[:200]}"
+                    failure = await send(connections, request)
                 except httpx.HTTPError as exc:
-                    ok, detail = False, f"{type(exc).__name__}: {exc}"
-                if ok:
+                    failure = f"{type(exc).__name__}: {exc}"
+                if failure is None:
                     latencies.append(time.perf_counter() - sent)
                     result.requests_ok += 1
                     result.items_ok += request.items
                 else:
                     result.requests_failed += 1
                     if len(result.errors) < 5:
-                        result.errors.append(detail)
+                        result.errors.append(failure)
 
         await asyncio.gather(*(client_loop(c) for c in clients))
         result.seconds = time.perf_counter() - started
     finally:
-        await asyncio.gather(*(c.aclose() for c in clients))
+        await asyncio.gather(*(c.aclose() for connections in clients for c in connections))
     result.items_per_s = result.items_ok / result.seconds
     result.requests_per_s = result.requests_ok / result.seconds
     if latencies:

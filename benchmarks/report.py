@@ -62,7 +62,8 @@ def _fmt(value, spec: str = ".2f") -> str:
     return format(value, spec) if isinstance(value, float | int) else str(value)
 
 
-def _table(headers: list[str], rows: list[list]) -> list[str]:
+def markdown_table(headers: list[str], rows: list[list]) -> list[str]:
+    """A markdown table, one line per row (the header and its rule first)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
@@ -82,8 +83,8 @@ def markdown(results: dict) -> str:
     ]
     targets = results.get("targets", [])
     met = {True: "met", False: "**missed**", None: "not run"}
-    lines += _table(["target", "measured", "goal", ""], [[t["target"], _fmt(t["measured"]), t["goal"], met[t["met"]]]
-                                                          for t in targets])  # fmt: skip
+    rows = [[t["target"], _fmt(t["measured"]), t["goal"], met[t["met"]]] for t in targets]
+    lines += markdown_table(["target", "measured", "goal", ""], rows)
     engine = results.get("engine")
     if engine:
         peaks = ", ".join(f"{k} {v:,.0f}" for k, v in engine["matmul_peak_gflop_per_s"].items())
@@ -91,7 +92,7 @@ def markdown(results: dict) -> str:
                   f"Peak matmul GFLOP/s ({engine['matmul_size']}² matmul, best measured before or after a run): "
                   f"{peaks}. "
                   "MFU counts real tokens only (`benchmarks/flops.py`).", ""]  # fmt: skip
-        lines += _table(
+        lines += markdown_table(
             ["config", "precision", "workload", "items", "tokens/s", "items/s", "padding eff.", "GFLOP/s", "MFU",
              "weights GB"],
             [[r["config"], r["precision"], r["workload"], r["items"], f"{r['tokens_per_s']:,.0f}",
@@ -105,7 +106,7 @@ def markdown(results: dict) -> str:
     if padding:
         lines += ["", "## Padding (PPO mix, same model and budget)", ""]
         policies = {name: r for name, r in padding.items() if isinstance(r, dict) and "padding_efficiency" in r}
-        lines += _table(
+        lines += markdown_table(
             ["policy", "padding efficiency", "padded tokens", "tokens/s"],
             [[n, f"{r['padding_efficiency']:.3f}", r["padded_tokens"], f"{r['tokens_per_s']:,.0f}"]
              for n, r in policies.items()],
@@ -119,7 +120,7 @@ def server_markdown(server: dict | None) -> list[str]:
     if not server:
         return []
     lines = ["", f"## Servers under load (median of {server['repeats']} interleaved repeats)", ""]
-    lines += _table(
+    lines += markdown_table(
         ["model", "workload", "clients", "server", "items/s", "p50 ms", "p95 ms", "p99 ms", "failed",
          "server CPU ms/item", "loadgen CPU ms/item", "load"],
         [[p["model"], p["workload"], p["concurrency"], p["server"], f"{p['items_per_s']:,.1f}", f"{p['p50_ms']:,.1f}",
@@ -131,14 +132,14 @@ def server_markdown(server: dict | None) -> list[str]:
               "load is the 1-minute load average after the point (other work on the machine)."]  # fmt: skip
     if server.get("speedups"):
         lines += ["", "rmserve ÷ baseline throughput:", ""]
-        lines += _table(["model", "workload", "clients", "server", "speedup"],
-                        [[s["model"], s["workload"], s["concurrency"], s["server"], f"{s['speedup']:.2f}×"]
-                         for s in server["speedups"]])  # fmt: skip
+        lines += markdown_table(["model", "workload", "clients", "server", "speedup"],
+                                [[s["model"], s["workload"], s["concurrency"], s["server"], f"{s['speedup']:.2f}×"]
+                                 for s in server["speedups"]])  # fmt: skip
     if server.get("overhead"):
         lines += ["", "Idle single-item latency (sequential requests) minus the engine's own time for the items:", ""]
-        lines += _table(["server", "HTTP p50 ms", "engine p50 ms", "overhead ms"],
-                        [[o["server"], f"{o['http_p50_ms']:.2f}", f"{o['engine_p50_ms']:.2f}",
-                          f"{o['overhead_ms']:.2f}"] for o in server["overhead"]])  # fmt: skip
+        lines += markdown_table(["server", "HTTP p50 ms", "engine p50 ms", "overhead ms"],
+                                [[o["server"], f"{o['http_p50_ms']:.2f}", f"{o['engine_p50_ms']:.2f}",
+                                  f"{o['overhead_ms']:.2f}"] for o in server["overhead"]])  # fmt: skip
     lines += [f"- {n}" for n in server.get("notes", [])]
     return lines
 

@@ -31,7 +31,7 @@ from .launch import (
     rmserve_command,
     running_server,
 )
-from .loadgen import LoadResult, run_load
+from .loadgen import LoadResult, Send, post_request, run_load
 from .models import resolve_model_dir
 from .scenarios import Scenario, build_requests, prefix_plan, scenario_plan
 
@@ -112,10 +112,11 @@ def token_counters(url: str) -> tuple[float, float] | None:
     return values.get("rmserve_forward_real_tokens_total", 0.0), values["rmserve_input_tokens_total"]
 
 
-def run_point(url: str, requests, scenario: Scenario, server: str, concurrency: int) -> LoadResult:
+def run_point(url: str | list[str], requests, scenario: Scenario, server: str, concurrency: int,
+              send: Send = post_request) -> LoadResult:  # fmt: skip
     return asyncio.run(
         run_load(url, requests, concurrency, server=server, workload=scenario.workload,
-                 max_seconds=scenario.max_seconds, warmup=min(4, len(requests) // 8))
+                 max_seconds=scenario.max_seconds, warmup=min(4, len(requests) // 8), send=send)
     )  # fmt: skip
 
 

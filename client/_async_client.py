@@ -69,24 +69,41 @@ class AsyncRewardClient(BaseRewardClient):
         responses: Iterable[str],
         *,
         normalize: bool = False,
+        model: str | None = None,
         timeout: Timeout = None,
         max_retries: int | None = None,
     ) -> list[float]:
         """One reward per ``(prompt, response)`` pair, in input order. A prompt is text or chat turns."""
-        return (await self._execute(self._pairs_call(prompts, responses, normalize), timeout, max_retries)).rewards
+        return (
+            await self._execute(self._pairs_call(prompts, responses, normalize, model), timeout, max_retries)
+        ).rewards
 
     async def score_items(
-        self, items: Iterable[Item], *, normalize: bool = False, timeout: Timeout = None, max_retries: int | None = None
+        self,
+        items: Iterable[Item],
+        *,
+        normalize: bool = False,
+        model: str | None = None,
+        timeout: Timeout = None,
+        max_retries: int | None = None,
     ) -> list[float]:
         """One reward per item; items are ``{prompt, response}``, ``{messages}``, ``{text}`` or ``{input_ids}``, and
         may mix forms (each run of one form goes in its own requests)."""
-        return (await self.score_detailed(items, normalize=normalize, timeout=timeout, max_retries=max_retries)).rewards
+        return (
+            await self.score_detailed(items, normalize=normalize, model=model, timeout=timeout, max_retries=max_retries)
+        ).rewards
 
     async def score_detailed(
-        self, items: Iterable[Item], *, normalize: bool = False, timeout: Timeout = None, max_retries: int | None = None
+        self,
+        items: Iterable[Item],
+        *,
+        normalize: bool = False,
+        model: str | None = None,
+        timeout: Timeout = None,
+        max_retries: int | None = None,
     ) -> ScoreResult:
         """Like ``score_items`` but the whole answer: rewards, truncated indices, token usage, model."""
-        return await self._execute(self._score_call(items, normalize), timeout, max_retries)
+        return await self._execute(self._score_call(items, normalize, model), timeout, max_retries)
 
     async def preference(
         self,
@@ -95,11 +112,12 @@ class AsyncRewardClient(BaseRewardClient):
         responses_b: Iterable[str],
         *,
         normalize: bool = False,
+        model: str | None = None,
         timeout: Timeout = None,
         max_retries: int | None = None,
     ) -> list[PreferenceResult]:
         """Compare two responses per prompt: rewards, ``prob_a`` and the ``preferred`` one (``"a"``/``"b"``)."""
-        call = self._preference_call(prompts, responses_a, responses_b, normalize)
+        call = self._preference_call(prompts, responses_a, responses_b, normalize, model)
         return await self._execute(call, timeout, max_retries)
 
     async def rerank(
@@ -109,11 +127,12 @@ class AsyncRewardClient(BaseRewardClient):
         *,
         top_k: int | None = None,
         normalize: bool = False,
+        model: str | None = None,
         timeout: Timeout = None,
         max_retries: int | None = None,
     ) -> list[RerankResult]:
         """Best-of-n: per prompt, its responses ranked by reward (best first, cut to ``top_k``)."""
-        call = self._rerank_call(prompts, groups_of_responses, top_k, normalize)
+        call = self._rerank_call(prompts, groups_of_responses, top_k, normalize, model)
         return await self._execute(call, timeout, max_retries)
 
     async def models(self, *, timeout: Timeout = None, max_retries: int | None = None) -> list[ModelInfo]:

@@ -96,6 +96,11 @@ def _chunks(key: str, elements: list[Any], weights: list[int], limit: int, extra
     return [Chunk(a, b, {key: elements[a:b], **extra}) for a, b in plan_chunks(weights, limit)]
 
 
+def _options(normalize: bool, model: str | None, **more: Any) -> dict[str, Any]:
+    """The body fields every chunk of a call repeats; ``model`` only when one is named (absent: the server's first)."""
+    return {**more, "normalize": normalize, **({"model": model} if model is not None else {})}
+
+
 # --- /v1/score
 
 
@@ -110,6 +115,7 @@ def _merge_score(chunks: list[Chunk], bodies: list[Any]) -> ScoreResult:
     rewards: list[float] = []
     truncated: list[int] = []
     tokens, model = 0, None
+    parts: list[ScoreResult] = []
     for chunk, body in zip(chunks, bodies, strict=True):
         part = _validate(ScoreResult, body)
         _check_count("rewards", len(part.rewards), chunk, body)
@@ -117,17 +123,63 @@ def _merge_score(chunks: list[Chunk], bodies: list[Any]) -> ScoreResult:
         truncated.extend(chunk.start + i for i in part.truncated)  # chunk-local -> index in the whole call
         tokens += part.usage.input_tokens
         model = model or part.model
-    return ScoreResult(model=model, rewards=rewards, truncated=sorted(truncated), usage=Usage(input_tokens=tokens))
+        parts.append(part)
+    members, spread = _merge_ensemble_fields(chunks, parts, bodies)
+    return ScoreResult(
+        model=model,
+        rewards=rewards,
+        truncated=sorted(truncated),
+        usage=Usage(input_tokens=tokens),
+        member_rewards=members,
+        spread=spread,
+    )
 
 
-def score_call(items: Iterable[Item], *, normalize: bool, max_items: int) -> Call[ScoreResult]:
+def _merge_ensemble_fields(
+    chunks: list[Chunk], parts: list[ScoreResult], bodies: list[Any]
+) -> tuple[dict[str, list[float]] | None, list[float] | None]:
+    """Each chunk's ``member_rewards`` and ``spread`` joined in chunk order (so in input order).
+
+    Every chunk of a call names the same model, so either every answer carries the ensemble fields, with the same
+    members, or none does; anything else is an unexpected answer, reported rather than papered over.
+    """
+    if not parts:
+        return None, None
+    shapes = [_ensemble_shape(part) for part in parts]
+    for chunk, shape, body in zip(chunks, shapes, bodies, strict=True):
+        if shape != shapes[0]:
+            raise APIResponseValidationError(
+                f"the answer for items[{chunk.start}:{chunk.stop}] has ensemble fields {shape}, the answer for "
+                f"items[{chunks[0].start}:{chunks[0].stop}] {shapes[0]}",
+                body=body,
+            )
+    for chunk, part, body in zip(chunks, parts, bodies, strict=True):
+        for name, values in (part.member_rewards or {}).items():
+            _check_count(f"member_rewards[{name!r}] values", len(values), chunk, body)
+        if part.spread is not None:
+            _check_count("spread values", len(part.spread), chunk, body)
+    first = parts[0]
+    members = None
+    if first.member_rewards is not None:
+        members = {name: [v for part in parts for v in part.member_rewards[name]] for name in first.member_rewards}
+    spread = None if first.spread is None else [v for part in parts for v in part.spread]
+    return members, spread
+
+
+def _ensemble_shape(part: ScoreResult) -> str:
+    members = "none" if part.member_rewards is None else str(sorted(part.member_rewards))
+    return f"(member_rewards: {members}, spread: {'yes' if part.spread is not None else 'none'})"
+
+
+def score_call(items: Iterable[Item], *, normalize: bool, model: str | None, max_items: int) -> Call[ScoreResult]:
     """One request per run of up to ``max_items`` items of one form (a request holds one form; a call may mix
     them: each contiguous run of a form gets its own requests, and the rewards come back in input order)."""
     items = [dict(item) for item in _as_list("items", items)]
+    options = _options(normalize, model)
     chunks: list[Chunk] = []
     for first, last in _form_runs(items):
         for a, b in plan_chunks([1] * (last - first), max_items):
-            chunks.append(Chunk(first + a, first + b, {"items": items[first + a : first + b], "normalize": normalize}))
+            chunks.append(Chunk(first + a, first + b, {"items": items[first + a : first + b], **options}))
     return Call("POST", "/v1/score", chunks, _merge_score, "items")
 
 
@@ -164,6 +216,7 @@ def preference_call(
     responses_b: Iterable[str],
     *,
     normalize: bool,
+    model: str | None,
     max_items: int,
 ) -> Call[list[PreferenceResult]]:
     prompts, a, b = (
@@ -176,7 +229,7 @@ def preference_call(
         {"prompt": _prompt(p), "response_a": ra, "response_b": rb} for p, ra, rb in zip(prompts, a, b, strict=True)
     ]
     # Each pair is two sequences for the model, so it counts twice against the per-request item limit.
-    chunks = _chunks("pairs", pairs, [2] * len(pairs), max_items, {"normalize": normalize})
+    chunks = _chunks("pairs", pairs, [2] * len(pairs), max_items, _options(normalize, model))
     return Call("POST", "/v1/preference", chunks, _merge_preference, "pairs")
 
 
@@ -202,6 +255,7 @@ def rerank_call(
     *,
     top_k: int | None,
     normalize: bool,
+    model: str | None,
     max_items: int,
 ) -> Call[list[RerankResult]]:
     prompts = _as_list("prompts", prompts)
@@ -210,7 +264,7 @@ def rerank_call(
     bodies = [{"prompt": _prompt(p), "responses": g} for p, g in zip(prompts, groups, strict=True)]
     # Groups are never split (the ranking is per group); a chunk holds whole groups up to the item limit.
     weights = [max(len(g), 1) for g in groups]
-    chunks = _chunks("groups", bodies, weights, max_items, {"top_k": top_k, "normalize": normalize})
+    chunks = _chunks("groups", bodies, weights, max_items, _options(normalize, model, top_k=top_k))
     return Call("POST", "/v1/rerank", chunks, _merge_rerank, "groups")
 
 

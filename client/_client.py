@@ -24,13 +24,17 @@ class RewardClient(BaseRewardClient):
     ``max_concurrency`` at a time on threads, and put back in input order. Connection errors,
     408, 429 and 5xx are retried ``max_retries`` times with exponential backoff and jitter
     (``Retry-After`` honoured up to 60 s). ``timeout`` is per attempt, in seconds. Every request
-    method also takes ``timeout=`` and ``max_retries=`` for one call (``None``: the client's).
+    method also takes ``timeout=`` and ``max_retries=`` for one call (``None``: the client's), and
+    the scoring methods ``model=``: the model or ensemble that call asks for (``None``: the client's
+    ``model``; neither: the server's first model).
     ``base_url`` and ``api_key`` default to ``RMSERVE_BASE_URL`` and ``RMSERVE_API_KEY``, read here.
 
     Example::
 
         with RewardClient("http://127.0.0.1:8000") as client:
             rewards = client.score(["What is 2+2?"], ["4"])  # [1.73]
+            both = client.score_detailed([{"prompt": "2+2?", "response": "4"}], model="both")  # an ensemble
+            both.rewards, both.member_rewards, both.spread  # {"helpful": [0.9], "safe": [1.2]}, [0.15]
 
     ``http_client``, ``sleep`` and ``rng`` exist for tests and custom transports; a passed
     ``http_client`` is not closed by ``close()``.
@@ -74,24 +78,39 @@ class RewardClient(BaseRewardClient):
         responses: Iterable[str],
         *,
         normalize: bool = False,
+        model: str | None = None,
         timeout: Timeout = None,
         max_retries: int | None = None,
     ) -> list[float]:
         """One reward per ``(prompt, response)`` pair, in input order. A prompt is text or chat turns."""
-        return self._execute(self._pairs_call(prompts, responses, normalize), timeout, max_retries).rewards
+        return self._execute(self._pairs_call(prompts, responses, normalize, model), timeout, max_retries).rewards
 
     def score_items(
-        self, items: Iterable[Item], *, normalize: bool = False, timeout: Timeout = None, max_retries: int | None = None
+        self,
+        items: Iterable[Item],
+        *,
+        normalize: bool = False,
+        model: str | None = None,
+        timeout: Timeout = None,
+        max_retries: int | None = None,
     ) -> list[float]:
         """One reward per item; items are ``{prompt, response}``, ``{messages}``, ``{text}`` or ``{input_ids}``, and
         may mix forms (each run of one form goes in its own requests)."""
-        return self.score_detailed(items, normalize=normalize, timeout=timeout, max_retries=max_retries).rewards
+        return self.score_detailed(
+            items, normalize=normalize, model=model, timeout=timeout, max_retries=max_retries
+        ).rewards
 
     def score_detailed(
-        self, items: Iterable[Item], *, normalize: bool = False, timeout: Timeout = None, max_retries: int | None = None
+        self,
+        items: Iterable[Item],
+        *,
+        normalize: bool = False,
+        model: str | None = None,
+        timeout: Timeout = None,
+        max_retries: int | None = None,
     ) -> ScoreResult:
         """Like ``score_items`` but the whole answer: rewards, truncated indices, token usage, model."""
-        return self._execute(self._score_call(items, normalize), timeout, max_retries)
+        return self._execute(self._score_call(items, normalize, model), timeout, max_retries)
 
     def preference(
         self,
@@ -100,11 +119,12 @@ class RewardClient(BaseRewardClient):
         responses_b: Iterable[str],
         *,
         normalize: bool = False,
+        model: str | None = None,
         timeout: Timeout = None,
         max_retries: int | None = None,
     ) -> list[PreferenceResult]:
         """Compare two responses per prompt: rewards, ``prob_a`` and the ``preferred`` one (``"a"``/``"b"``)."""
-        call = self._preference_call(prompts, responses_a, responses_b, normalize)
+        call = self._preference_call(prompts, responses_a, responses_b, normalize, model)
         return self._execute(call, timeout, max_retries)
 
     def rerank(
@@ -114,11 +134,12 @@ class RewardClient(BaseRewardClient):
         *,
         top_k: int | None = None,
         normalize: bool = False,
+        model: str | None = None,
         timeout: Timeout = None,
         max_retries: int | None = None,
     ) -> list[RerankResult]:
         """Best-of-n: per prompt, its responses ranked by reward (best first, cut to ``top_k``)."""
-        call = self._rerank_call(prompts, groups_of_responses, top_k, normalize)
+        call = self._rerank_call(prompts, groups_of_responses, top_k, normalize, model)
         return self._execute(call, timeout, max_retries)
 
     def models(self, *, timeout: Timeout = None, max_retries: int | None = None) -> list[ModelInfo]:

@@ -173,7 +173,7 @@ class BaseRewardClient:
         self.max_retries = max_retries
         self.max_items_per_request = max_items_per_request
         self.max_concurrency = max_concurrency
-        self.model = model
+        self.model = check_model(model)
         self._extra_headers = dict(headers or {})
         self._rng = rng or random.random
 
@@ -193,8 +193,7 @@ class BaseRewardClient:
         headers = self._headers()
         content = None
         if chunk.body is not None:
-            body = {**chunk.body, "model": self.model} if self.model else chunk.body
-            content = json.dumps(body, separators=(",", ":"), allow_nan=False, default=_jsonable).encode()
+            content = json.dumps(chunk.body, separators=(",", ":"), allow_nan=False, default=_jsonable).encode()
             headers["Content-Type"] = "application/json"
         # httpx applies a timeout only through this extension, so every request carries one.
         timeout_ext = httpx.Timeout(timeout).as_dict()
@@ -213,24 +212,44 @@ class BaseRewardClient:
             raise ValueError(f"max_retries must be >= 0, got {retries}")
         return (self.timeout if timeout is None else timeout), retries
 
+    def _model_for(self, model: str | None) -> str | None:
+        """The model a call names: its own ``model=``, else the client's (``None``: the server's first)."""
+        return self.model if model is None else check_model(model)
+
     # --- calls (what each public method sends; see _calls)
 
-    def _score_call(self, items: Iterable[Item], normalize: bool) -> Call[ScoreResult]:
-        return _calls.score_call(items, normalize=normalize, max_items=self.max_items_per_request)
+    def _score_call(self, items: Iterable[Item], normalize: bool, model: str | None) -> Call[ScoreResult]:
+        return _calls.score_call(
+            items, normalize=normalize, model=self._model_for(model), max_items=self.max_items_per_request
+        )
 
-    def _pairs_call(self, prompts: Iterable[Prompt], responses: Iterable[str], normalize: bool) -> Call[ScoreResult]:
-        return self._score_call(_calls.pair_items(prompts, responses), normalize)
+    def _pairs_call(
+        self, prompts: Iterable[Prompt], responses: Iterable[str], normalize: bool, model: str | None
+    ) -> Call[ScoreResult]:
+        return self._score_call(_calls.pair_items(prompts, responses), normalize, model)
 
     def _preference_call(
-        self, prompts: Iterable[Prompt], a: Iterable[str], b: Iterable[str], normalize: bool
+        self, prompts: Iterable[Prompt], a: Iterable[str], b: Iterable[str], normalize: bool, model: str | None
     ) -> Call[list[PreferenceResult]]:
-        return _calls.preference_call(prompts, a, b, normalize=normalize, max_items=self.max_items_per_request)
+        return _calls.preference_call(
+            prompts, a, b, normalize=normalize, model=self._model_for(model), max_items=self.max_items_per_request
+        )
 
     def _rerank_call(
-        self, prompts: Iterable[Prompt], groups: Iterable[Iterable[str]], top_k: int | None, normalize: bool
+        self,
+        prompts: Iterable[Prompt],
+        groups: Iterable[Iterable[str]],
+        top_k: int | None,
+        normalize: bool,
+        model: str | None,
     ) -> Call[list[RerankResult]]:
         return _calls.rerank_call(
-            prompts, groups, top_k=top_k, normalize=normalize, max_items=self.max_items_per_request
+            prompts,
+            groups,
+            top_k=top_k,
+            normalize=normalize,
+            model=self._model_for(model),
+            max_items=self.max_items_per_request,
         )
 
     # --- retry decisions
@@ -272,6 +291,18 @@ class BaseRewardClient:
                 return Outcome(retry_in=delay)
         error = make_status_error(response.status_code, response.content, response.headers)
         return Outcome(error=_calls.rebase_error(error, call.param_key, chunk.start))
+
+
+def check_model(model: Any) -> str | None:
+    """``model`` unchanged when it is ``None`` or a non-empty string, else ``TypeError``/``ValueError`` naming the
+    ``model`` argument (a request's ``model`` is a name: a model's id, path or served name, or an ensemble's)."""
+    if model is None:
+        return None
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a model or ensemble name (str) or None, got {type(model).__name__}")
+    if not model:
+        raise ValueError("model must be a non-empty model or ensemble name, or None for the server's first model")
+    return model
 
 
 def _request_of(exc: httpx.TransportError) -> httpx.Request | None:

@@ -6,6 +6,12 @@ Example::
     result.rewards, result.truncated, result.usage.input_tokens
     best = client.rerank(["Hi"], [["Hello!", "Go away."]])[0]
     best.best_index, [(r.index, r.reward) for r in best.ranking]
+
+When the request names an ensemble (``model="both"``), the results also carry each member's normalised reward and
+the members' spread (the fields are ``None`` for a single model)::
+
+    result = client.score_detailed(items, model="both")
+    result.member_rewards["safe"][i], result.spread[i]          # item i, in input order
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ class ScoreResult(_Result):
     rewards: list[float]
     truncated: list[int] = []
     usage: Usage = Usage()
+    member_rewards: dict[str, list[float]] | None = None
+    """Ensembles only: each member's normalised reward ``z_m`` per item, in input order (member name -> list)."""
+    spread: list[float] | None = None
+    """Ensembles only: the weighted standard deviation of the members' normalised rewards, per item."""
 
 
 class PreferenceResult(_Result):
@@ -69,6 +79,14 @@ class PreferenceResult(_Result):
     reward_b: float
     prob_a: float
     preferred: Literal["a", "b"]
+    member_rewards_a: dict[str, float] | None = None
+    """Ensembles only: each member's normalised reward of ``response_a`` (member name -> reward)."""
+    member_rewards_b: dict[str, float] | None = None
+    """Ensembles only: each member's normalised reward of ``response_b``."""
+    spread_a: float | None = None
+    """Ensembles only: the members' spread for ``response_a``."""
+    spread_b: float | None = None
+    """Ensembles only: the members' spread for ``response_b``."""
 
 
 class RankedResponse(NamedTuple):
@@ -86,6 +104,10 @@ class RerankResult(_Result):
 
     ranking: list[RankedResponse]
     best_index: int
+    member_rewards: dict[str, list[float]] | None = None
+    """Ensembles only: each member's normalised reward per response, in the group's input order (not ranked)."""
+    spread: list[float] | None = None
+    """Ensembles only: the members' spread per response, in the group's input order."""
 
 
 class ModelInfo(_Result):

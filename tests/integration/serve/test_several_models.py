@@ -1,7 +1,8 @@
 """Issue 12 acceptance against a real Ray Serve app: two different tiny checkpoints served at once (one Scorer
 deployment each), routing on ``model``, ensembles equal to the offline formula for every ``combine`` mode, 128
-concurrent requests mixed across models and an ensemble, reward telemetry equal to values computed offline, promtool
-on a real scrape, and the Grafana dashboard's queries against that scrape."""
+concurrent requests mixed across models and an ensemble, the Python SDK's ensemble fields and per-call model, reward
+telemetry equal to values computed offline, promtool on a real scrape, and the Grafana dashboard's queries against that
+scrape."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serve_harness import APP_NAME, LiveApp, async_client, running_app
 
+from rmserve.client import AsyncRewardClient
 from rmserve.model import load_reward_model
 from rmserve.serve.config_loading import load_config
 from rmserve.serve.metrics import REWARDS, SPREADS
@@ -243,6 +245,44 @@ async def test_128_concurrent_requests_mixed_across_models_and_an_ensemble(clien
         assert response.status_code == 200, response.text
         assert response.json()["model"] == (model or "helpful")
         assert response.json()["rewards"] == pytest.approx(want, abs=TOL), model
+
+
+async def test_sdk_member_rewards_and_spread_equal_the_offline_formula(app, offline):
+    items = items_of(11, start=500)
+    reward, sigma, members = expected_ensemble(offline, "cautious", items)
+    async with AsyncRewardClient(app.url, model="helpful", max_items_per_request=4, timeout=60.0) as sdk:
+        result = await sdk.score_detailed(items, model="cautious")  # three requests: 4 + 4 + 3 items
+        plain = await sdk.score_detailed(items)  # the client's own model
+        pairs = await sdk.preference(
+            [item["prompt"] for item in items[:5]],
+            [item["response"] for item in items[:5]],
+            [item["response"] for item in items[5:10]],
+            model="cautious",
+        )
+        (group,) = await sdk.rerank([items[0]["prompt"]], [[item["response"] for item in items[:6]]], model="cautious")
+    assert result.model == "cautious"
+    assert result.rewards == pytest.approx(list(reward), abs=TOL)
+    assert result.spread == pytest.approx(list(sigma), abs=TOL)
+    assert set(result.member_rewards) == set(WEIGHTS)
+    for member, values in members.items():
+        assert result.member_rewards[member] == pytest.approx(list(values), abs=TOL), member
+    assert (plain.model, plain.member_rewards, plain.spread) == ("helpful", None, None)
+    assert plain.rewards == pytest.approx(offline["helpful"].score(items), abs=TOL)
+
+    pair_items = [{"prompt": i["prompt"], "response": r["response"]} for i, r in zip(items[:5], items[5:10])]
+    b_reward, b_sigma, b_members = expected_ensemble(offline, "cautious", pair_items)
+    for k, pair in enumerate(pairs):  # response_a of pair k is items[k]; response_b is items[5 + k]'s response
+        assert (pair.reward_a, pair.spread_a) == pytest.approx((reward[k], sigma[k]), abs=TOL)
+        assert (pair.reward_b, pair.spread_b) == pytest.approx((b_reward[k], b_sigma[k]), abs=TOL)
+        assert pair.member_rewards_a == pytest.approx({m: v[k] for m, v in members.items()}, abs=TOL)
+        assert pair.member_rewards_b == pytest.approx({m: v[k] for m, v in b_members.items()}, abs=TOL)
+
+    group_items = [{"prompt": items[0]["prompt"], "response": item["response"]} for item in items[:6]]
+    g_reward, g_sigma, g_members = expected_ensemble(offline, "cautious", group_items)
+    assert [r.index for r in group.ranking] == sorted(range(6), key=lambda i: -g_reward[i])
+    assert group.spread == pytest.approx(list(g_sigma), abs=TOL)
+    for member, values in g_members.items():
+        assert group.member_rewards[member] == pytest.approx(list(values), abs=TOL), member
 
 
 class Scrape:

@@ -2,7 +2,8 @@
 
 No sockets: every request goes to ``FakeServer.handle`` (sync) or ``FakeServer.handle_async``.
 The fake's reward for a response is a number parsed from its text (``"r17"`` -> 17.0, else its
-length), so a test can tell from the numbers alone whether results came back in input order.
+length), so a test can tell from the numbers alone whether results came back in input order. A request
+for the model ``ENSEMBLE`` also gets the ensemble fields, from the same numbers (``member_rewards_of``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,28 @@ import httpx
 from rmserve.client import AsyncRewardClient, RewardClient
 
 URL = "http://rm.test"
+ENSEMBLE = "fake-ensemble"  # the fake's ensemble; its members are "up" and "down" (member_rewards_of)
 
 
 def reward_of(response: str) -> float:
     match = re.fullmatch(r"r(-?\d+)", response)
     return float(match.group(1)) if match else float(len(response))
+
+
+def member_rewards_of(response: str) -> dict[str, float]:
+    """The fake ensemble's members' rewards for a response: ``up`` is its reward, ``down`` one minus it."""
+    reward = reward_of(response)
+    return {"up": reward, "down": 1.0 - reward}
+
+
+def spread_of(response: str) -> float:
+    """The (equal-weight, population) spread of ``member_rewards_of(response)``."""
+    return abs(2.0 * reward_of(response) - 1.0) / 2.0
+
+
+def later_chunks_finish_first(n_items: int, base: float):
+    """A ``FakeServer`` delay: the chunk starting at item k sleeps longer the earlier it is (reversed completion)."""
+    return lambda body: base * (n_items - reward_of(body["items"][0]["response"])) / n_items if "items" in body else 0
 
 
 class FakeServer:
@@ -82,35 +100,53 @@ class FakeServer:
             return httpx.Response(200, json={"status": "ok"})
         if path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "fake-rm", "dtype": "float32", "max_length": 512}]})
+        model = body.get("model", "fake-rm")
+        ensemble = model == ENSEMBLE
         if path == "/v1/score":
             items = body["items"]
             rewards = [reward_of(item["response"]) for item in items]
             truncated = [i for i in self._truncate_local if i < len(items)]
-            return httpx.Response(
-                200,
-                json={
-                    "model": "fake-rm",
-                    "rewards": rewards,
-                    "truncated": truncated,
-                    "usage": {"input_tokens": 10 * len(items)},
-                },
-            )
+            answer = {
+                "model": model,
+                "rewards": rewards,
+                "truncated": truncated,
+                "usage": {"input_tokens": 10 * len(items)},
+            }
+            if ensemble:
+                answer.update(_ensemble_fields([item["response"] for item in items]))
+            return httpx.Response(200, json=answer)
         if path == "/v1/preference":
             results = []
             for pair in body["pairs"]:
                 a, b = reward_of(pair["response_a"]), reward_of(pair["response_b"])
                 prob_a = 1.0 / (1.0 + math.exp(b - a))
-                results.append({"reward_a": a, "reward_b": b, "prob_a": prob_a, "preferred": "a" if a >= b else "b"})
-            return httpx.Response(200, json={"model": "fake-rm", "results": results})
+                result = {"reward_a": a, "reward_b": b, "prob_a": prob_a, "preferred": "a" if a >= b else "b"}
+                if ensemble:
+                    for side in ("a", "b"):
+                        result[f"member_rewards_{side}"] = member_rewards_of(pair[f"response_{side}"])
+                        result[f"spread_{side}"] = spread_of(pair[f"response_{side}"])
+                results.append(result)
+            return httpx.Response(200, json={"model": model, "results": results})
         if path == "/v1/rerank":
             results = []
             for group in body["groups"]:
                 rewards = [reward_of(r) for r in group["responses"]]
                 order = sorted(range(len(rewards)), key=lambda i: -rewards[i])[: body.get("top_k") or None]
                 ranking = [{"index": i, "reward": rewards[i]} for i in order]
-                results.append({"ranking": ranking, "best_index": order[0]})
-            return httpx.Response(200, json={"model": "fake-rm", "results": results})
+                result = {"ranking": ranking, "best_index": order[0]}
+                if ensemble:
+                    result.update(_ensemble_fields(group["responses"]))  # in the group's input order
+                results.append(result)
+            return httpx.Response(200, json={"model": model, "results": results})
         return httpx.Response(404, json={"detail": "Not Found"})
+
+
+def _ensemble_fields(responses: list[str]) -> dict[str, Any]:
+    members = [member_rewards_of(r) for r in responses]
+    return {
+        "member_rewards": {name: [m[name] for m in members] for name in ("up", "down")},
+        "spread": [spread_of(r) for r in responses],
+    }
 
 
 class Sleeps(list):

@@ -7,15 +7,10 @@ import time
 
 import httpx
 import pytest
-from client_fakes import FakeServer, call, make_client, reward_of
+from client_fakes import FakeServer, call, later_chunks_finish_first, make_client, reward_of
 
 from rmserve.client import InvalidRequestError
 from rmserve.client._calls import plan_chunks
-
-
-def later_chunks_finish_first(n_items: int, base: float):
-    # A chunk starting at item k sleeps longer the earlier it is, so completion order is reversed.
-    return lambda body: base * (n_items - reward_of(body["items"][0]["response"])) / n_items if "items" in body else 0
 
 
 @pytest.mark.parametrize(
