@@ -1,4 +1,5 @@
-"""``build_app(config)``: the rmserve Ray Serve application (Gateway → Scorer), ready for ``serve.run``.
+"""``build_app(config)``: the rmserve Ray Serve application (Gateway → Scorer, and their ``MetricsHub``), ready for
+``serve.run``.
 
 From Python::
 
@@ -32,6 +33,7 @@ from .config import ServerConfig
 from .config_loading import load_config
 from .ensemble import check_ensemble_members
 from .gateway import Gateway
+from .metrics_hub import bind_hub
 from .resources import Capacity, host_cores, ray_capacity, resolve_resources
 from .scorer import Scorer, scorer_deployment_name
 
@@ -43,7 +45,8 @@ OVERFLOW_REQUESTS = 256
 
 
 def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Application:
-    """The application: a Gateway (FastAPI ingress) bound to one Scorer deployment per served model.
+    """The application: a Gateway (FastAPI ingress) bound to one Scorer deployment per served model, and the
+    ``MetricsHub`` deployment all of them report to (``GET /metrics``).
 
     Refuses (``ConfigError``) an ensemble whose member's checkpoint and config give no normalisation statistics.
     """
@@ -60,6 +63,7 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
     }
     check_ensemble_members(config)
     served = config.served_models()
+    metrics_hub = bind_hub()  # the application's metrics collector: it lives and goes with the application
     scorers = [
         Scorer.options(
             name=scorer_deployment_name(config, index),
@@ -69,7 +73,7 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
             user_config=config.scorer_user_config(),
             max_constructor_retry_count=CONSTRUCTOR_RETRIES,
             **common,
-        ).bind(config, index)
+        ).bind(config, index, metrics_hub)
         for index, model in enumerate(served)
     ]
     return Gateway.options(
@@ -77,7 +81,7 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
         ray_actor_options={"num_cpus": config.gateway_num_cpus},
         max_ongoing_requests=scorer_requests * sum(model.replicas for model in served),
         **common,
-    ).bind(scorers[0], config, scorers[1:])
+    ).bind(scorers[0], config, scorers[1:], metrics_hub)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
