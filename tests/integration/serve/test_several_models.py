@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_scrape import scrape
 from serve_harness import APP_NAME, LiveApp, async_client, running_app
 
 from rmserve.model import load_reward_model
@@ -243,24 +243,6 @@ async def test_128_concurrent_requests_mixed_across_models_and_an_ensemble(clien
         assert response.status_code == 200, response.text
         assert response.json()["model"] == (model or "helpful")
         assert response.json()["rewards"] == pytest.approx(want, abs=TOL), model
-
-
-class Scrape:
-    def __init__(self, text: str):
-        self.text = text
-        self.samples = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                self.samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-
-    def __call__(self, name: str, **labels: str) -> float:
-        return self.samples.get(("rmserve_" + name, tuple(sorted(labels.items()))), 0.0)
-
-
-async def scrape(client) -> Scrape:
-    response = await client.get("/metrics")
-    assert response.status_code == 200, response.text
-    return Scrape(response.text)
 
 
 def bucket_labels(bounds: tuple[float, ...]) -> list[str]:
