@@ -38,12 +38,13 @@ async def deploy(config) -> None:
 
 
 def app_actors() -> list[str]:
-    """Named actors of the application (Serve names each replica ``SERVE_REPLICA::<app>#<deployment>#<id>``) and any
-    rmserve metrics actor, in every namespace."""
+    """Named actors, in every namespace, of the application (Serve names each replica
+    ``SERVE_REPLICA::<app>#<deployment>#<id>``) or of rmserve at all (the old collector was ``rmserve-metrics:<app>``).
+    """
     import ray
 
     names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)]
-    return [name for name in names if f"{APP_NAME}#" in name or "metrics" in name.lower()]
+    return [name for name in names if f"{APP_NAME}#" in name or "rmserve" in name.lower()]
 
 
 async def score_known_requests(client, start: int) -> tuple[int, int]:
