@@ -61,7 +61,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 @dataclass
 class EngineStats:
-    """Running totals; the server exports them as metrics."""
+    """Running totals: the one store of what the engine did (a server reads its metrics from here, ``counters``)."""
 
     batches: int = 0
     microbatches: int = 0
@@ -178,6 +178,16 @@ class ScoringEngine:
                 for i in wanted[key]:
                     outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]
+
+    def counters(self) -> dict[str, float]:
+        """The engine's totals as the server's metrics name them: read from ``stats`` and the caches, never kept
+        twice."""
+        return {
+            "forward_real_tokens": self.stats.real_tokens,
+            "forward_padded_tokens": self.stats.padded_tokens,
+            "oom_splits": self.stats.oom_splits,
+            **self.cache_counters(),
+        }
 
     def cache_counters(self) -> dict[str, float]:
         """Prefix sharing and cache totals, named as the server's metrics name them."""

@@ -1,4 +1,5 @@
-"""``build_app(config)``: the rmserve Ray Serve application (Gateway → Scorer), ready for ``serve.run``.
+"""``build_app(config)``: the rmserve Ray Serve application (Gateway → Scorer, and their ``MetricsHub``), ready for
+``serve.run``.
 
 From Python::
 
@@ -34,6 +35,7 @@ from .config import RoutingConfig, ServerConfig
 from .config_loading import load_config
 from .ensemble import check_ensemble_members
 from .gateway import Gateway
+from .metrics_hub import bind_hub
 from .resources import Capacity, host_cores, ray_capacity, resolve_resources
 from .scorer import Scorer, scorer_deployment_name
 
@@ -45,7 +47,8 @@ OVERFLOW_REQUESTS = 256
 
 
 def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Application:
-    """The application: a Gateway (FastAPI ingress) bound to one Scorer deployment per served model.
+    """The application: a Gateway (FastAPI ingress) bound to one Scorer deployment per served model, and the
+    ``MetricsHub`` deployment all of them report to (``GET /metrics``).
 
     Refuses (``ConfigError``) an ensemble whose member's checkpoint and config give no normalisation statistics.
     """
@@ -62,6 +65,7 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
     }
     check_ensemble_members(config)
     served = config.served_models()
+    metrics_hub = bind_hub()  # the application's metrics collector: it lives and goes with the application
     scorers = [
         Scorer.options(
             name=scorer_deployment_name(config, index),
@@ -72,7 +76,7 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
             max_constructor_retry_count=CONSTRUCTOR_RETRIES,
             **_router(config.routing),
             **common,
-        ).bind(config, index)
+        ).bind(config, index, metrics_hub)
         for index, model in enumerate(served)
     ]
     return Gateway.options(
@@ -80,7 +84,7 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
         ray_actor_options={"num_cpus": config.gateway_num_cpus},
         max_ongoing_requests=scorer_requests * sum(model.replicas for model in served),
         **common,
-    ).bind(scorers[0], config, scorers[1:])
+    ).bind(scorers[0], config, scorers[1:], metrics_hub)
 
 
 def _router(routing: RoutingConfig) -> dict[str, Any]:

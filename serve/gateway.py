@@ -3,8 +3,8 @@
 It holds a ``DeploymentHandle`` to each model's Scorer (the first model's is ``scorer``) and builds its
 FastAPI app on the replica (``__serve_build_asgi_app__``), so the app's routes, limits and API keys come from
 the config object the deployment was bound with. It also records reward telemetry (``telemetry``), reports its
-HTTP metrics and telemetry to the application's metrics hub, answers ``GET /metrics`` with the totals of all
-replicas (``metrics_hub``), and follows ``rmserve serve``'s graceful shutdown (``lifecycle``).
+HTTP metrics and telemetry to the application's ``MetricsHub`` deployment, answers ``GET /metrics`` with the
+totals of all replicas (``metrics_hub``), and follows ``rmserve serve``'s graceful shutdown (``lifecycle``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ray import serve
 from .compat import CompatService
 from .config import ServerConfig
 from .lifecycle import Drain, start_following
-from .metrics_hub import ClusterMetrics
+from .metrics_hub import ClusterMetrics, HubLink
 from .routes import create_http_app
 from .service import GatewayService
 from .telemetry import RewardTelemetry
@@ -28,9 +28,9 @@ from .telemetry import RewardTelemetry
 class Gateway:
     """HTTP front of one rmserve application (see API.md for its routes)."""
 
-    def __init__(self, scorer, config: ServerConfig, more_scorers: Sequence = ()):
+    def __init__(self, scorer, config: ServerConfig, more_scorers: Sequence, metrics_hub: HubLink):
         self.config = config
-        self.metrics = ClusterMetrics()
+        self.metrics = ClusterMetrics(metrics_hub)
         telemetry = RewardTelemetry(self.metrics.recorder, config.reward_window_items)
         self.metrics.sources.append(telemetry.snapshot)
         self.service = GatewayService(scorer, config, more_scorers, telemetry=telemetry)

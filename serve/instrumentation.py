@@ -1,16 +1,19 @@
 """Where the metrics of ``metrics.py`` are recorded: the Scorer's hooks and the Gateway's HTTP middleware.
 
-Neither needs Ray. ``ScorerMetrics`` is the one store of a Scorer replica's numbers: the engine's micro-batch
-observer, the forward thread's batch callback and the request path feed it; it serves both ``/metrics`` (its
-``snapshot``) and ``Scorer.stats()`` (its ``counts``). Only the engine's own totals (``EngineStats``) live elsewhere.
+Neither needs Ray. A Scorer replica keeps each of its numbers in one place: what the engine did (forward tokens,
+OOM splits, prefix sharing and the caches) in the engine's ``EngineStats``, everything else (requests, items,
+batches, rejections, forward latencies) in ``ScorerMetrics``. Both ``/metrics`` (``snapshot``, which reads the
+engine's totals through ``engine_counters``) and ``Scorer.stats()`` (``counts``, from the same snapshot) derive
+from those stores; no number is counted twice.
 
 Example::
 
     metrics = ScorerMetrics(model.info())
-    model.engine.observers.append(metrics.on_forward)      # forward passes
+    model.engine.observers.append(metrics.on_forward)      # forward passes (latency, a batch's padded tokens)
     metrics.on_batch([12, 30])                             # a batch ran (after its forward passes)
     metrics.on_request(items=4, input_tokens=120, truncated=0)
-    metrics.snapshot(queue_depth=0, oom_splits=0)
+    snapshot = metrics.snapshot(queue_depth=0, engine_counters=model.engine.counters())
+    metrics.counts(snapshot)                               # what stats() shows
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ log = logging.getLogger("rmserve.serve")
 
 
 class ScorerMetrics:
-    """The numbers of one Scorer replica: Prometheus metrics plus a few counters only ``stats()`` shows."""
+    """The numbers of one Scorer replica that the engine does not keep: Prometheus metrics plus a few counters
+    only ``stats()`` shows."""
 
     def __init__(self, model_info: dict):
         self.recorder = MetricsRecorder()
@@ -50,16 +54,14 @@ class ScorerMetrics:
         self._batch_padded_tokens = 0  # of the batch running now (forward thread; read after the batch)
         self._lock = threading.Lock()  # the forward thread and the event loop both count
         self._recent_batches: deque[int] = deque(maxlen=RECENT_BATCHES)
-        self._largest_batch = 0
         self._rescored_batches = 0  # batches that failed as a whole and were rescored item by item
         self._gateway_calls = 0  # score_requests calls (each carries the requests a Gateway merged)
         self._gateway_requests = 0
 
     def on_forward(self, rows: int, padded_tokens: int, real_tokens: int, seconds: float) -> None:
-        """``ScoringEngine`` observer: one forward pass (micro-batch)."""
+        """``ScoringEngine`` observer: one forward pass (micro-batch). Its tokens are counted by the engine
+        (``EngineStats``); here only its latency and its share of the running batch's padded tokens."""
         self.recorder.observe("forward_duration_seconds", seconds)
-        self.recorder.inc("forward_real_tokens", real_tokens)
-        self.recorder.inc("forward_padded_tokens", padded_tokens)
         self._batch_padded_tokens += padded_tokens
 
     def on_batch(self, lengths: Sequence[int]) -> None:
@@ -69,7 +71,6 @@ class ScorerMetrics:
         self._batch_padded_tokens = 0
         with self._lock:
             self._recent_batches.append(len(lengths))
-            self._largest_batch = max(self._largest_batch, len(lengths))
 
     def on_request(self, items: int, input_tokens: int, truncated: int) -> None:
         """A request's items were scored (its rewards are about to be returned)."""
@@ -95,36 +96,28 @@ class ScorerMetrics:
             self._gateway_calls += 1
             self._gateway_requests += requests
 
-    def snapshot(
-        self, *, queue_depth: int, oom_splits: int, engine_counters: dict[str, float] | None = None
-    ) -> Snapshot:
-        """The replica's metrics, with the values the Scorer and the engine hold themselves
-        (``engine_counters``: ``ScoringEngine.cache_counters()``, keyed by metric name)."""
-        self.recorder.set("queue_depth", queue_depth)
-        self.recorder.set("oom_splits", oom_splits)
+    def snapshot(self, *, queue_depth: int, engine_counters: dict[str, float] | None = None) -> Snapshot:
+        """The replica's metrics: this store's, the queue depth and the engine's totals (``engine_counters``:
+        ``ScoringEngine.counters()``, keyed by metric name, read from the engine's own store)."""
+        snapshot = self.recorder.snapshot()
+        snapshot.set("queue_depth", queue_depth)
         for name, value in (engine_counters or {}).items():
-            self.recorder.set(name, value)
-        return self.recorder.snapshot()
+            snapshot.set(name, value)
+        return snapshot
 
-    def counts(self) -> dict:
-        """What ``Scorer.stats()`` reports from this store."""
-        snap = self.recorder.snapshot()
-        sizes = snap.histogram("batch_size_items")
+    def counts(self, snapshot: Snapshot) -> dict:
+        """What ``Scorer.stats()`` reports besides the engine's totals, from ``snapshot`` (this store's) and the
+        counters only ``stats()`` shows."""
+        sizes = snapshot.histogram("batch_size_items")
         with self._lock:
-            recent, largest = list(self._recent_batches), self._largest_batch
+            recent = list(self._recent_batches)
             rescored, calls, requests = self._rescored_batches, self._gateway_calls, self._gateway_requests
         return {
-            "rejected_requests": int(snap.get("rejected_requests")),
-            "client_gone_items": int(snap.get("client_gone_items")),
+            "rejected_requests": int(snapshot.get("rejected_requests")),
+            "client_gone_items": int(snapshot.get("client_gone_items")),
             "rescored_batches": rescored,
             "gateway_calls": {"calls": calls, "requests": requests},
-            "batching": {
-                "batches": sizes.count,
-                "items": int(sizes.sum),
-                "largest_batch": largest,
-                "mean_batch_size": sizes.sum / sizes.count if sizes.count else 0.0,
-                "recent_batch_sizes": recent,
-            },
+            "batching": {"batches": sizes.count, "items": int(sizes.sum), "recent_batch_sizes": recent},
         }
 
 

@@ -1,12 +1,13 @@
 """Prometheus metrics (prefix ``rmserve_``) as plain values: record them in a replica, merge replicas, render.
 
 Every replica (Scorer and Gateway alike) records into its own ``MetricsRecorder``: counters, gauges and
-histogram bucket counts in plain Python, no ``prometheus_client`` registry and no Ray. ``GET /metrics``
-must show totals across all replicas, so the numbers travel as ``Snapshot`` objects: the Gateway asks
-the ``MetricsHub`` (``metrics_hub.py``), which gathers a fresh snapshot from every live replica, and
-``render`` turns the ``merge`` of them into the Prometheus text format with ``prometheus_client``.
-Counters and histograms of replicas that went away stay in the totals (the hub keeps their last
-snapshot), so totals never go down while the hub lives; a restarted replica is a new one, from 0.
+histogram bucket counts in plain Python, no ``prometheus_client`` registry and no Ray (a Scorer's snapshot
+adds the totals its engine keeps itself, ``instrumentation.py``). ``GET /metrics`` must show totals across
+all replicas, so the numbers travel as ``Snapshot`` objects: the Gateway asks the application's
+``MetricsHub`` (``metrics_hub.py``), which gathers a fresh snapshot from every live replica, and ``render``
+turns the ``merge`` of them into the Prometheus text format with ``prometheus_client``. Counters and
+histograms of replicas that went away stay in the totals (the hub keeps their last snapshot), so totals
+never go down while the application lives; a restarted replica is a new one, from 0.
 
 Example::
 
@@ -203,13 +204,16 @@ class Snapshot:
     def histogram(self, name: str, **labels: str) -> Histogram:
         return self.histograms.get(_key(name, labels)) or Histogram.empty(SPECS[name].buckets)
 
-    def add(self, other: Snapshot, *, gauges: bool = True) -> None:
+    def set(self, name: str, value: float, **labels: str) -> None:
+        """Set a value read from a store of its own (a gauge, or a counter another object keeps)."""
+        self.values[_key(name, labels)] = float(value)
+
+    def add(self, other: Snapshot) -> None:
         """Add ``other`` into this one: counters and histograms sum, gauges sum, info series are set to 1."""
         for key, value in other.values.items():
-            kind = SPECS[key[0]].kind
-            if kind == "info":
+            if SPECS[key[0]].kind == "info":
                 self.values[key] = 1.0
-            elif kind == "counter" or gauges:
+            else:
                 self.values[key] = self.values.get(key, 0.0) + value
         for key, hist in other.histograms.items():
             mine = self.histograms.setdefault(key, Histogram.empty(SPECS[key[0]].buckets))
@@ -258,7 +262,7 @@ class MetricsRecorder:
             self._snapshot.values[key] = self._snapshot.values.get(key, 0.0) + amount
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        """Set a gauge, an info series (value 1) or a counter mirrored from a monotonic source."""
+        """Set a gauge or an info series (value 1)."""
         key = _key(name, labels)
         with self._lock:
             self._snapshot.values[key] = float(value)

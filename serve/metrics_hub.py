@@ -1,4 +1,4 @@
-"""``MetricsHub``: one small Ray actor per application that gathers every replica's metrics for ``GET /metrics``.
+"""``MetricsHub``: one small deployment of each application that gathers every replica's metrics for ``GET /metrics``.
 
 A ``DeploymentHandle`` call reaches *one* replica, chosen by Serve's router, so ``/metrics`` cannot ask
 the Scorers through the handle. Instead every replica (Scorer and Gateway) runs ``report_metrics``, a
@@ -8,13 +8,19 @@ scrape began, so work finished before the scrape is always in it. ``collect`` wa
 ``wait_s`` for the answers; a replica that does not answer in time (dead, or its event loop stuck)
 counts with its last snapshot and is not waited for again until it polls again. A replica that has
 not polled for ``stale_after_s`` is taken as gone: its counters and histograms stay in the totals,
-its gauges leave them. A restarted replica has a new identity and starts from zero; if the hub
-itself is lost, the next replica to poll creates a new one and the totals restart (a counter reset,
-which Prometheus' ``rate()`` handles).
+its gauges leave them. A restarted replica has a new identity and starts from zero.
 
-The hub is a detached, zero-CPU named actor (``rmserve-metrics:<app>`` in namespace ``rmserve``), so
-it outlives the replicas that created it; it ends with the Ray cluster. Its logic is plain asyncio,
-testable without Ray: ``hub = MetricsHub(); await hub.collect(0.1)``.
+The hub is a deployment of the application itself (``MetricsHub``: one replica, zero CPUs), bound by
+``build_app`` next to the Scorers and the Gateway, which reach it through the ``HubLink`` they are
+bound with. So its lifetime is the application's: ``serve delete`` removes it with its numbers, and a
+redeploy that rebuilds the application (``serve.run``, or a config whose ``args`` or code changed)
+replaces it, so the totals start from zero. Each ``build_app`` call names its build, and the hub counts
+only replicas of its own build: a replica of the previous build, still draining during a redeploy,
+cannot carry its old counters into the new totals. Serve restarts a hub replica that dies, with the
+same build: live replicas report their cumulative numbers to it again, and only the counters of
+replicas that had already gone are lost (a counter reset, which Prometheus' ``rate()`` handles).
+
+Its logic is plain asyncio, testable without Ray: ``hub = MetricsHub("b1"); await hub.collect(0.1)``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +38,15 @@ from .metrics import CONTENT_TYPE, MetricsRecorder, Snapshot, merge, render
 
 log = logging.getLogger("rmserve.serve")
 
-HUB_NAMESPACE = "rmserve"
+HUB_DEPLOYMENT = "MetricsHub"
 POLL_WAIT_S = 10.0  # a replica re-polls at least this often (its heartbeat)
 STALE_AFTER_S = 3 * POLL_WAIT_S
 SCRAPE_WAIT_S = 2.0  # the longest a scrape waits for the replicas' answers
 RETRY_S = 1.0
 FOLD_AFTER_S = 600.0  # departed replicas are folded into one sum after this long
+OTHER_BUILD = -1  # what ``poll`` answers a replica of another build of the application
+# Each replica holds one poll open at all times, and every scrape is one more call: far above any replica count.
+HUB_MAX_ONGOING_REQUESTS = 4096
 
 
 @dataclass
@@ -49,20 +59,26 @@ class _Member:
 
 
 class MetricsHub:
-    """Collects fresh snapshots from every live replica of one application on demand."""
+    """Collects fresh snapshots from every live replica of one build of an application, on demand."""
 
-    def __init__(self, poll_wait_s: float = POLL_WAIT_S, stale_after_s: float = STALE_AFTER_S):
+    def __init__(self, build: str, poll_wait_s: float = POLL_WAIT_S, stale_after_s: float = STALE_AFTER_S):
+        self.build = build
         self._poll_wait_s = poll_wait_s
         self._stale_after_s = stale_after_s
-        # Wall-clock nanoseconds: a re-created hub starts above any generation a replica saw from the old one.
+        # Wall-clock nanoseconds: a restarted hub starts above any generation a replica saw from the old one.
         self._generation = time.time_ns()
         self._members: dict[str, _Member] = {}
         self._departed: dict[str, tuple[float, Snapshot]] = {}  # member -> (when, its counters and histograms)
         self._folded = Snapshot()
         self._changed = asyncio.Condition()
 
-    async def poll(self, member: str, kind: str, answered: int, snapshot: Snapshot) -> int:
-        """Store ``snapshot`` (answering scrape ``answered``), then wait for the next scrape; returns its generation."""
+    async def poll(self, member: str, kind: str, answered: int, snapshot: Snapshot, build: str) -> int:
+        """Store ``snapshot`` (answering scrape ``answered``), then wait for the next scrape; returns its generation.
+
+        A replica of another ``build`` is not counted: it gets ``OTHER_BUILD`` at once.
+        """
+        if build != self.build:
+            return OTHER_BUILD
         async with self._changed:
             self._departed.pop(member, None)  # back after being taken as gone: its snapshot is cumulative
             self._members[member] = _Member(kind, snapshot, answered, time.monotonic())
@@ -105,84 +121,87 @@ class MetricsHub:
                 del self._departed[m]
 
 
-def hub_name(app_name: str) -> str:
-    return f"rmserve-metrics:{app_name}"
+@dataclass
+class HubLink:
+    """How a replica reaches its application's hub: the ``MetricsHub`` deployment's handle and the build of the
+    application that both belong to (``bind_hub`` makes one per ``build_app`` call)."""
+
+    hub: Any  # a DeploymentHandle once Serve has deployed the application
+    build: str
 
 
-def get_hub(app_name: str) -> Any:
-    """The application's hub actor, created on first use (detached, zero CPUs)."""
-    import ray
+def bind_hub() -> HubLink:
+    """A new build's hub, to bind into every deployment of the application (one replica, zero CPUs)."""
+    from ray import serve
 
-    return (
-        ray.remote(MetricsHub)
-        .options(
-            name=hub_name(app_name),
-            namespace=HUB_NAMESPACE,
-            get_if_exists=True,
-            lifetime="detached",
-            num_cpus=0,
-            max_concurrency=4096,
-        )
-        .remote()
-    )
+    build = uuid.uuid4().hex
+    hub = serve.deployment(
+        MetricsHub,
+        name=HUB_DEPLOYMENT,
+        num_replicas=1,  # the one place the numbers meet: never more
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=HUB_MAX_ONGOING_REQUESTS,
+        # Its open requests are long polls of replicas that stop with it: nothing to wait for at shutdown.
+        graceful_shutdown_timeout_s=0,
+        logging_config={"enable_access_log": False},  # every poll would be a line
+    ).bind(build)
+    return HubLink(hub, build)
 
 
-async def report_metrics(app_name: str, member: str, kind: str, snapshot: Callable[[], Snapshot]) -> None:
+async def report_metrics(link: HubLink, member: str, kind: str, snapshot: Callable[[], Snapshot]) -> None:
     """A replica's reporting loop (run it as a task for the replica's lifetime)."""
-    generation, hub, warned = 0, None, False
+    generation, warned = 0, False
     while True:
         try:
-            if hub is None:
-                hub = get_hub(app_name)
-            generation = await hub.poll.remote(member, kind, generation, snapshot())
-            warned = False
+            answer = await link.hub.poll.remote(member, kind, generation, snapshot(), link.build)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the hub died or is restarting: find or create it again
+        except Exception as exc:  # the hub is restarting, or not deployed yet
             if not warned:
                 log.warning("metrics: cannot reach the metrics hub (%r); retrying", exc)
                 warned = True
-            hub = None
             await asyncio.sleep(RETRY_S)
+            continue
+        warned = False
+        if answer == OTHER_BUILD:  # a redeploy is under way: the hub reached belongs to the other build
+            await asyncio.sleep(RETRY_S)
+            continue
+        generation = answer
 
 
-def start_reporting(kind: str, snapshot: Callable[[], Snapshot]) -> asyncio.Task:
+def start_reporting(link: HubLink, kind: str, snapshot: Callable[[], Snapshot]) -> asyncio.Task:
     """Start ``report_metrics`` for the Serve replica this runs in (call on its event loop, e.g. in ``__init__``)."""
     from ray import serve
 
     context = serve.get_replica_context()
     member = f"{context.deployment}#{context.replica_tag}"
-    return asyncio.get_running_loop().create_task(report_metrics(context.app_name, member, kind, snapshot))
+    return asyncio.get_running_loop().create_task(report_metrics(link, member, kind, snapshot))
 
 
 class ClusterMetrics:
     """A Gateway replica's metrics: its own recorder (HTTP metrics) and ``scrape()``, the totals of all replicas."""
 
-    def __init__(self, wait_s: float = SCRAPE_WAIT_S):
-        from ray import serve
-
-        self.app_name = serve.get_replica_context().app_name
+    def __init__(self, link: HubLink, wait_s: float = SCRAPE_WAIT_S):
         self.recorder = MetricsRecorder()
         self.recorder.set("gateway_replicas", 1)
         self.wait_s = wait_s
         self.content_type = CONTENT_TYPE
         self.sources: list[Callable[[], Snapshot]] = []  # more of this replica's numbers (e.g. reward telemetry)
-        self._hub: Any = None
-        self._reporter = start_reporting("gateway", self.snapshot)
+        self._hub = link.hub
+        self._reporter = start_reporting(link, "gateway", self.snapshot)
 
     def snapshot(self) -> Snapshot:
         """This replica's numbers: its recorder and its ``sources``."""
         return merge([self.recorder.snapshot(), *(source() for source in self.sources)])
 
     async def scrape(self) -> bytes:
-        try:
-            if self._hub is None:
-                self._hub = get_hub(self.app_name)
-            result = await self._hub.collect.remote(self.wait_s)
-        except Exception:
-            self._hub = None
-            raise
-        return render(merge([result["departed"], *(snapshot for _, snapshot, _ in result["members"].values())]))
+        result = await self._hub.collect.remote(self.wait_s)
+        return render(totals(result))
+
+
+def totals(collected: dict[str, Any]) -> Snapshot:
+    """The totals of one ``MetricsHub.collect`` answer: every member's snapshot plus the departed replicas'."""
+    return merge([collected["departed"], *(snapshot for _, snapshot, _ in collected["members"].values())])
 
 
 class LocalMetrics:

@@ -27,7 +27,7 @@ from rmserve.model.items import Item
 from .config import ScorerUserConfig, ServerConfig
 from .faults import FaultPlan
 from .metrics import Snapshot
-from .metrics_hub import start_reporting
+from .metrics_hub import HubLink, start_reporting
 from .protocol import ScoredItems
 from .resources import use_cores
 from .scoring_core import ScoringCore
@@ -53,7 +53,7 @@ class Scorer:
     calls), ``info()``, ``special_tokens()``, ``stats()``, ``metrics_snapshot()``, ``reconfigure``, ``set_faults``.
     """
 
-    def __init__(self, config: ServerConfig, model_index: int = 0):
+    def __init__(self, config: ServerConfig, model_index: int, metrics_hub: HubLink):
         if config.testing.scorer_start_delay_s:
             time.sleep(config.testing.scorer_start_delay_s)
         self._config = config
@@ -75,7 +75,7 @@ class Scorer:
                 )
         self.model.score([{"text": "warm-up"}])  # one real forward before the replica reports ready
         self.core = ScoringCore(self.model, config.batching, config.limits)  # after the warm-up: it is not traffic
-        self._metrics_reporter = start_reporting("scorer", self.core.metrics_snapshot)
+        self._metrics_reporter = start_reporting(metrics_hub, "scorer", self.core.metrics_snapshot)
         log.info("scorer ready (%d torch threads): %s", threads, self.model.info())
 
     # -- handle API -------------------------------------------------------------------------------

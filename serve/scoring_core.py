@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rmserve.model import RewardModel, TokenizedItem
+from rmserve.model import EngineStats, RewardModel, TokenizedItem
 from rmserve.model.errors import InternalError, OverloadedError, RequestTooLargeError, RMServeError, item_error
 from rmserve.model.items import Item, payload_size
 
@@ -57,6 +57,8 @@ class ScoringCore:
 
     def __init__(self, model: RewardModel, batching: BatchingConfig, limits: LimitsConfig):
         self.model = model
+        # The engine's totals count from here, with the metrics: what ran before (a warm-up) is not traffic.
+        model.engine.stats = EngineStats()
         self.metrics = ScorerMetrics(model.info())
         model.engine.observers.append(self.metrics.on_forward)
         self.faults = FaultPlan()
@@ -250,17 +252,15 @@ class ScoringCore:
     # -- numbers -----------------------------------------------------------------------------------------------
     def metrics_snapshot(self) -> Snapshot:
         """This replica's metrics (``GET /metrics`` sums them over replicas)."""
-        engine = self.model.engine
-        return self.metrics.snapshot(
-            queue_depth=self.queued_items, oom_splits=engine.stats.oom_splits, engine_counters=engine.cache_counters()
-        )
+        return self.metrics.snapshot(queue_depth=self.queued_items, engine_counters=self.model.engine.counters())
 
     def stats(self) -> dict:
-        """Counters of this replica: queue, rejections, dropped items, batches formed, engine totals, limits."""
+        """Counters of this replica: queue, rejections, dropped items, batches formed, engine totals, limits; read
+        from the same stores as ``metrics_snapshot``."""
         engine = self.model.engine
         return {
             "queued_items": self.queued_items,
-            **self.metrics.counts(),
+            **self.metrics.counts(self.metrics_snapshot()),
             "limits": {
                 "max_batch_tokens": engine.max_batch_tokens,
                 "max_batch_items": self.queue.max_batch_items,

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from metrics_scrape import Scrape
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 STARTUP_TIMEOUT_S = 240
@@ -67,6 +68,8 @@ def test_serve_run_deploy_config_scores_with_the_demo(tmp_path, demo_model_dir, 
         assert response.status_code == 200, response.text
         assert response.json()["rewards"] == pytest.approx(demo_model.score(items), abs=1e-5)
         assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["max_length"] == 4096  # from the file
+        # The app's own MetricsHub deployment collects the totals, deployed from the file like the rest.
+        assert Scrape(httpx.get(f"{url}/metrics", timeout=30).text)("items_scored_total") == len(items)
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -13,8 +13,8 @@ import random
 
 import httpx
 import pytest
+from metrics_scrape import delta, scrape
 from serve_harness import async_client, demo_config, running_app
-from test_metrics import delta, scrape
 from test_serve_prefix_sharing import TOPICS
 
 from rmserve.model import load_reward_model

@@ -10,13 +10,11 @@ import os
 import shutil
 import subprocess
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_scrape import delta, replica_numbers, scrape
 from serve_harness import APP_NAME, LiveApp, async_client, demo_config, running_app
 
 from rmserve.serve import build_app
-from rmserve.serve.metrics_hub import HUB_NAMESPACE, hub_name
 
 pytestmark = pytest.mark.ray
 
@@ -52,33 +50,6 @@ def faults_app(app, demo_model_dir):
 async def client(app):
     async with async_client(app) as c:
         yield c
-
-
-class Scrape:
-    """One ``/metrics`` answer, parsed by prometheus_client's own parser."""
-
-    def __init__(self, response: httpx.Response):
-        assert response.status_code == 200, response.text
-        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-        self.text = response.text
-        self.samples = {}
-        for family in text_string_to_metric_families(self.text):
-            for s in family.samples:
-                self.samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-
-    def __call__(self, name: str, **labels: str) -> float:
-        return self.samples.get(("rmserve_" + name, tuple(sorted(labels.items()))), 0.0)
-
-    def series(self, name: str) -> dict[tuple, float]:
-        return {labels: v for (n, labels), v in self.samples.items() if n == "rmserve_" + name}
-
-
-async def scrape(client: httpx.AsyncClient, prefix: str = "") -> Scrape:
-    return Scrape(await client.get(f"{prefix}/metrics"))
-
-
-def delta(before: Scrape, after: Scrape, name: str, **labels: str) -> float:
-    return after(name, **labels) - before(name, **labels)
 
 
 def items_of(n: int, start: int) -> list[dict]:
@@ -117,17 +88,9 @@ async def test_one_scrape_totals_both_scorer_replicas(app: LiveApp, client, offl
     assert after("queue_depth") == 0
     assert after.series("model_info") == {(("dtype", "fp32"), ("model", offline.model_id), ("quantization", "none")): 1}
     # Both replicas did part of the work, so the totals above really are sums over replicas.
-    per_replica = await replica_items(APP_NAME)
+    per_replica = await replica_numbers(APP_NAME, "scorer")
     assert len(per_replica) == 2 and sum(per_replica.values()) >= n_items
     assert all(v > 0 for v in per_replica.values()), per_replica
-
-
-async def replica_items(app_name: str) -> dict[str, float]:
-    import ray
-
-    hub = ray.get_actor(hub_name(app_name), namespace=HUB_NAMESPACE)
-    result = await hub.collect.remote(5.0)
-    return {m: snap.get("items_scored") for m, (kind, snap, _) in result["members"].items() if kind == "scorer"}
 
 
 @pytest.mark.skipif(

@@ -8,8 +8,8 @@ import asyncio
 import random
 
 import pytest
+from metrics_scrape import delta, scrape
 from serve_harness import async_client, demo_config, running_app
-from test_metrics import delta, scrape
 
 from rmserve.model import load_reward_model
 

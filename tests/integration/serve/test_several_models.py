@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_scrape import scrape
 from serve_harness import APP_NAME, LiveApp, async_client, running_app
 
 from rmserve.client import AsyncRewardClient
@@ -283,24 +283,6 @@ async def test_sdk_member_rewards_and_spread_equal_the_offline_formula(app, offl
     assert group.spread == pytest.approx(list(g_sigma), abs=TOL)
     for member, values in g_members.items():
         assert group.member_rewards[member] == pytest.approx(list(values), abs=TOL), member
-
-
-class Scrape:
-    def __init__(self, text: str):
-        self.text = text
-        self.samples = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                self.samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-
-    def __call__(self, name: str, **labels: str) -> float:
-        return self.samples.get(("rmserve_" + name, tuple(sorted(labels.items()))), 0.0)
-
-
-async def scrape(client) -> Scrape:
-    response = await client.get("/metrics")
-    assert response.status_code == 200, response.text
-    return Scrape(response.text)
 
 
 def bucket_labels(bounds: tuple[float, ...]) -> list[str]:

@@ -246,3 +246,26 @@ async def test_a_merged_request_gets_its_answer_without_waiting_for_a_slower_one
         await stream.aclose()  # the Gateway stops listening: the slow request is cancelled
     assert index == 1 and result.rewards == pytest.approx(demo_model.score(fast), abs=TOL)
     await until(lambda: core.stats()["queued_items"] == 0, "the slow request left the queue count")
+
+
+async def test_stats_and_metrics_read_the_same_counters_and_start_with_the_core(model):
+    """One store per number: the snapshot (``/metrics``) and ``stats()`` agree, and a forward before the core
+    existed (a Scorer's warm-up) is in neither."""
+    model.score([{"text": "warm-up"}])
+    core = ScoringCore(model, BatchingConfig(batch_wait_timeout_s=0.0), LimitsConfig(max_queued_items=256))
+    try:
+        requests = [items_of(9 + k, 2, seed=200 + 10 * k) for k in range(5)]
+        results = await asyncio.gather(*(core.score_request(items) for items in requests))
+        usage = sum(result.input_tokens for result in results)
+        snapshot, stats = core.metrics_snapshot(), core.stats()
+        assert snapshot.get("items_scored") == stats["engine"]["items"] == stats["batching"]["items"] == 10
+        assert snapshot.get("input_tokens") == usage == stats["engine"]["received_tokens"]
+        assert snapshot.get("forward_real_tokens") == stats["engine"]["real_tokens"]
+        assert snapshot.get("forward_padded_tokens") == stats["engine"]["padded_tokens"]
+        assert snapshot.get("forward_real_tokens") + snapshot.get("prefix_tokens_saved") == usage
+        sizes = snapshot.histogram("batch_size_items")
+        assert (sizes.count, sizes.sum) == (stats["batching"]["batches"], 10)
+        assert snapshot.histogram("batch_padded_tokens").sum == snapshot.get("forward_padded_tokens")
+    finally:
+        core.close()
+        model.engine.observers.clear()

@@ -73,7 +73,7 @@ def test_merge_sums_counters_histograms_and_gauges_and_keeps_info_at_one():
     b.on_forward(rows=5, padded_tokens=50, real_tokens=41, seconds=0.03)
     b.on_batch([10] * 5)
     a.on_rejected()
-    total = merge([a.snapshot(queue_depth=2, oom_splits=0), b.snapshot(queue_depth=4, oom_splits=3)])
+    total = merge([a.snapshot(queue_depth=2), b.snapshot(queue_depth=4, engine_counters={"oom_splits": 3})])
     assert total.get("items_scored") == 8.0
     assert total.get("input_tokens") == 71.0
     assert total.get("truncated_items") == 1.0
@@ -99,13 +99,24 @@ def test_batch_padded_tokens_add_up_the_forward_passes_of_one_batch():
     assert (padded.count, padded.sum) == (2, 91.0)
 
 
+def test_forward_tokens_come_from_the_engine_counters_only():
+    """The engine keeps its totals (``EngineStats``); the snapshot reads them and never counts them again."""
+    m = ScorerMetrics(MODEL)
+    m.on_forward(rows=2, padded_tokens=20, real_tokens=19, seconds=0.01)
+    m.on_batch([10, 9])
+    assert m.snapshot(queue_depth=0).get("forward_padded_tokens") == 0.0
+    snap = m.snapshot(queue_depth=0, engine_counters={"forward_real_tokens": 19, "forward_padded_tokens": 20})
+    assert (snap.get("forward_real_tokens"), snap.get("forward_padded_tokens")) == (19.0, 20.0)
+    assert m.counts(snap)["batching"] == {"batches": 1, "items": 2, "recent_batch_sizes": [2]}
+
+
 def test_monotonic_part_drops_gauges_and_info():
     m = ScorerMetrics(MODEL)
     m.on_request(items=4, input_tokens=9, truncated=0)
     m.on_batch([1, 2, 3, 3])
     m.on_rejected()
     m.on_rejected()
-    kept = m.snapshot(queue_depth=5, oom_splits=1).monotonic_part()
+    kept = m.snapshot(queue_depth=5, engine_counters={"oom_splits": 1}).monotonic_part()
     assert kept.get("items_scored") == 4.0 and kept.get("rejected_requests") == 2.0
     assert kept.get("queue_depth") == 0.0 and kept.get("scorer_replicas") == 0.0
     assert kept.get("model_info", model="rm-7b", dtype="bf16", quantization="none") == 0.0
@@ -117,7 +128,7 @@ def test_render_exposes_every_metric_with_the_prefix_and_exact_values():
     m.on_request(items=3, input_tokens=30, truncated=1)
     m.on_forward(rows=3, padded_tokens=40, real_tokens=30, seconds=0.004)
     m.on_batch([10, 8, 12])
-    snap = m.snapshot(queue_depth=1, oom_splits=0)
+    snap = m.snapshot(queue_depth=1, engine_counters={"forward_real_tokens": 30, "forward_padded_tokens": 40})
     snap.add(_gateway_snapshot())
     text = render(snap)
     got = samples(text)
@@ -153,7 +164,7 @@ def test_render_of_nothing_is_zeros_and_padding_efficiency_one():
 )
 def test_promtool_accepts_the_rendering():
     snap = _gateway_snapshot()
-    snap.add(ScorerMetrics(MODEL).snapshot(queue_depth=0, oom_splits=0))
+    snap.add(ScorerMetrics(MODEL).snapshot(queue_depth=0))
     result = subprocess.run(["promtool", "check", "metrics"], input=render(snap), capture_output=True, timeout=30)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
 

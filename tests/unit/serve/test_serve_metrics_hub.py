@@ -1,4 +1,4 @@
-"""The metrics hub's gather protocol with plain asyncio (the same class runs as a Ray actor in the server)."""
+"""The metrics hub's gather protocol with plain asyncio (the same class is a Serve deployment in the server)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import asyncio
 import contextlib
 import time
 
-from rmserve.serve.metrics import MetricsRecorder, merge
-from rmserve.serve.metrics_hub import MetricsHub
+from rmserve.serve.metrics import MetricsRecorder
+from rmserve.serve.metrics_hub import OTHER_BUILD, MetricsHub, totals
+
+BUILD = "build-1"
 
 
 class Replica:
     """A replica's reporting loop against a hub in the same event loop (what report_metrics does over Ray)."""
 
-    def __init__(self, hub: MetricsHub, name: str, kind: str = "scorer"):
-        self.hub, self.name, self.kind = hub, name, kind
+    def __init__(self, hub: MetricsHub, name: str, kind: str = "scorer", build: str = BUILD):
+        self.hub, self.name, self.kind, self.build = hub, name, kind, build
         self.recorder = MetricsRecorder()
         self.recorder.set(f"{kind}_replicas", 1)
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -22,16 +24,12 @@ class Replica:
     async def _loop(self) -> None:
         generation = 0
         while True:
-            generation = await self.hub.poll(self.name, self.kind, generation, self.recorder.snapshot())
+            generation = await self.hub.poll(self.name, self.kind, generation, self.recorder.snapshot(), self.build)
 
     async def stop(self) -> None:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
-
-
-def totals(result: dict):
-    return merge([result["departed"], *(snapshot for _, snapshot, _ in result["members"].values())])
 
 
 async def settle() -> None:
@@ -40,7 +38,7 @@ async def settle() -> None:
 
 
 async def test_a_scrape_sees_everything_recorded_before_it_on_every_replica():
-    hub = MetricsHub()
+    hub = MetricsHub(BUILD)
     replicas = [Replica(hub, "scorer#a"), Replica(hub, "scorer#b"), Replica(hub, "gateway#a", "gateway")]
     await settle()
     # Recorded after the replicas' last poll: only a fresh snapshot, taken once the scrape started, has it.
@@ -60,7 +58,7 @@ async def test_a_scrape_sees_everything_recorded_before_it_on_every_replica():
 
 
 async def test_a_silent_replica_delays_one_scrape_only_and_counts_with_its_last_numbers():
-    hub = MetricsHub()
+    hub = MetricsHub(BUILD)
     alive, dead = Replica(hub, "scorer#alive"), Replica(hub, "scorer#dead")
     dead.recorder.inc("items_scored", 5)
     await settle()
@@ -80,7 +78,7 @@ async def test_a_silent_replica_delays_one_scrape_only_and_counts_with_its_last_
 
 
 async def test_a_departed_replica_keeps_its_counters_but_not_its_gauges():
-    hub = MetricsHub(poll_wait_s=0.05, stale_after_s=0.2)
+    hub = MetricsHub(BUILD, poll_wait_s=0.05, stale_after_s=0.2)
     alive, gone = Replica(hub, "scorer#alive"), Replica(hub, "scorer#gone")
     gone.recorder.inc("items_scored", 5)
     gone.recorder.observe("batch_size_items", 5)
@@ -104,7 +102,7 @@ async def test_a_departed_replica_keeps_its_counters_but_not_its_gauges():
 
 
 async def test_idle_replicas_keep_polling_as_a_heartbeat():
-    hub = MetricsHub(poll_wait_s=0.05, stale_after_s=0.3)
+    hub = MetricsHub(BUILD, poll_wait_s=0.05, stale_after_s=0.3)
     replica = Replica(hub, "scorer#idle")
     replica.recorder.inc("items_scored", 2)
     await asyncio.sleep(0.6)  # far past stale_after_s without a scrape
@@ -116,15 +114,30 @@ async def test_idle_replicas_keep_polling_as_a_heartbeat():
 
 async def test_a_new_hub_starts_above_the_old_generations():
     """A replica that answered scrapes of a lost hub must not look up to date to its replacement."""
-    old = MetricsHub()
+    old = MetricsHub(BUILD)
     rec = MetricsRecorder()
-    poll = asyncio.get_running_loop().create_task(old.poll("scorer#a", "scorer", 0, rec.snapshot()))
+    poll = asyncio.get_running_loop().create_task(old.poll("scorer#a", "scorer", 0, rec.snapshot(), BUILD))
     await settle()
     await old.collect(wait_s=0.01)
     seen = await asyncio.wait_for(poll, 5.0)  # the generation the replica carries into its next poll
-    new = MetricsHub()
+    new = MetricsHub(BUILD)
     rec.inc("items_scored", 1)
     started = time.monotonic()
-    generation = await new.poll("scorer#a", "scorer", seen, rec.snapshot())
+    generation = await new.poll("scorer#a", "scorer", seen, rec.snapshot(), BUILD)
     assert generation > seen and time.monotonic() - started < 0.5  # not waiting for a generation the new hub is past
     assert totals(await new.collect(wait_s=0.01)).get("items_scored") == 1.0
+
+
+async def test_a_replica_of_another_build_is_not_counted():
+    """During a redeploy a replica of the previous build may still poll the new build's hub: its counters must not
+    enter the new totals, and it is told so at once (it retries, in case it reached a hub of the other build)."""
+    hub = MetricsHub(BUILD)
+    ours = Replica(hub, "scorer#new")
+    ours.recorder.inc("items_scored", 2)
+    rec = MetricsRecorder()
+    rec.inc("items_scored", 1000)
+    assert await asyncio.wait_for(hub.poll("scorer#old", "scorer", 0, rec.snapshot(), "build-0"), 5.0) == OTHER_BUILD
+    await settle()
+    result = await hub.collect(wait_s=5.0)
+    assert set(result["members"]) == {"scorer#new"} and totals(result).get("items_scored") == 2.0
+    await ours.stop()
