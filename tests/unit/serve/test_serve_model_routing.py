@@ -42,9 +42,10 @@ def test_an_ensemble_is_found_by_name_with_its_members_lanes(tmp_path):
     assert "both" in r.all_names() and "safety" in r.all_names()
 
 
-def test_requests_are_merged_per_model_only_where_it_has_one_replica(tmp_path):
+def test_each_model_has_its_own_coalescer_on_its_own_scorer(tmp_path):
     helpful, safe = router(tmp_path).lanes
-    assert (helpful.coalescer.merge, safe.coalescer.merge) == (True, False)
+    assert helpful.coalescer is not safe.coalescer
+    assert (helpful.coalescer.scorer, safe.coalescer.scorer) == (helpful.scorer, safe.scorer)
 
 
 def test_a_single_unnamed_model_learns_its_id_from_its_card():
