@@ -172,12 +172,15 @@ def run_model(model: str, scenarios: list[Scenario], specs: list[ServerSpec], *,
             started[spec.name] = stack.enter_context(running_server(command, port, log_path=log, env=spec.env))
         for scenario in scenarios:
             running = [s for s in specs if s.workloads is None or scenario.workload in s.workloads]
-            requests = {s.name: build_requests(scenario.workload, s.kind, vocab_size=vocab,
-                                               n_requests=scenario.n_requests, ppo_shape=scenario.ppo_shape)
-                        for s in running}  # fmt: skip
-            for concurrency in scenario.concurrencies:
+            for level, concurrency in enumerate(scenario.concurrencies):
                 runs: dict[str, list[LoadResult]] = {s.name: [] for s in running}
                 for repeat in range(repeats):
+                    # Fresh items for every repeat and concurrency (the same for every server): replayed items would
+                    # be answered from rmserve's reward cache and flatter it.
+                    requests = {s.name: build_requests(scenario.workload, s.kind, vocab_size=vocab,
+                                                       n_requests=scenario.n_requests, ppo_shape=scenario.ppo_shape,
+                                                       seed=1 + level * 1000 + repeat)
+                                for s in running}  # fmt: skip
                     for spec in running if repeat % 2 == 0 else running[::-1]:
                         server, loadgen_cpu = started[spec.name], os.times()
                         cpu = server.cpu_seconds()
