@@ -70,7 +70,7 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
         Scorer.options(
             name=scorer_deployment_name(config, index),
             num_replicas=model.replicas,
-            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+            ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus, "resources": model.resources},
             max_ongoing_requests=scorer_requests,
             user_config=config.scorer_user_config(),
             max_constructor_retry_count=CONSTRUCTOR_RETRIES,
@@ -81,7 +81,7 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
     ]
     return Gateway.options(
         num_replicas=config.gateway_replicas,
-        ray_actor_options={"num_cpus": config.gateway_num_cpus},
+        ray_actor_options={"num_cpus": config.gateway_num_cpus, "resources": config.gateway_resources},
         max_ongoing_requests=scorer_requests * sum(model.replicas for model in served),
         **common,
     ).bind(scorers[0], config, scorers[1:], metrics_hub)

@@ -2,8 +2,8 @@
 
 Fields of the ``model``, ``batching``, ``limits`` and ``compat`` sections become top-level flags (``--dtype``,
 ``--max-batch-tokens``, ``--request-timeout-s``); ``model.path`` is ``--model``, ``compat.normalize`` is
-``--compat-normalize`` and ``api_keys`` is the repeatable ``--api-key``. Values stay strings; ``load_config``
-validates them like any other source.
+``--compat-normalize`` and ``api_keys`` is the repeatable ``--api-key``. Values stay strings (mappings such as
+``--resources '{"rmserve_scorer": 1}'`` are JSON objects); ``load_config`` validates them like any other source.
 
 ``--model`` is repeatable: one ``--model PATH`` sets ``model.path`` (one model, as always); ``--model NAME=PATH``
 (one or more) builds the ``models`` list, whose entries take the other model flags (``--dtype`` ...) as defaults.
@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from .config import ServerConfig
-from .config_loading import CONFIG_FILE_ENV, load_config
+from .config_loading import CONFIG_FILE_ENV, ConfigError, is_mapping_setting, load_config, parse_json_object
 
 FLATTENED_SECTIONS = ("model", "batching", "limits", "compat")
 SKIPPED = frozenset({("model", "max_batch_tokens"), ("testing",), ("models",), ("ensembles",)})
@@ -81,6 +81,8 @@ def add_config_flags(parser: argparse.ArgumentParser, include: Callable[[tuple[s
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(annotation) is list:
             kwargs.update(action="append", metavar="KEY")
+        elif is_mapping_setting(annotation):
+            kwargs.update(type=_json_object_flag(flag), metavar="JSON")
         elif typing.get_origin(annotation) is Literal:
             kwargs["choices"] = typing.get_args(annotation)
         else:
@@ -140,6 +142,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         environ=os.environ,
         overrides=overrides_from_args(args),
     )
+
+
+def _json_object_flag(flag: str) -> Callable[[str], dict[str, Any]]:
+    def parse(raw: str) -> dict[str, Any]:
+        try:
+            return parse_json_object(raw, flag)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _add_models(result: dict[str, Any], values: list[str]) -> None:

@@ -5,7 +5,8 @@ Unknown keys are rejected everywhere, with the key and where it came from in the
 
 Environment variables name a field by its path, upper-cased, sections joined by a double
 underscore: ``RMSERVE_PORT=9000``, ``RMSERVE_MODEL__PATH=/ckpt/rm``, ``RMSERVE_BATCHING__MAX_BATCH_TOKENS=8192``.
-List fields take comma-separated values (``RMSERVE_API_KEYS=key1,key2``). ``RMSERVE_CONFIG`` names the
+List fields take comma-separated values (``RMSERVE_API_KEYS=key1,key2``), mappings a JSON object
+(``RMSERVE_RESOURCES={"rmserve_scorer": 1}``). ``RMSERVE_CONFIG`` names the
 YAML file; the variables in ``NON_CONFIG_ENV`` belong to other parts of rmserve and are skipped.
 
 Example::
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from rmserve.model.spec import ModelSpec
 
-from .served_models import NAME_HELP, NOT_PER_MODEL, CpuCount, EnsembleConfig, GpuCount, ServedModel
+from .served_models import NAME_HELP, NOT_PER_MODEL, CpuCount, CustomResources, EnsembleConfig, GpuCount, ServedModel
 
 MIB = 1024 * 1024
 
@@ -169,8 +170,21 @@ class ServerConfig(_Section):
         "minus the Gateways' (and the models' that set theirs), shared among the replicas. A request the machine "
         "cannot hold fails at start.",
     )
+    resources: CustomResources = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Custom Ray resources reserved per Scorer replica, to place the replicas on the nodes that declare "
+        "them (`ray start --resources '{\"rmserve_scorer\": 100}'`), e.g. {rmserve_scorer: 1}. Environment: JSON, "
+        "RMSERVE_RESOURCES='{\"rmserve_scorer\": 1}'. A resource no node has leaves the replicas pending.",
+    )
     gateway_replicas: int = Field(1, ge=1, le=1024, description="HTTP gateway replicas.")
     gateway_num_cpus: float = Field(0.25, ge=0.0, le=1024.0, description="CPUs reserved per gateway replica.")
+    gateway_resources: CustomResources = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Custom Ray resources reserved per Gateway replica (placement, as `resources` for the Scorers), "
+        "e.g. {rmserve_gateway: 1} declared on the head node only.",
+    )
     host: str = Field("127.0.0.1", min_length=1, max_length=255, description="Address the HTTP server binds.")
     port: int = Field(8000, ge=1, le=65_535, description="Port the HTTP server binds.")
     ingress: Literal["auto", "direct", "proxy"] = Field(
@@ -281,10 +295,16 @@ class ServerConfig(_Section):
                         "replicas": self.replicas,
                         "num_gpus": self.num_gpus,
                         "num_cpus": self.num_cpus,
+                        "resources": self.resources,
                     }
                 )
             ]
-        server = {"replicas": self.replicas, "num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+        server = {
+            "replicas": self.replicas,
+            "num_gpus": self.num_gpus,
+            "num_cpus": self.num_cpus,
+            "resources": self.resources,
+        }
         return [
             entry.model_copy(update={k: v for k, v in server.items() if getattr(entry, k) is None})
             for entry in self.models

@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -88,6 +89,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         value: Any = None if raw == "" else raw
         if value is not None and _is_list(annotation):
             value = [v.strip() for v in raw.split(",") if v.strip()]
+        elif value is not None and is_mapping_setting(annotation):
+            value = parse_json_object(raw, f"environment variable {name}")
         node = result
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -158,6 +161,24 @@ def _source(loc: tuple[str, ...], origin: Mapping[tuple[str, ...], str]) -> str 
         if loc[:end] in origin:
             return origin[loc[:end]]
     return None
+
+
+def parse_json_object(raw: str, what: str) -> dict[str, Any]:
+    """A mapping setting given as text (environment, flag): a JSON object, e.g. ``{"rmserve_scorer": 1}``."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a JSON object, e.g. '{{\"rmserve_scorer\": 1}}', not {raw!r}")
+    return value
+
+
+def is_mapping_setting(annotation: Any) -> bool:
+    """Whether a setting's annotation is a mapping (given as a JSON object in the environment and on flags)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(is_mapping_setting(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) is dict
 
 
 def _is_list(annotation: Any) -> bool:

@@ -1,9 +1,9 @@
 """The models one application serves and its ensembles: the ``models:`` and ``ensembles:`` sections of the config.
 
 A server with no ``models`` list serves one model, described by the top-level ``model`` section and the
-``served_model_names`` / ``replicas`` / ``num_gpus`` / ``num_cpus`` fields, exactly as before. With a ``models``
-list it serves each entry with its own Scorer deployment; an entry is a ``ModelSpec`` plus a ``name`` and how it
-is deployed, and the top-level ``model`` section gives every entry its defaults (an entry's own keys win)::
+``served_model_names`` / ``replicas`` / ``num_gpus`` / ``num_cpus`` / ``resources`` fields, exactly as before. With a
+``models`` list it serves each entry with its own Scorer deployment; an entry is a ``ModelSpec`` plus a ``name``
+and how it is deployed, and the top-level ``model`` section gives every entry its defaults (an entry's own keys win)::
 
     model: {dtype: fp32}                 # defaults of every entry
     models:
@@ -30,6 +30,10 @@ NAME_HELP = "letters, digits, '.', '_' and '-', starting with a letter or digit,
 Combine = Literal["mean", "min", "mean_minus_std"]
 GpuCount = Annotated[float, Field(ge=0.0, le=64.0)] | Literal["auto"]
 CpuCount = Annotated[float, Field(ge=0.01, le=1024.0)] | Literal["auto"]
+# Custom Ray resources a replica reserves (``ray start --resources '{"rmserve_scorer": 100}'`` declares them on a node).
+CustomResources = dict[
+    Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")], Annotated[float, Field(ge=0.0, le=1e9)]
+]
 # ModelSpec fields an entry of ``models`` may not set (the batching section owns the token budget).
 NOT_PER_MODEL = frozenset({"max_batch_tokens"})
 
@@ -37,7 +41,7 @@ NOT_PER_MODEL = frozenset({"max_batch_tokens"})
 class ServedModel(ModelSpec):
     """One served model: how to load it (every ``ModelSpec`` field) and how it is named and deployed.
 
-    ``None`` in ``replicas`` / ``num_gpus`` / ``num_cpus`` means the server's top-level value.
+    ``None`` in ``replicas`` / ``num_gpus`` / ``num_cpus`` / ``resources`` means the server's top-level value.
 
     Example::
 
@@ -58,6 +62,9 @@ class ServedModel(ModelSpec):
     replicas: int | None = Field(None, ge=1, le=1024, description="Scorer replicas of this model (default: replicas).")
     num_gpus: GpuCount | None = Field(None, description="GPUs per replica of this model (default: num_gpus).")
     num_cpus: CpuCount | None = Field(None, description="CPUs per replica of this model (default: num_cpus).")
+    resources: CustomResources | None = Field(
+        None, max_length=16, description="Custom Ray resources per replica of this model (default: resources)."
+    )
 
     def spec(self, max_batch_tokens: int) -> ModelSpec:
         """The ``ModelSpec`` a replica loads, with the batching section's token budget."""

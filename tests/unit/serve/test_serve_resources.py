@@ -60,3 +60,34 @@ def test_auto_is_the_default_and_every_source_can_set_it():
     assert load_config(overrides={"num_cpus": "auto"}).num_cpus == "auto"
     with pytest.raises(ValueError, match="num_cpus"):
         load_config(overrides={"num_cpus": "lots"})
+
+
+def test_custom_resources_place_the_scorers_and_the_gateway_from_every_source():
+    environ = {"RMSERVE_RESOURCES": '{"rmserve_scorer": 1}', "RMSERVE_GATEWAY_RESOURCES": '{"rmserve_gateway": 0.5}'}
+    config = load_config(base={"resources": {"rmserve_scorer": 2, "gpu_node": 1}}, environ=environ)
+    assert config.resources == {"rmserve_scorer": 1.0, "gpu_node": 1.0}  # merged key by key, as every mapping
+    assert config.gateway_resources == {"rmserve_gateway": 0.5}
+    assert config.served_models()[0].resources == {"rmserve_scorer": 1.0, "gpu_node": 1.0}
+    several = load_config(
+        base={
+            "resources": {"gpu_node": 1},
+            "models": [{"name": "a", "path": "/a"}, {"name": "b", "path": "/b", "resources": {"big": 1}}],
+        }
+    )
+    assert [m.resources for m in several.served_models()] == [{"gpu_node": 1.0}, {"big": 1.0}]
+    with pytest.raises(ValueError, match="RMSERVE_RESOURCES must be a JSON object"):
+        load_config(environ={"RMSERVE_RESOURCES": "rmserve_scorer=1"})
+    with pytest.raises(ValueError, match="resources"):
+        load_config(overrides={"resources": {"rmserve_scorer": -1}})
+
+
+def test_the_app_reserves_the_custom_resources_next_to_cpus_and_gpus():
+    """The builder's ray_actor_options carry them (a config file's `deployments: ray_actor_options` would replace the
+    whole dict, num_cpus and num_gpus included, so rmserve's own settings are the way to set them)."""
+    from rmserve.serve.app import build_app
+
+    config = {"model": {"path": "/ckpt"}, "num_cpus": 1, "num_gpus": 0, "resources": {"rmserve_scorer": 1}}
+    gateway = build_app({**config, "gateway_resources": {"rmserve_gateway": 1}})._bound_deployment
+    scorer = gateway.init_args[0]._bound_deployment
+    assert gateway.ray_actor_options == {"num_cpus": 0.25, "resources": {"rmserve_gateway": 1.0}}
+    assert scorer.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0, "resources": {"rmserve_scorer": 1.0}}
