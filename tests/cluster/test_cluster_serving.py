@@ -1,0 +1,93 @@
+"""Issue 13, rmserve on a real multi-node Ray cluster: a head (Serve's controller and proxy, the Gateway) and two
+worker nodes (one Scorer replica each), separate ``ray start`` processes on loopback, the app deployed from
+deploy/serve_config.yaml. Rewards equal the offline ones, the replicas sit where the placement resources say, and
+``/metrics`` totals stay exact across the two Scorer replicas on two nodes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from cluster_harness import (
+    GATEWAY_RESOURCE,
+    SCORER_RESOURCE,
+    LoopbackCluster,
+    node_environment,
+    replicas,
+    running_replica_nodes,
+    wait_for,
+)
+from unit.serve.test_serve_metrics import samples
+
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]
+
+TOL = 1e-5  # fp32 on both sides
+METRICS_TIMEOUT_S = 30
+
+
+class Ledger:
+    """What this module sent and got back: what /metrics must count."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.items = 0
+        self.input_tokens = 0
+
+    def add(self, body: dict) -> None:
+        self.requests += 1
+        self.items += len(body["rewards"])
+        self.input_tokens += body["usage"]["input_tokens"]
+
+
+@pytest.fixture(scope="module")
+def cluster(demo_model_dir):
+    with LoopbackCluster(env=node_environment(demo_model_dir)) as cluster:
+        cluster.start_head(num_cpus=1, resources={GATEWAY_RESOURCE: 100})
+        # One unit each: the two Scorer replicas cannot share a node.
+        cluster.add_worker("worker-1", num_cpus=1, resources={SCORER_RESOURCE: 1})
+        cluster.add_worker("worker-2", num_cpus=1, resources={SCORER_RESOURCE: 1})
+        cluster.url = cluster.deploy(scorer={"num_replicas": 2})
+        cluster.ledger = Ledger()
+        yield cluster
+
+
+def test_rewards_over_http_equal_offline_and_replicas_sit_where_placed(cluster, item_pool, offline_rewards):
+    head, worker_1, worker_2 = cluster.nodes
+    for items, expected in ((item_pool, offline_rewards), (item_pool[:3], offline_rewards[:3])):
+        response = httpx.post(f"{cluster.url}/v1/score", json={"items": items}, timeout=60)
+        assert response.status_code == 200, response.text
+        cluster.ledger.add(response.json())
+        assert response.json()["rewards"] == pytest.approx(expected, abs=TOL)
+    assert running_replica_nodes("Scorer") == sorted([worker_1.node_id, worker_2.node_id])
+    gateways = replicas("Gateway")
+    assert [(r["state"], r["node_id"]) for r in gateways] == [("RUNNING", head.node_id)]
+
+
+async def test_metrics_totals_are_exact_with_two_scorer_replicas_on_two_nodes(cluster, item_pool, offline_rewards):
+    """Concurrent single- and multi-item requests (both replicas score some); one scrape counts each exactly once."""
+    ledger: Ledger = cluster.ledger
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=60, limits=limits) as client:
+
+        async def send(k: int) -> None:
+            indices = [(k * 5 + j) % len(item_pool) for j in range(1 + k % 4)]
+            response = await client.post("/v1/score", json={"items": [item_pool[i] for i in indices]})
+            assert response.status_code == 200, response.text
+            assert response.json()["rewards"] == pytest.approx([offline_rewards[i] for i in indices], abs=TOL)
+            ledger.add(response.json())
+
+        await asyncio.gather(*(send(k) for k in range(120)))
+
+    def totals() -> dict | None:
+        scrape = samples(httpx.get(f"{cluster.url}/metrics", timeout=30).content)
+        items = scrape[("rmserve_items_scored_total", ())]
+        assert items <= ledger.items, f"/metrics counts {items} items, {ledger.items} were scored"
+        return scrape if items == ledger.items else None
+
+    scrape = wait_for(totals, METRICS_TIMEOUT_S, f"/metrics to count the {ledger.items} items scored", poll_s=0.5)
+    assert scrape[("rmserve_scorer_replicas", ())] == 2
+    assert scrape[("rmserve_requests_total", (("route", "/v1/score"), ("status", "200")))] == ledger.requests
+    assert scrape[("rmserve_input_tokens_total", ())] == ledger.input_tokens
+    (model,) = {labels for name, labels in scrape if name == "rmserve_reward_items_total"}
+    assert scrape[("rmserve_reward_items_total", model)] == ledger.items
