@@ -23,14 +23,14 @@ install: $(STAMP)
 serve: $(STAMP)  ## serve the built-in demo reward model on http://127.0.0.1:8000
 	$(BIN)/rmserve serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)  ## lint + the whole test suite except the long soak (marked slow)
+test: $(STAMP)  ## lint + the whole test suite except the long soak (slow) and the long multi-node runs (cluster_slow)
 	$(BIN)/ruff check .
-	$(BIN)/pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest tests -m "not slow and not cluster_slow" $(PYTEST_ARGS)
 
 soak: $(STAMP)  ## the long reliability runs: 20,000-item soak, full bursts, full fuzzing
 	$(BIN)/pytest tests/reliability -m slow -s $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP)  ## everything, the soak and the multi-node autoscaling run included
 	$(BIN)/pytest tests $(PYTEST_ARGS)
 
 lint: $(STAMP)
