@@ -210,7 +210,9 @@ class LoopbackCluster:
         (one that left its group), and remove the temp root."""
         if self._connected:
             import ray
+            from ray.serve.context import _set_global_client
 
+            _set_global_client(None)  # else the next cluster's driver (same job id) reuses this controller's handle
             with contextlib.suppress(Exception):
                 ray.shutdown()
             self._connected = False
