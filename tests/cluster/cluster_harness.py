@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ GATEWAY_RESOURCE = "rmserve_gateway"
 SCORER_RESOURCE = "rmserve_scorer"
 NODE_START_TIMEOUT_S = 60
 START_ATTEMPTS = 2
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 DEPLOY_TIMEOUT_S = 300
 POLL_S = 0.25
 # The GCS declares a node dead after 5 failed health checks; a killed node's replicas are replaced once it is. A check
@@ -262,7 +264,13 @@ class LoopbackCluster:
         }
         with log.open("w") as out:
             process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.root
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                cwd=self.root,
+                preexec_fn=_stop_when_parent_dies,
             )
         node = RayNode(name=name, process=process, temp_dir=temp_dir, log=log)
         self.nodes.append(node)
@@ -321,6 +329,11 @@ class LoopbackCluster:
 
         wait_for(ready, timeout_s, "the rmserve application to be RUNNING and ready", poll_s=1.0)
         return url
+
+
+def _stop_when_parent_dies() -> None:
+    """In the child: SIGTERM when the test process dies, even by SIGKILL (``ray start --block`` then stops its node)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 # --- what Serve reports (through the controller, as `serve status` does; the dashboard is off)
