@@ -81,10 +81,10 @@ def wait_for(condition: Callable[[], T], timeout_s: float, what: str, poll_s: fl
         time.sleep(poll_s)
 
 
-def node_environment(model_dir: Path, **settings: str) -> dict[str, str]:
+def node_environment(model_dir: Path) -> dict[str, str]:
     """The environment of every node: the Ray Serve settings deploy/README.md asks operators to export, and the
-    ``RMSERVE_*`` overrides a laptop needs (the demo model in fp32 on CPU, one CPU per Scorer replica) plus
-    ``settings`` (``RMSERVE_RESOURCES=...``)."""
+    ``RMSERVE_*`` overrides a laptop needs (the demo model in fp32 on CPU, one CPU per Scorer replica, the
+    placement resources)."""
     return {
         **THROUGHPUT_ENVIRONMENT,
         "RMSERVE_MODEL__PATH": str(model_dir),
@@ -95,7 +95,6 @@ def node_environment(model_dir: Path, **settings: str) -> dict[str, str]:
         "RMSERVE_RESOURCES": json.dumps({SCORER_RESOURCE: 1}),
         "RMSERVE_GATEWAY_RESOURCES": json.dumps({GATEWAY_RESOURCE: 1}),
         "OMP_NUM_THREADS": "1",
-        **settings,
     }
 
 
@@ -118,15 +117,16 @@ class RayNode:
 
 @dataclass
 class LoopbackCluster:
-    """A head and worker nodes on 127.0.0.1, all under one fresh temp root; ``shutdown`` (or leaving the ``with``
-    block) kills every process they started, whatever happened."""
+    """A head and worker nodes on this machine, all under one fresh temp root; ``shutdown`` (or leaving the ``with``
+    block) kills every process they started, whatever happened. (``--node-ip-address=127.0.0.1`` is what the nodes
+    are given; Ray itself registers them under the machine's address. Serve's HTTP proxy listens on 127.0.0.1.)"""
 
     env: Mapping[str, str] = field(default_factory=dict)
     object_store_bytes: int = 100 * 1024 * 1024
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rmc-", dir="/tmp")))
     nodes: list[RayNode] = field(default_factory=list)
     gcs_port: int = 0
-    http_port: int = 0
+    url: str = ""  # the app's HTTP address, once deployed
     _connected: bool = False
     _saved_environ: dict[str, str | None] = field(default_factory=dict)
 
@@ -299,8 +299,8 @@ class LoopbackCluster:
         """``serve run --non-blocking`` of deploy/serve_config.yaml (edits in the module docstring; ``scorer`` replaces
         the options of the file's Scorer entry in ``deployments``); returns the URL once ``/ready`` answers 200."""
         config = yaml.safe_load(SERVE_CONFIG.read_text())
-        self.http_port = free_port()
-        config["http_options"] = {"host": "127.0.0.1", "port": self.http_port}
+        http_port = free_port()
+        config["http_options"] = {"host": "127.0.0.1", "port": http_port}
         config["proxy_location"] = "HeadOnly"
         (app,) = config["applications"]
         app["deployments"] = [{"name": "Scorer", **scorer} if d["name"] == "Scorer" else d for d in app["deployments"]]
@@ -317,7 +317,7 @@ class LoopbackCluster:
             cwd=self.root,
         )
         assert done.returncode == 0, f"serve run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        url = f"http://127.0.0.1:{self.http_port}"
+        url = f"http://127.0.0.1:{http_port}"
 
         def ready() -> bool:
             status = app_status()
@@ -328,6 +328,7 @@ class LoopbackCluster:
                 return False
 
         wait_for(ready, timeout_s, "the rmserve application to be RUNNING and ready", poll_s=1.0)
+        self.url = url
         return url
 
 

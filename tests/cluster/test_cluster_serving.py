@@ -10,6 +10,7 @@ import asyncio
 import httpx
 import pytest
 from cluster_harness import (
+    APP_NAME,
     GATEWAY_RESOURCE,
     SCORER_RESOURCE,
     LoopbackCluster,
@@ -47,26 +48,31 @@ def cluster(demo_model_dir):
         # One unit each: the two Scorer replicas cannot share a node.
         cluster.add_worker("worker-1", num_cpus=1, resources={SCORER_RESOURCE: 1})
         cluster.add_worker("worker-2", num_cpus=1, resources={SCORER_RESOURCE: 1})
-        cluster.url = cluster.deploy(scorer={"num_replicas": 2})
-        cluster.ledger = Ledger()
+        cluster.deploy(scorer={"num_replicas": 2})
         yield cluster
 
 
-def test_rewards_over_http_equal_offline_and_replicas_sit_where_placed(cluster, item_pool, offline_rewards):
+@pytest.fixture(scope="module")
+def ledger(cluster) -> Ledger:
+    return Ledger()
+
+
+def test_rewards_over_http_equal_offline_and_replicas_sit_where_placed(cluster, ledger, item_pool, offline_rewards):
     head, worker_1, worker_2 = cluster.nodes
     for items, expected in ((item_pool, offline_rewards), (item_pool[:3], offline_rewards[:3])):
         response = httpx.post(f"{cluster.url}/v1/score", json={"items": items}, timeout=60)
         assert response.status_code == 200, response.text
-        cluster.ledger.add(response.json())
+        ledger.add(response.json())
         assert response.json()["rewards"] == pytest.approx(expected, abs=TOL)
     assert running_replica_nodes("Scorer") == sorted([worker_1.node_id, worker_2.node_id])
     gateways = replicas("Gateway")
     assert [(r["state"], r["node_id"]) for r in gateways] == [("RUNNING", head.node_id)]
 
 
-async def test_metrics_totals_are_exact_with_two_scorer_replicas_on_two_nodes(cluster, item_pool, offline_rewards):
+async def test_metrics_totals_are_exact_with_two_scorer_replicas_on_two_nodes(
+    cluster, ledger, item_pool, offline_rewards
+):
     """Concurrent single- and multi-item requests (both replicas score some); one scrape counts each exactly once."""
-    ledger: Ledger = cluster.ledger
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(base_url=cluster.url, timeout=60, limits=limits) as client:
 
@@ -85,9 +91,31 @@ async def test_metrics_totals_are_exact_with_two_scorer_replicas_on_two_nodes(cl
         assert items <= ledger.items, f"/metrics counts {items} items, {ledger.items} were scored"
         return scrape if items == ledger.items else None
 
-    scrape = wait_for(totals, METRICS_TIMEOUT_S, f"/metrics to count the {ledger.items} items scored", poll_s=0.5)
+    scrape = await asyncio.to_thread(
+        wait_for, totals, METRICS_TIMEOUT_S, f"/metrics to count the {ledger.items} items scored", 0.5
+    )
     assert scrape[("rmserve_scorer_replicas", ())] == 2
     assert scrape[("rmserve_requests_total", (("route", "/v1/score"), ("status", "200")))] == ledger.requests
     assert scrape[("rmserve_input_tokens_total", ())] == ledger.input_tokens
     (model,) = {labels for name, labels in scrape if name == "rmserve_reward_items_total"}
     assert scrape[("rmserve_reward_items_total", model)] == ledger.items
+    # Each replica's own count of the requests it scored: both nodes took part, and they add up to the same total.
+    per_replica = await asyncio.to_thread(requests_per_replica)
+    assert len(per_replica) == 2 and all(n > 0 for n in per_replica.values()), per_replica
+    assert sum(per_replica.values()) == ledger.requests
+
+
+def requests_per_replica() -> dict[int, int]:
+    """``{replica pid: requests it scored}`` from ``Scorer.stats``, asked through the handle until both replicas
+    answered (Serve's router picks either idle replica)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Scorer", app_name=APP_NAME)
+    seen: dict[int, int] = {}
+
+    def both() -> dict[int, int] | None:
+        stats = handle.stats.remote().result(timeout_s=30)
+        seen[stats["pid"]] = stats["gateway_calls"]["requests"]
+        return seen if len(seen) == 2 else None
+
+    return wait_for(both, 60, "stats from both Scorer replicas", poll_s=0.05)
