@@ -65,7 +65,8 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
     }
     check_ensemble_members(config)
     served = config.served_models()
-    metrics_hub = bind_hub()  # the application's metrics collector: it lives and goes with the application
+    # The application's metrics collector: it lives and goes with the application, placed with the Gateway.
+    metrics_hub = bind_hub(config.gateway_resources)
     scorers = [
         Scorer.options(
             name=scorer_deployment_name(config, index),

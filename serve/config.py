@@ -182,8 +182,8 @@ class ServerConfig(_Section):
     gateway_resources: CustomResources = Field(
         default_factory=dict,
         max_length=16,
-        description="Custom Ray resources reserved per Gateway replica (placement, as `resources` for the Scorers), "
-        "e.g. {rmserve_gateway: 1} declared on the head node only.",
+        description="Custom Ray resources reserved per Gateway replica and by the MetricsHub collector (placement, as "
+        "`resources` for the Scorers), e.g. {rmserve_gateway: 1} declared on the head node only.",
     )
     host: str = Field("127.0.0.1", min_length=1, max_length=255, description="Address the HTTP server binds.")
     port: int = Field(8000, ge=1, le=65_535, description="Port the HTTP server binds.")

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +130,9 @@ class HubLink:
     build: str
 
 
-def bind_hub() -> HubLink:
-    """A new build's hub, to bind into every deployment of the application (one replica, zero CPUs)."""
+def bind_hub(resources: Mapping[str, float] | None = None) -> HubLink:
+    """A new build's hub, to bind into every deployment of the application (one replica, zero CPUs; ``resources``
+    places it, e.g. with the Gateway on the head node rather than on a GPU node that may go away)."""
     from ray import serve
 
     build = uuid.uuid4().hex
@@ -139,7 +140,7 @@ def bind_hub() -> HubLink:
         MetricsHub,
         name=HUB_DEPLOYMENT,
         num_replicas=1,  # the one place the numbers meet: never more
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "resources": dict(resources or {})},
         max_ongoing_requests=HUB_MAX_ONGOING_REQUESTS,
         # Its open requests are long polls of replicas that stop with it: nothing to wait for at shutdown.
         graceful_shutdown_timeout_s=0,

@@ -17,14 +17,14 @@ from cluster_harness import (
     node_environment,
     replicas,
     running_replica_nodes,
-    wait_for,
 )
-from unit.serve.test_serve_metrics import samples
+from metrics_scrape import check_totals, replica_numbers, scrape
+
+from rmserve.serve.metrics_hub import HUB_DEPLOYMENT
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster]
 
 TOL = 1e-5  # fp32 on both sides
-METRICS_TIMEOUT_S = 30
 
 
 class Ledger:
@@ -65,14 +65,15 @@ def test_rewards_over_http_equal_offline_and_replicas_sit_where_placed(cluster, 
         ledger.add(response.json())
         assert response.json()["rewards"] == pytest.approx(expected, abs=TOL)
     assert running_replica_nodes("Scorer") == sorted([worker_1.node_id, worker_2.node_id])
-    gateways = replicas("Gateway")
-    assert [(r["state"], r["node_id"]) for r in gateways] == [("RUNNING", head.node_id)]
+    for deployment in ("Gateway", HUB_DEPLOYMENT):  # the metrics collector stays with the Gateway (gateway_resources)
+        assert [(r["state"], r["node_id"]) for r in replicas(deployment)] == [("RUNNING", head.node_id)], deployment
 
 
 async def test_metrics_totals_are_exact_with_two_scorer_replicas_on_two_nodes(
     cluster, ledger, item_pool, offline_rewards
 ):
-    """Concurrent single- and multi-item requests (both replicas score some); one scrape counts each exactly once."""
+    """Concurrent single- and multi-item requests; one scrape counts each exactly once, and the two replicas (on two
+    nodes) each did part of the work, so the totals really are sums across nodes."""
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(base_url=cluster.url, timeout=60, limits=limits) as client:
 
@@ -84,38 +85,11 @@ async def test_metrics_totals_are_exact_with_two_scorer_replicas_on_two_nodes(
             ledger.add(response.json())
 
         await asyncio.gather(*(send(k) for k in range(120)))
-
-    def totals() -> dict | None:
-        scrape = samples(httpx.get(f"{cluster.url}/metrics", timeout=30).content)
-        items = scrape[("rmserve_items_scored_total", ())]
-        assert items <= ledger.items, f"/metrics counts {items} items, {ledger.items} were scored"
-        return scrape if items == ledger.items else None
-
-    scrape = await asyncio.to_thread(
-        wait_for, totals, METRICS_TIMEOUT_S, f"/metrics to count the {ledger.items} items scored", 0.5
+        scraped = await scrape(client)
+    check_totals(
+        scraped, items=ledger.items, input_tokens=ledger.input_tokens, requests={("/v1/score", "200"): ledger.requests}
     )
-    assert scrape[("rmserve_scorer_replicas", ())] == 2
-    assert scrape[("rmserve_requests_total", (("route", "/v1/score"), ("status", "200")))] == ledger.requests
-    assert scrape[("rmserve_input_tokens_total", ())] == ledger.input_tokens
-    (model,) = {labels for name, labels in scrape if name == "rmserve_reward_items_total"}
-    assert scrape[("rmserve_reward_items_total", model)] == ledger.items
-    # Each replica's own count of the requests it scored: both nodes took part, and they add up to the same total.
-    per_replica = await asyncio.to_thread(requests_per_replica)
-    assert len(per_replica) == 2 and all(n > 0 for n in per_replica.values()), per_replica
-    assert sum(per_replica.values()) == ledger.requests
-
-
-def requests_per_replica() -> dict[int, int]:
-    """``{replica pid: requests it scored}`` from ``Scorer.stats``, asked through the handle until both replicas
-    answered (Serve's router picks either idle replica)."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle("Scorer", app_name=APP_NAME)
-    seen: dict[int, int] = {}
-
-    def both() -> dict[int, int] | None:
-        stats = handle.stats.remote().result(timeout_s=30)
-        seen[stats["pid"]] = stats["gateway_calls"]["requests"]
-        return seen if len(seen) == 2 else None
-
-    return wait_for(both, 60, "stats from both Scorer replicas", poll_s=0.05)
+    assert (scraped("scorer_replicas"), scraped("gateway_replicas")) == (2, 1)
+    per_replica = await replica_numbers(APP_NAME, "scorer")
+    assert len(per_replica) == 2 and sum(per_replica.values()) == ledger.items
+    assert all(v > 0 for v in per_replica.values()), per_replica

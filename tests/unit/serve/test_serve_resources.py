@@ -91,3 +91,5 @@ def test_the_app_reserves_the_custom_resources_next_to_cpus_and_gpus():
     scorer = gateway.init_args[0]._bound_deployment
     assert gateway.ray_actor_options == {"num_cpus": 0.25, "resources": {"rmserve_gateway": 1.0}}
     assert scorer.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0, "resources": {"rmserve_scorer": 1.0}}
+    hub = gateway.init_args[3].hub._bound_deployment  # the metrics collector goes with the Gateway
+    assert hub.ray_actor_options == {"num_cpus": 0, "resources": {"rmserve_gateway": 1.0}}
