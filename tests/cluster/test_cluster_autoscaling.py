@@ -116,10 +116,10 @@ async def test_a_load_step_scales_the_scorer_up_and_back_down_without_a_failed_r
             await asyncio.to_thread(wait_for, lambda: scaled_to(2), SCALE_TIMEOUT_S, "2 Scorer replicas", 0.5)
             up_s = time.monotonic() - started
             nodes_at_peak = running_replica_nodes("Scorer")
-            step_over.set()
+            step_over.set()  # the step ends: its clients send nothing more
+            stopped = time.monotonic()
             await asyncio.gather(*step)
             answered_at_step_end = len(answered)
-            stopped = time.monotonic()
             await asyncio.to_thread(wait_for, lambda: scaled_to(1), SCALE_TIMEOUT_S, "1 Scorer replica", 0.5)
             down_s = time.monotonic() - stopped
             await asyncio.to_thread(
