@@ -31,6 +31,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from .affinity import PrefixAffinityRouter
+from .autoscaling import serve_autoscaling_config
 from .config import RoutingConfig, ServerConfig
 from .config_loading import load_config
 from .ensemble import check_ensemble_members
@@ -70,7 +71,7 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
     scorers = [
         Scorer.options(
             name=scorer_deployment_name(config, index),
-            num_replicas=model.replicas,
+            **_replicas(config, model.replicas),
             ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus, "resources": model.resources},
             max_ongoing_requests=scorer_requests,
             user_config=config.scorer_user_config(),
@@ -86,6 +87,13 @@ def build_app(config: ServerConfig | Mapping[str, Any] | None = None) -> Applica
         max_ongoing_requests=scorer_requests * sum(model.replicas for model in served),
         **common,
     ).bind(scorers[0], config, scorers[1:], metrics_hub)
+
+
+def _replicas(config: ServerConfig, replicas: int) -> dict[str, Any]:
+    """A Scorer deployment's fixed replica count, or its autoscaling on the items it holds."""
+    if config.autoscaling is None:
+        return {"num_replicas": replicas}
+    return {"autoscaling_config": serve_autoscaling_config(config.autoscaling)}
 
 
 def _router(routing: RoutingConfig) -> dict[str, Any]:

@@ -81,6 +81,32 @@ class RoutingConfig(_Section):
     )
 
 
+class AutoscalingSettings(_Section):
+    """Scorer replicas added and removed with load (``autoscaling.py``): each model's Scorer deployment runs between
+    ``min_replicas`` and ``max_replicas``, aiming at ``target_queued_items`` items held per replica."""
+
+    min_replicas: int = Field(1, ge=0, le=1024, description="Fewest Scorer replicas (per model).")
+    max_replicas: int = Field(..., ge=1, le=1024, description="Most Scorer replicas (per model); resources are "
+                              "sized and checked for this many.")  # fmt: skip
+    target_queued_items: int = Field(
+        512,
+        ge=1,
+        le=10_000_000,
+        description="Items a replica holds (queued or in a batch) that the autoscaler aims at: more held in all "
+        "means more replicas. About two full batches keeps a GPU busy without long queues.",
+    )
+    upscale_delay_s: float = Field(10.0, ge=0.0, le=3600.0, description="Load must ask for more for this long.")
+    downscale_delay_s: float = Field(300.0, ge=0.0, le=86_400.0, description="Load must ask for fewer this long.")
+    metrics_interval_s: float = Field(1.0, gt=0.0, le=600.0, description="How often replicas report what they hold.")
+    look_back_period_s: float = Field(10.0, gt=0.0, le=3600.0, description="Window the reports are averaged over.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
 class LimitsConfig(_Section):
     """Request limits and load shedding (API.md's 413, 429 and 504 rows)."""
 
@@ -159,6 +185,11 @@ class ServerConfig(_Section):
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits and load shedding.")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Routing over Scorer replicas.")
+    autoscaling: AutoscalingSettings | None = Field(
+        None,
+        description="Scale every model's Scorer replicas with load ({min_replicas, max_replicas, "
+        "target_queued_items, ...}); replaces `replicas`. Unset: a fixed `replicas`.",
+    )
     compat: CompatConfig = Field(default_factory=CompatConfig, description="Compatibility routes.")
     replicas: int = Field(1, ge=1, le=1024, description="Scorer replicas (each holds one copy of the model).")
     num_gpus: GpuCount = Field(
@@ -292,15 +323,16 @@ class ServerConfig(_Section):
                     {
                         **fields,
                         "served_model_names": self.served_model_names,
-                        "replicas": self.replicas,
+                        "replicas": self.autoscaling.max_replicas if self.autoscaling else self.replicas,
                         "num_gpus": self.num_gpus,
                         "num_cpus": self.num_cpus,
                         "resources": self.resources,
                     }
                 )
             ]
+        replicas = self.autoscaling.max_replicas if self.autoscaling else self.replicas  # resources fit the most
         server = {
-            "replicas": self.replicas,
+            "replicas": replicas,
             "num_gpus": self.num_gpus,
             "num_cpus": self.num_cpus,
             "resources": self.resources,

@@ -105,9 +105,15 @@ def field_annotation(path: tuple[str, ...], model: type[BaseModel] = ServerConfi
         return None
     if len(path) == 1:
         return field.annotation
-    sub = field.annotation
-    if isinstance(sub, type) and issubclass(sub, BaseModel):
-        return field_annotation(path[1:], sub)
+    sub = _section(field.annotation)
+    return field_annotation(path[1:], sub) if sub is not None else None
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The settings section an annotation holds: a model, or an optional one (``AutoscalingSettings | None``)."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
     return None
 
 
@@ -115,8 +121,8 @@ def section_model(path: tuple[str, ...]) -> type[BaseModel]:
     """The pydantic model that holds the keys under ``path`` (``()`` is ``ServerConfig``)."""
     model: type[BaseModel] = ServerConfig
     for part in path:
-        sub = model.model_fields[part].annotation if part in model.model_fields else None
-        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+        sub = _section(model.model_fields[part].annotation) if part in model.model_fields else None
+        if sub is None:
             break
         model = sub
     return model

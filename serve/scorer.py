@@ -24,6 +24,7 @@ from rmserve.model import RewardModel, load_reward_model
 from rmserve.model.errors import InvalidRequestError, ModelLoadError, RMServeError
 from rmserve.model.items import Item
 
+from .autoscaling import QUEUED_ITEMS
 from .config import ScorerUserConfig, ServerConfig
 from .faults import FaultPlan
 from .metrics import Snapshot
@@ -109,6 +110,10 @@ class Scorer:
     def withdraw(self, request_ids: Sequence[str]) -> None:
         """Requests of a merged call whose callers went away: their waiting items are dropped, nobody else's."""
         self.core.withdraw(request_ids)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric: the items this replica holds (``autoscaling.QueuedItemsPolicy``)."""
+        return {QUEUED_ITEMS: float(self.core.queued_items)}
 
     def info(self) -> dict:
         """The model card of ``GET /v1/models``."""

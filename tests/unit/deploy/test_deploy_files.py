@@ -26,12 +26,13 @@ def test_serve_config_matches_ray_schema(name):
     schema = ServeDeploySchema.model_validate(_serve_configs()[name])
     (app,) = schema.applications
     assert app.import_path == "rmserve.serve.app:app_builder"
-    scorer = next(d for d in app.deployments if d.name == "Scorer")
-    auto = scorer.autoscaling_config
-    assert auto["min_replicas"] >= 1 and auto["max_replicas"] > auto["min_replicas"]
-    assert auto["target_ongoing_requests"] > 0
     config = load_config(base=app.args)  # the args are a valid ServerConfig
     assert config.num_gpus == 1 and config.model.path.startswith("/models/")
+    # Scorer autoscaling is rmserve's (held items), not a Serve override that would replace it.
+    assert all(d.name != "Scorer" or d.autoscaling_config is None for d in app.deployments)
+    auto = config.autoscaling
+    assert auto.min_replicas >= 1 and auto.max_replicas > auto.min_replicas and auto.target_queued_items > 0
+    assert config.routing.policy == "prefix_affinity"
 
 
 def test_rayservice_wires_readiness_and_api_key_secret():
