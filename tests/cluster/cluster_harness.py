@@ -5,15 +5,15 @@ one node can be killed alone (``kill``: SIGKILL to its group, as when a machine 
 another Ray instance on this machine. ``deploy`` runs Ray Serve's own CLI, ``serve run --non-blocking``, on the
 checked-in ``deploy/serve_config.yaml``; what a laptop needs (the model, CPUs, placement resources) comes from
 ``RMSERVE_*`` variables in the environment of every node, as KubeRay passes them to every container. The file's
-only edits: loopback with a free port, a single proxy (the nodes share one address), and the Scorer's entry of
-``deployments`` when a test fixes the replica count or the autoscaling timings.
+only edits: loopback with a free port, a single proxy (the nodes share one address), and a fixed ``replicas`` in
+place of the file's ``autoscaling`` when a test fixes the replica count.
 
 Example::
 
     with LoopbackCluster(env=node_environment(model_dir)) as cluster:
         cluster.start_head(num_cpus=1, resources={GATEWAY_RESOURCE: 100})
         worker = cluster.add_worker(num_cpus=1, resources={SCORER_RESOURCE: 1})
-        url = cluster.deploy(scorer={"num_replicas": 1})
+        url = cluster.deploy(replicas=1)
         ...
         cluster.kill(worker)
 """
@@ -295,15 +295,19 @@ class LoopbackCluster:
 
     # --- rmserve on the cluster
 
-    def deploy(self, *, scorer: Mapping[str, Any], timeout_s: float = DEPLOY_TIMEOUT_S) -> str:
-        """``serve run --non-blocking`` of deploy/serve_config.yaml (edits in the module docstring; ``scorer`` replaces
-        the options of the file's Scorer entry in ``deployments``); returns the URL once ``/ready`` answers 200."""
+    def deploy(self, *, replicas: int | None = None, timeout_s: float = DEPLOY_TIMEOUT_S) -> str:
+        """``serve run --non-blocking`` of deploy/serve_config.yaml (edits in the module docstring; ``replicas``: a
+        fixed Scorer replica count in place of the file's ``autoscaling``, as an operator would write it; None keeps
+        the file's autoscaling, which the nodes' ``RMSERVE_AUTOSCALING__*`` may tune); returns the URL once
+        ``/ready`` answers 200."""
         config = yaml.safe_load(SERVE_CONFIG.read_text())
         http_port = free_port()
         config["http_options"] = {"host": "127.0.0.1", "port": http_port}
         config["proxy_location"] = "HeadOnly"
         (app,) = config["applications"]
-        app["deployments"] = [{"name": "Scorer", **scorer} if d["name"] == "Scorer" else d for d in app["deployments"]]
+        if replicas is not None:
+            app["args"].pop("autoscaling", None)
+            app["args"]["replicas"] = replicas
         path = self.root / "serve_config.yaml"
         path.write_text(yaml.safe_dump(config))
         serve_cli = Path(sys.executable).with_name("serve")

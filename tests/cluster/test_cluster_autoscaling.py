@@ -57,7 +57,7 @@ def cluster(demo_model_dir):
         cluster.start_head(num_cpus=1, resources={GATEWAY_RESOURCE: 100})
         cluster.add_worker("worker-1", num_cpus=1, resources={SCORER_RESOURCE: 1})
         cluster.add_worker("worker-2", num_cpus=1, resources={SCORER_RESOURCE: 1})
-        cluster.deploy(scorer={})
+        cluster.deploy()
         yield cluster
 
 

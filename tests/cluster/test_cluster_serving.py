@@ -48,7 +48,7 @@ def cluster(demo_model_dir):
         # One unit each: the two Scorer replicas cannot share a node.
         cluster.add_worker("worker-1", num_cpus=1, resources={SCORER_RESOURCE: 1})
         cluster.add_worker("worker-2", num_cpus=1, resources={SCORER_RESOURCE: 1})
-        cluster.deploy(scorer={"num_replicas": 2})
+        cluster.deploy(replicas=2)
         yield cluster
 
 
