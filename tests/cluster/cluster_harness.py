@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -96,6 +96,20 @@ def node_environment(model_dir: Path) -> dict[str, str]:
         "RMSERVE_GATEWAY_RESOURCES": json.dumps({GATEWAY_RESOURCE: 1}),
         "OMP_NUM_THREADS": "1",
     }
+
+
+@contextlib.contextmanager
+def head_and_two_workers(
+    model_dir: Path, *, replicas: int | None = None, env: Mapping[str, str] | None = None
+) -> Iterator[LoopbackCluster]:
+    """The tests' cluster: a head for the Gateway and two worker nodes with one Scorer slot each (two replicas cannot
+    share a node), rmserve deployed (``replicas`` fixed, or the file's autoscaling), torn down after."""
+    with LoopbackCluster(env={**node_environment(model_dir), **(env or {})}) as cluster:
+        cluster.start_head(num_cpus=1, resources={GATEWAY_RESOURCE: 100})
+        cluster.add_worker("worker-1", num_cpus=1, resources={SCORER_RESOURCE: 1})
+        cluster.add_worker("worker-2", num_cpus=1, resources={SCORER_RESOURCE: 1})
+        cluster.deploy(replicas=replicas)
+        yield cluster
 
 
 @dataclass

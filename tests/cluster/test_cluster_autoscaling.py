@@ -19,10 +19,7 @@ import httpx
 import pytest
 from cluster_harness import (
     APP_NAME,
-    GATEWAY_RESOURCE,
-    SCORER_RESOURCE,
-    LoopbackCluster,
-    node_environment,
+    head_and_two_workers,
     replicas,
     running_replica_nodes,
     wait_for,
@@ -53,11 +50,7 @@ AUTOSCALING = {
 @pytest.fixture(scope="module")
 def cluster(demo_model_dir):
     settings = {f"RMSERVE_AUTOSCALING__{key.upper()}": str(value) for key, value in AUTOSCALING.items()}
-    with LoopbackCluster(env={**node_environment(demo_model_dir), **settings}) as cluster:
-        cluster.start_head(num_cpus=1, resources={GATEWAY_RESOURCE: 100})
-        cluster.add_worker("worker-1", num_cpus=1, resources={SCORER_RESOURCE: 1})
-        cluster.add_worker("worker-2", num_cpus=1, resources={SCORER_RESOURCE: 1})
-        cluster.deploy()
+    with head_and_two_workers(demo_model_dir, env=settings) as cluster:
         yield cluster
 
 

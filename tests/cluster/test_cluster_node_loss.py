@@ -11,10 +11,7 @@ from collections import Counter
 import httpx
 import pytest
 from cluster_harness import (
-    GATEWAY_RESOURCE,
-    SCORER_RESOURCE,
-    LoopbackCluster,
-    node_environment,
+    head_and_two_workers,
     running_replica_nodes,
     wait_for,
 )
@@ -35,11 +32,7 @@ MAX_RETRIES = 12
 
 @pytest.fixture(scope="module")
 def cluster(demo_model_dir):
-    with LoopbackCluster(env=node_environment(demo_model_dir)) as cluster:
-        cluster.start_head(num_cpus=1, resources={GATEWAY_RESOURCE: 100})
-        cluster.add_worker("worker-1", num_cpus=1, resources={SCORER_RESOURCE: 1})
-        cluster.add_worker("worker-2", num_cpus=1, resources={SCORER_RESOURCE: 1})
-        cluster.deploy(replicas=1)
+    with head_and_two_workers(demo_model_dir, replicas=1) as cluster:
         yield cluster
 
 

@@ -11,10 +11,7 @@ import httpx
 import pytest
 from cluster_harness import (
     APP_NAME,
-    GATEWAY_RESOURCE,
-    SCORER_RESOURCE,
-    LoopbackCluster,
-    node_environment,
+    head_and_two_workers,
     replicas,
     running_replica_nodes,
 )
@@ -43,12 +40,7 @@ class Ledger:
 
 @pytest.fixture(scope="module")
 def cluster(demo_model_dir):
-    with LoopbackCluster(env=node_environment(demo_model_dir)) as cluster:
-        cluster.start_head(num_cpus=1, resources={GATEWAY_RESOURCE: 100})
-        # One unit each: the two Scorer replicas cannot share a node.
-        cluster.add_worker("worker-1", num_cpus=1, resources={SCORER_RESOURCE: 1})
-        cluster.add_worker("worker-2", num_cpus=1, resources={SCORER_RESOURCE: 1})
-        cluster.deploy(replicas=2)
+    with head_and_two_workers(demo_model_dir, replicas=2) as cluster:
         yield cluster
 
 

@@ -8,14 +8,12 @@ default) and two with ``power_of_two``.
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import httpx
 import pytest
-from metrics_scrape import delta, scrape
 from serve_harness import async_client, demo_config, running_app
-from test_serve_prefix_sharing import TOPICS
+from test_serve_prefix_sharing import TOPICS, score_per_sample
 
 from rmserve.model import load_reward_model
 from rmserve.serve import build_app
@@ -64,19 +62,8 @@ def reference(apps):
 
 async def saved_per_item(client: httpx.AsyncClient, prefix: str, requests: list[dict], reference) -> float:
     """Send GRPO samples one per request, all at once; check every reward; prefix tokens saved per item."""
-    before = await scrape(client, prefix)
-    responses = await asyncio.gather(*(client.post(f"{prefix}/v1/score", json=body) for body in requests))
-    after = await scrape(client, prefix)
-    got = []
-    for response in responses:
-        assert response.status_code == 200, response.text
-        got += response.json()["rewards"]
-    assert got == pytest.approx(reference.score([body["items"][0] for body in requests]), abs=TOL)
-    usage = sum(r.json()["usage"]["input_tokens"] for r in responses)
-    assert (
-        delta(before, after, "forward_real_tokens_total") + delta(before, after, "prefix_tokens_saved_total") == usage
-    )
-    return delta(before, after, "prefix_tokens_saved_total") / len(requests)
+    _, _, saved = await score_per_sample(client, requests, reference, prefix)
+    return saved / len(requests)
 
 
 async def test_two_replicas_with_affinity_save_what_one_replica_saves(apps, reference):

@@ -52,12 +52,12 @@ def grpo_requests(seed: int) -> list[dict]:
     return [{"items": [group[k]]} for k in range(8) for group in groups]
 
 
-async def test_grpo_per_sample_requests_get_their_own_rewards_and_share_prompts(app, reference):
-    requests = grpo_requests(seed=1)
-    async with async_client(app) as client:
-        before = await scrape(client)
-        responses = await asyncio.gather(*(client.post("/v1/score", json=body) for body in requests))
-        after = await scrape(client)
+async def score_per_sample(client, requests: list[dict], reference, prefix: str = "") -> tuple[int, float, float]:
+    """Send one-sample requests all at once, check every reward against ``reference`` and that every received token
+    was either computed or saved; returns (tokens received, computed, saved)."""
+    before = await scrape(client, prefix)
+    responses = await asyncio.gather(*(client.post(f"{prefix}/v1/score", json=body) for body in requests))
+    after = await scrape(client, prefix)
     got = []
     for response in responses:
         assert response.status_code == 200, response.text
@@ -66,8 +66,16 @@ async def test_grpo_per_sample_requests_get_their_own_rewards_and_share_prompts(
     usage = sum(r.json()["usage"]["input_tokens"] for r in responses)
     saved = delta(before, after, "prefix_tokens_saved_total")
     computed = delta(before, after, "forward_real_tokens_total")
-    print(f"64 GRPO samples: {usage} tokens received, {computed:.0f} computed, {saved:.0f} saved")
     assert computed + saved == usage
+    return usage, computed, saved
+
+
+async def test_grpo_per_sample_requests_get_their_own_rewards_and_share_prompts(app, reference):
+    async with async_client(app) as client:
+        before = await scrape(client)
+        usage, computed, saved = await score_per_sample(client, grpo_requests(seed=1), reference)
+        after = await scrape(client)
+    print(f"64 GRPO samples: {usage} tokens received, {computed:.0f} computed, {saved:.0f} saved")
     # Each group's ~100-token prompt is computed about once, not eight times.
     assert saved > usage / 2
     assert delta(before, after, "prefix_cache_hits_total") >= 48
