@@ -158,10 +158,13 @@ class AffinityPolicy:
         self._lock = threading.RLock()
 
     @_locked
-    def pick(self, replicas: Sequence[str], text: str, load: dict[str, int] | None = None) -> tuple[str, bool]:
-        """The replica for ``text`` and whether a shared prefix chose it (nothing is recorded)."""
+    def pick(
+        self, replicas: Sequence[str], text: str, load: dict[str, int] | None = None, keys: list[bytes] | None = None
+    ) -> tuple[str, bool]:
+        """The replica for ``text`` (its block ``keys``, when the caller has them) and whether a shared prefix chose
+        it; nothing is recorded."""
         load = self.load if load is None else load
-        keys = self.table.keys(text)
+        keys = self.table.keys(text) if keys is None else keys
         owner, blocks = self.table.match(keys, replicas)
         least = min(replicas, key=lambda r: (load.get(r, 0), _rendezvous(r, keys[:1] or [text.encode()])))
         if (
@@ -183,13 +186,14 @@ class AffinityPolicy:
     ) -> str:
         """The replica for a call (chosen by its first request's text), recorded as in flight until
         ``finished(call)`` and as holding every request's prefix (``texts``: each request's first item's)."""
-        chosen, affine = self.pick(replicas, texts[0] if texts else "")
+        keys = [self.table.keys(text) for text in texts]  # each text hashed once
+        chosen, affine = self.pick(replicas, texts[0] if texts else "", keys=keys[0] if keys else None)
         if affine:
             self.affine += 1
         else:
             self.balanced += 1
-        for text in texts:
-            self.table.insert(self.table.keys(text), chosen)
+        for text_keys in keys:
+            self.table.insert(text_keys, chosen)
         self.finished(call)  # a call routed again (its replica refused it) counts once
         self._calls[call] = (chosen, items)
         self.load[chosen] = self.load.get(chosen, 0) + items
@@ -208,12 +212,13 @@ class AffinityPolicy:
         load = dict(self.load)
         groups: dict[str, list[int]] = {}
         for cluster in prefix_clusters(texts, self.min_match):
-            replica, _ = self.pick(self.replicas, texts[cluster[0]], load)
+            keys = self.table.keys(texts[cluster[0]])
+            replica, _ = self.pick(self.replicas, texts[cluster[0]], load, keys)
             load[replica] = load.get(replica, 0) + sum(sizes[i] for i in cluster)
             groups.setdefault(replica, []).extend(cluster)
             # Remembered now, not when the router gets to the call: requests of the next flush that share this
             # prefix must find it, and the router routes the call by its first text, to this replica.
-            self.table.insert(self.table.keys(texts[cluster[0]]), replica)
+            self.table.insert(keys, replica)
         return [sorted(group) for group in groups.values()]
 
     @_locked
