@@ -5,8 +5,8 @@ The load: 64 closed-loop clients, PPO-shaped items (one per request, random toke
 shared). *one app*: ``POST /v1/score`` with ``model: ens`` to one ``rmserve serve`` whose config serves members ``a``
 and ``b`` (one Scorer each) and the ensemble ``ens``. *two servers*: each client sends the same request to both
 members' servers at once, normalises each member's raw rewards with that member's statistics and combines them with
-the server's own formula (``combine_members``: ``rmserve.serve.ensemble.combine_rewards``). Both members load the
-same checkpoint (a member's cost is its shape, not its weights; no cache is shared between two Scorers or two
+the server's own formula (``combine_members``: ``rmserve.serve.routing.ensemble.combine_rewards``). Both members load
+the same checkpoint (a member's cost is its shape, not its weights; no cache is shared between two Scorers or two
 servers), each with its own normalisation statistics (``MEMBER_STATS``, which the harness sets in every config).
 Before measuring, eight other requests go to both setups and their combined rewards and spreads are compared.
 
@@ -34,10 +34,10 @@ from pathlib import Path
 import httpx
 import yaml
 
-from rmserve.serve.config_loading import load_config
-from rmserve.serve.ensemble import EnsembleRewards, combine_rewards
-from rmserve.serve.resources import Capacity, host_cores, resolve_resources, torch_threads
-from rmserve.serve.served_models import EnsembleConfig
+from rmserve.serve.config.loading import load_config
+from rmserve.serve.config.resources import Capacity, host_cores, resolve_resources, torch_threads
+from rmserve.serve.config.served_models import EnsembleConfig
+from rmserve.serve.routing.ensemble import EnsembleRewards, combine_rewards
 
 from .launch import RunningServer, free_port, rmserve_command, running_server
 from .loadgen import BenchRequest, LoadResult

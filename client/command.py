@@ -14,7 +14,7 @@ SERVER_PACKAGES = frozenset({"torch", "transformers", "ray", "fastapi", "starlet
 
 def main() -> int:
     try:
-        from rmserve.serve.cli import main as server_main
+        from rmserve.serve.cli.main import main as server_main
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
         if missing not in SERVER_PACKAGES:

@@ -2,7 +2,7 @@
 
 Every failure a user can cause or observe is one of these classes. Each carries the HTTP status
 and the error ``type`` string of API.md's error table, so the server maps any of them to a response
-in exactly one place (``rmserve.serve.errors.error_response``) and the client SDK mirrors them.
+in exactly one place (``rmserve.serve.edge.errors.error_response``) and the client SDK mirrors them.
 
 An error that belongs to one item carries where it is as data: ``index`` (the item's position in the
 flat list that was scored) and ``field`` (the path inside the item, e.g. ``prompt[0].role``). A route

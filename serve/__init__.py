@@ -15,16 +15,16 @@ from typing import Any
 _EXPORTS = {
     "build_app": "app",
     "app_builder": "app",
-    "ServerConfig": "config",
-    "load_config": "config_loading",
-    "ConfigError": "config_loading",
-    "Scorer": "scorer",
-    "Gateway": "gateway",
+    "ServerConfig": "config.settings",
+    "load_config": "config.loading",
+    "ConfigError": "config.loading",
+    "Scorer": "rayserve.scorer",
+    "Gateway": "rayserve.gateway",
 }
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:  # lazy, so `import rmserve.serve.config` does not start importing Ray
+def __getattr__(name: str) -> Any:  # lazy, so `import rmserve.serve.config.settings` does not start importing Ray
     if name not in _EXPORTS:
         raise AttributeError(f"module 'rmserve.serve' has no attribute {name!r}")
     from importlib import import_module

@@ -30,15 +30,15 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from .affinity import PrefixAffinityRouter
-from .autoscaling import serve_autoscaling_config
-from .config import RoutingConfig, ServerConfig
-from .config_loading import load_config
-from .ensemble import check_ensemble_members
-from .gateway import Gateway
-from .metrics_hub import bind_hub
-from .resources import Capacity, host_cores, ray_capacity, resolve_resources
-from .scorer import Scorer, scorer_deployment_name
+from rmserve.serve.config.loading import load_config
+from rmserve.serve.config.resources import Capacity, host_cores, ray_capacity, resolve_resources
+from rmserve.serve.config.settings import RoutingConfig, ServerConfig
+from rmserve.serve.rayserve.affinity import PrefixAffinityRouter
+from rmserve.serve.rayserve.autoscaling import serve_autoscaling_config
+from rmserve.serve.rayserve.gateway import Gateway
+from rmserve.serve.rayserve.metrics_hub import bind_hub
+from rmserve.serve.rayserve.scorer import Scorer, scorer_deployment_name
+from rmserve.serve.routing.ensemble import check_ensemble_members
 
 # A replica whose constructor fails (e.g. a checkpoint without weights) is retried this often, not Ray's 20 times.
 CONSTRUCTOR_RETRIES = 3

@@ -55,7 +55,7 @@ async def replica_numbers(app_name: str, kind: str, metric: str = "items_scored"
     """``metric`` of each live replica of ``kind`` (``scorer`` or ``gateway``), from one collection of the app's hub."""
     from ray import serve
 
-    from rmserve.serve.metrics_hub import HUB_DEPLOYMENT
+    from rmserve.serve.rayserve.metrics_hub import HUB_DEPLOYMENT
 
     hub = serve.get_deployment_handle(HUB_DEPLOYMENT, app_name=app_name)
     collected = await hub.collect.remote(5.0)

@@ -40,7 +40,7 @@ import httpx
 import psutil
 import yaml
 
-from rmserve.serve.server import THROUGHPUT_ENVIRONMENT
+from rmserve.serve.rayserve.server import THROUGHPUT_ENVIRONMENT
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = ROOT / "deploy" / "serve_config.yaml"

@@ -6,8 +6,8 @@ both transitions. The times to scale are printed, not asserted.
 
 What scales it: each Scorer replica reports the items it holds and ``autoscaling.QueuedItemsPolicy`` asks for
 held items ÷ ``target_queued_items`` replicas. Serve's own count of ongoing requests would count merged Scorer calls
-(the Gateway merges the requests that reach it together, serve/coalescing.py), far fewer than the HTTP requests in
-flight; the test prints the largest such count it saw, for comparison."""
+(the Gateway merges the requests that reach it together, serve/rayserve/coalescing.py), far fewer than the HTTP
+requests in flight; the test prints the largest such count it saw, for comparison."""
 
 from __future__ import annotations
 

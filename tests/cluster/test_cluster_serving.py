@@ -17,7 +17,7 @@ from cluster_harness import (
 )
 from metrics_scrape import check_totals, replica_numbers, scrape
 
-from rmserve.serve.metrics_hub import HUB_DEPLOYMENT
+from rmserve.serve.rayserve.metrics_hub import HUB_DEPLOYMENT
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster]
 

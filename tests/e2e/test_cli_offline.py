@@ -15,7 +15,11 @@ from rmserve.model.synthetic import make_preference_pairs
 def rmserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(
-        [sys.executable, "-m", "rmserve.serve.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "rmserve.serve.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -81,7 +85,7 @@ def test_score_reads_the_same_config_sources_as_serve(tmp_path, demo_model_dir, 
     )
     env = dict(os.environ, PYTHONWARNINGS="ignore", RMSERVE_BATCHING__MAX_BATCH_TOKENS="lots")
     bad = subprocess.run(
-        [sys.executable, "-m", "rmserve.serve.cli", *args], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-m", "rmserve.serve.cli.main", *args], capture_output=True, text=True, timeout=300, env=env
     )
     assert bad.returncode == 2 and "batching.max_batch_tokens (from environment)" in bad.stderr, bad.stderr
     proc = rmserve(*args, "--template", "nonsense")

@@ -19,7 +19,11 @@ STATS = {"a": (0.5, 2.0), "b": (-0.25, 0.5)}
 def rmserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(
-        [sys.executable, "-m", "rmserve.serve.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "rmserve.serve.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 

@@ -22,7 +22,7 @@ SHUTDOWN_TIMEOUT_S = 60.0
 
 def rmserve_command() -> list[str]:
     script = Path(sys.executable).parent / "rmserve"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "rmserve.serve.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "rmserve.serve.cli.main"]
 
 
 def free_port() -> int:

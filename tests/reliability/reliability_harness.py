@@ -30,8 +30,8 @@ import psutil
 
 from rmserve.model.synthetic import FACTS, POLITE, PROMPTS, RUDE, TOPICS
 from rmserve.serve import build_app
-from rmserve.serve.config import ServerConfig
-from rmserve.serve.config_loading import load_config
+from rmserve.serve.config.loading import load_config
+from rmserve.serve.config.settings import ServerConfig
 
 TOL = 1e-5  # fp32 rewards: server vs offline
 ITEM_FORMS = ("pair", "conversation", "text", "tokens")
@@ -55,7 +55,7 @@ def ray_serve_instance(ray_cpus: int = 4) -> Iterator[ServeInstance]:
     import ray
     from ray import serve
 
-    from rmserve.serve.server import THROUGHPUT_ENVIRONMENT, export_environment
+    from rmserve.serve.rayserve.server import THROUGHPUT_ENVIRONMENT, export_environment
 
     export_environment(THROUGHPUT_ENVIRONMENT)  # the Ray Serve settings rmserve serve and KubeRay run with
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)

@@ -17,7 +17,7 @@ from reliability_harness import TOL, app_config, deployed, offline_model
 
 from rmserve.client import AsyncRewardClient, RewardClient, UnauthorizedError
 from rmserve.model.errors import UnauthorizedError as UnauthorizedServerError
-from rmserve.serve.auth import ApiKeyAuth
+from rmserve.serve.edge.auth import ApiKeyAuth
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -77,7 +77,7 @@ async def test_items_waiting_behind_a_forward_are_dropped_when_their_client_goes
             assert response.status_code == 200, response.text
             assert response.json()["rewards"] == pytest.approx(offline.score(body["items"]), abs=TOL)
         # The victim's 5 items were dropped, and only those: when the Gateway had merged the victim and the neighbour
-        # into one Scorer call (they arrive together), the victim alone was withdrawn (serve/coalescing.py).
+        # into one Scorer call (they arrive together), the victim alone was withdrawn (serve/rayserve/coalescing.py).
         dropped = after["gone"] - before["gone"]
         assert dropped == 5, dropped
         # The engine ran the slow item and the neighbour's 3 items once, never the victim's 5.

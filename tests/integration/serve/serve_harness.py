@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 
 from rmserve.serve import build_app
-from rmserve.serve.config import ServerConfig
-from rmserve.serve.config_loading import load_config
+from rmserve.serve.config.loading import load_config
+from rmserve.serve.config.settings import ServerConfig
 
 APP_NAME = "rmserve"
 
@@ -57,7 +57,7 @@ def running_app(config: ServerConfig, *, ray_cpus: int = 4) -> Iterator[LiveApp]
     import ray
     from ray import serve
 
-    from rmserve.serve.server import THROUGHPUT_ENVIRONMENT, export_environment
+    from rmserve.serve.rayserve.server import THROUGHPUT_ENVIRONMENT, export_environment
 
     export_environment(THROUGHPUT_ENVIRONMENT)  # the Ray Serve settings rmserve serve and KubeRay run with
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)

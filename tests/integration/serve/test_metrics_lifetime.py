@@ -14,7 +14,7 @@ from metrics_scrape import check_totals, replica_numbers, scrape
 from serve_harness import APP_NAME, LiveApp, async_client, demo_config, running_app
 
 from rmserve.serve import build_app
-from rmserve.serve.metrics_hub import HUB_DEPLOYMENT
+from rmserve.serve.rayserve.metrics_hub import HUB_DEPLOYMENT
 
 pytestmark = pytest.mark.ray
 

@@ -220,7 +220,7 @@ async def test_reconfigure_changes_batching_limits_without_restart(app: LiveApp,
 
 
 async def test_concurrent_requests_share_handle_calls_and_keep_their_own_errors(app: LiveApp, offline):
-    # The Gateway merges requests that reach it together into one Scorer call (serve/coalescing.py). Among 96
+    # The Gateway merges requests that reach it together into one Scorer call (serve/rayserve/coalescing.py). Among 96
     # concurrent requests, every fourth is invalid in its own way (an empty prompt+response text, an unknown
     # model); each must get its own 422 / 404 while the ones merged with it get their exact rewards.
     items = distinct_items(96)

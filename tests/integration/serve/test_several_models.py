@@ -22,8 +22,8 @@ from serve_harness import APP_NAME, LiveApp, async_client, running_app
 
 from rmserve.client import AsyncRewardClient
 from rmserve.model import load_reward_model
-from rmserve.serve.config_loading import load_config
-from rmserve.serve.metrics import REWARDS, SPREADS
+from rmserve.serve.config.loading import load_config
+from rmserve.serve.metrics.store import REWARDS, SPREADS
 
 pytestmark = pytest.mark.ray
 

@@ -23,8 +23,8 @@ from rmserve.benchmarks.ensemble import (
     with_model,
 )
 from rmserve.benchmarks.loadgen import BenchRequest
-from rmserve.serve.config_loading import load_config
-from rmserve.serve.ensemble import check_ensemble_members
+from rmserve.serve.config.loading import load_config
+from rmserve.serve.routing.ensemble import check_ensemble_members
 
 
 def test_arguments_and_plans():

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmserve.serve.config_loading import load_config
-from rmserve.serve.server import THROUGHPUT_ENVIRONMENT
+from rmserve.serve.config.loading import load_config
+from rmserve.serve.rayserve.server import THROUGHPUT_ENVIRONMENT
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 

@@ -15,10 +15,10 @@ import pytest
 
 from rmserve.model import load_reward_model
 from rmserve.model.errors import InternalError, OverloadedError, RequestTooLargeError
-from rmserve.serve.config import BatchingConfig, LimitsConfig
-from rmserve.serve.faults import FaultPlan
-from rmserve.serve.protocol import ScoredItems
-from rmserve.serve.scoring_core import ScoringCore
+from rmserve.serve.config.settings import BatchingConfig, LimitsConfig
+from rmserve.serve.core.faults import FaultPlan
+from rmserve.serve.core.scoring_core import ScoringCore
+from rmserve.serve.edge.protocol import ScoredItems
 
 TOL = 1e-5
 GATE_WIDTH = 61  # a forward whose longest row has this many tokens waits at the gate

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rmserve.model.items import Message, PairItem
-from rmserve.serve.affinity import (
+from rmserve.serve.rayserve.affinity import (
     BLOCK_CHARS,
     AffinityPolicy,
     PrefixTable,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rmserve.model.errors import UnauthorizedError
-from rmserve.serve.auth import ApiKeyAuth
+from rmserve.serve.edge.auth import ApiKeyAuth
 
 
 def test_disabled_without_keys():

@@ -6,8 +6,8 @@ import pytest
 from ray.serve.config import AutoscalingContext
 
 from rmserve.serve import build_app
-from rmserve.serve.autoscaling import QUEUED_ITEMS, QueuedItemsPolicy
-from rmserve.serve.config_loading import ConfigError, load_config
+from rmserve.serve.config.loading import ConfigError, load_config
+from rmserve.serve.rayserve.autoscaling import QUEUED_ITEMS, QueuedItemsPolicy
 
 
 def context(held: dict[str, float] | None, replicas: int = 2, target: int = 2) -> AutoscalingContext:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from rmserve.serve.batching import BatchQueue, Ticket
+from rmserve.serve.core.batching import BatchQueue, Ticket
 
 
 @pytest.fixture

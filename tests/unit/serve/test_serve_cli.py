@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rmserve.serve.cli import main
-from rmserve.serve.cli_flags import config_fields, flag_name
+from rmserve.serve.cli.flags import config_fields, flag_name
+from rmserve.serve.cli.main import main
 
 
 def test_serve_help_documents_every_flag(capsys, monkeypatch):
@@ -61,7 +61,7 @@ def test_unknown_environment_variable_exits_2(capsys, monkeypatch):
 def test_a_taken_port_is_reported_before_ray_starts():
     import socket
 
-    from rmserve.serve.server import StartupError, check_port_free
+    from rmserve.serve.rayserve.server import StartupError, check_port_free
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -73,7 +73,7 @@ def test_a_taken_port_is_reported_before_ray_starts():
 
 
 def test_deployment_failures_are_cut_to_their_cause():
-    from rmserve.serve.server import _root_cause
+    from rmserve.serve.rayserve.server import _root_cause
 
     ray_text = "ray::ProxyActor.ready() (pid=1)\n  File 'proxy.py', line 3\n    raise e\nRuntimeError: Failed to bind\n"
     assert _root_cause(RuntimeError(ray_text)) == "RuntimeError: Failed to bind"

@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from rmserve.serve.coalescing import RequestCoalescer
+from rmserve.serve.rayserve.coalescing import RequestCoalescer
 
 
 class _Response:
@@ -146,7 +146,7 @@ async def test_requests_that_leave_together_are_withdrawn_in_one_call():
 async def test_with_several_replicas_a_flush_splits_by_the_replica_each_prompt_goes_to(monkeypatch):
     # The affinity router of this deployment knows two replicas and where prompt A was computed: the requests of
     # prompt A go in one call (to its replica), prompt B's in another; leaving withdraws within each call.
-    from rmserve.serve import affinity
+    from rmserve.serve.rayserve import affinity
 
     handle = LocalHandle(delay_s=0.2)
     handle.app_name, handle.deployment_name = "app", "Scorer"

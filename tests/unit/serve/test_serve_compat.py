@@ -13,15 +13,15 @@ from pydantic import ValidationError
 
 from rmserve.model.errors import ContextLengthExceededError, InvalidRequestError, item_error
 from rmserve.model.items import TextItem, TokensItem
-from rmserve.serve.cli_flags import add_config_flags, overrides_from_args
-from rmserve.serve.compat import classify_error, strip_padding
-from rmserve.serve.compat_protocol import ClassifyRequest, GetRewardRequest
-from rmserve.serve.config import ServerConfig
-from rmserve.serve.config_loading import ConfigError, load_config
-from rmserve.serve.errors import validation_error
-from rmserve.serve.instrumentation import RequestMetricsMiddleware
-from rmserve.serve.locations import in_groups, in_items, in_list, in_pairs
-from rmserve.serve.metrics import MetricsRecorder
+from rmserve.serve.cli.flags import add_config_flags, overrides_from_args
+from rmserve.serve.config.loading import ConfigError, load_config
+from rmserve.serve.config.settings import ServerConfig
+from rmserve.serve.edge.compat import classify_error, strip_padding
+from rmserve.serve.edge.compat_protocol import ClassifyRequest, GetRewardRequest
+from rmserve.serve.edge.errors import validation_error
+from rmserve.serve.edge.locations import in_groups, in_items, in_list, in_pairs
+from rmserve.serve.metrics.instrumentation import RequestMetricsMiddleware
+from rmserve.serve.metrics.store import MetricsRecorder
 
 
 @pytest.mark.parametrize(

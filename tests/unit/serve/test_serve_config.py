@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from rmserve.serve.cli_flags import add_config_flags, config_fields, flag_name, overrides_from_args
-from rmserve.serve.config import ServerConfig
-from rmserve.serve.config_loading import ConfigError, env_overrides, load_config
+from rmserve.serve.cli.flags import add_config_flags, config_fields, flag_name, overrides_from_args
+from rmserve.serve.config.loading import ConfigError, env_overrides, load_config
+from rmserve.serve.config.settings import ServerConfig
 
 
 def write(tmp_path, text: str):
@@ -142,7 +142,7 @@ def test_every_setting_has_a_cli_flag_and_flags_override():
 
 
 def test_ray_environment_puts_the_gateway_itself_on_the_port_unless_several_gateways_or_proxy_asked():
-    from rmserve.serve.server import ray_environment
+    from rmserve.serve.rayserve.server import ray_environment
 
     direct = ray_environment(load_config(overrides={"port": 9123}))
     assert direct["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"

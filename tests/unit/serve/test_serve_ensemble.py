@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from rmserve.serve.ensemble import combine_item, combine_rewards
-from rmserve.serve.served_models import EnsembleConfig
+from rmserve.serve.config.served_models import EnsembleConfig
+from rmserve.serve.routing.ensemble import combine_item, combine_rewards
 
 WEIGHTS = {"helpful": 1.0, "safe": 3.0, "honest": 0.5}
 

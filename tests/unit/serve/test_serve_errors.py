@@ -1,4 +1,4 @@
-"""The one exception → HTTP response mapping of serve/errors.py (API.md's error table)."""
+"""The one exception → HTTP response mapping of serve/edge/errors.py (API.md's error table)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from rmserve.model.errors import (
     UnauthorizedError,
     item_error,
 )
-from rmserve.serve.errors import as_rmserve_error, error_response, field_path
+from rmserve.serve.edge.errors import as_rmserve_error, error_response, field_path
 
 
 def body_of(response) -> dict:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from rmserve.model.errors import NotReadyError
-from rmserve.serve.lifecycle import Drain, ShutdownCoordinator
+from rmserve.serve.rayserve.lifecycle import Drain, ShutdownCoordinator
 
 
 async def test_drain_counts_requests_and_refuses_new_ones_once_draining():

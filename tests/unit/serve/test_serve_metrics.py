@@ -9,8 +9,8 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rmserve.serve.instrumentation import ScorerMetrics
-from rmserve.serve.metrics import (
+from rmserve.serve.metrics.instrumentation import ScorerMetrics
+from rmserve.serve.metrics.store import (
     CATALOGUE,
     ITEMS,
     PREFIX,

@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import time
 
-from rmserve.serve.metrics import MetricsRecorder
-from rmserve.serve.metrics_hub import OTHER_BUILD, MetricsHub, totals
+from rmserve.serve.metrics.store import MetricsRecorder
+from rmserve.serve.rayserve.metrics_hub import OTHER_BUILD, MetricsHub, totals
 
 BUILD = "build-1"
 

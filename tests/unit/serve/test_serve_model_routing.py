@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from rmserve.serve.config import ServerConfig
-from rmserve.serve.model_routing import EnsembleRoute, ModelRouter
+from rmserve.serve.config.settings import ServerConfig
+from rmserve.serve.routing.model_routing import EnsembleRoute, ModelRouter
 
 
 def router(tmp_path) -> ModelRouter:

@@ -6,10 +6,10 @@ import argparse
 
 import pytest
 
-from rmserve.serve.cli_flags import add_config_flags, overrides_from_args
-from rmserve.serve.config import ServerConfig
-from rmserve.serve.config_loading import ConfigError, load_config
-from rmserve.serve.resources import Capacity, ResourceError, check_fits, resolve_resources
+from rmserve.serve.cli.flags import add_config_flags, overrides_from_args
+from rmserve.serve.config.loading import ConfigError, load_config
+from rmserve.serve.config.resources import Capacity, ResourceError, check_fits, resolve_resources
+from rmserve.serve.config.settings import ServerConfig
 
 TWO = """
 model: {dtype: fp32, max_length: 256}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from rmserve.serve.config import ServerConfig
-from rmserve.serve.routes import create_http_app
-from rmserve.serve.service import GatewayService
+from rmserve.serve.config.settings import ServerConfig
+from rmserve.serve.edge.routes import create_http_app
+from rmserve.serve.edge.service import GatewayService
 
 
 def openapi() -> dict:

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from rmserve.serve.config import ServerConfig
-from rmserve.serve.config_loading import load_config
-from rmserve.serve.resources import Capacity, ResourceError, check_fits, host_cores, resolve_resources, torch_threads
+from rmserve.serve.config.loading import load_config
+from rmserve.serve.config.resources import (
+    Capacity,
+    ResourceError,
+    check_fits,
+    host_cores,
+    resolve_resources,
+    torch_threads,
+)
+from rmserve.serve.config.settings import ServerConfig
 
 
 def test_auto_gives_the_scorer_the_cores_the_gateway_leaves():

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from test_serve_metrics import samples
 
-from rmserve.serve.metrics import PREFIX, REWARDS, SPREADS, MetricsRecorder, merge, render, window_statistics
-from rmserve.serve.telemetry import RewardTelemetry, window_moments
+from rmserve.serve.metrics.store import PREFIX, REWARDS, SPREADS, MetricsRecorder, merge, render, window_statistics
+from rmserve.serve.metrics.telemetry import RewardTelemetry, window_moments
 
 
 def scrape(recorder: MetricsRecorder, *telemetry: RewardTelemetry) -> dict[tuple[str, tuple], float]:

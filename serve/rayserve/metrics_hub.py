@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .metrics import CONTENT_TYPE, MetricsRecorder, Snapshot, merge, render
+from rmserve.serve.metrics.store import CONTENT_TYPE, MetricsRecorder, Snapshot, merge, render
 
 log = logging.getLogger("rmserve.serve")
 

@@ -1,5 +1,5 @@
-"""The ``rmserve`` command: ``rmserve serve`` here; ``score`` in ``rmserve.serve.cli_score`` (it reads the same
-configuration sources), ``demo`` and ``train`` in ``rmserve.model.cli_commands`` and ``bench`` in
+"""The ``rmserve`` command: ``rmserve serve`` here; ``score`` in ``rmserve.serve.cli.score`` (it reads the same
+configuration sources), ``demo`` and ``train`` in ``rmserve.serve.cli.model_commands`` and ``bench`` in
 ``rmserve.benchmarks.cli``, imported only when chosen.
 
 Exit codes: 0 success, 2 bad arguments or input (including an invalid configuration), 1 anything
@@ -20,9 +20,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .cli_flags import add_config_file_arg, add_config_flags, config_from_args
-from .config import ServerConfig
-from .config_loading import ENV_NESTING, ENV_PREFIX, ConfigError
+from rmserve.serve.cli.flags import add_config_file_arg, add_config_flags, config_from_args
+from rmserve.serve.config.loading import ENV_NESTING, ENV_PREFIX, ConfigError
+from rmserve.serve.config.settings import ServerConfig
 
 
 class UsageError(ValueError):
@@ -31,7 +31,11 @@ class UsageError(ValueError):
 
 # Subcommands whose code lives elsewhere, imported only when chosen:
 # name -> (help, module, function that adds its arguments, function that runs it and returns the exit code).
-MODEL_CLI, SCORE_CLI, BENCH_CLI = "rmserve.model.cli_commands", "rmserve.serve.cli_score", "rmserve.benchmarks.cli"
+MODEL_CLI, SCORE_CLI, BENCH_CLI = (
+    "rmserve.serve.cli.model_commands",
+    "rmserve.serve.cli.score",
+    "rmserve.benchmarks.cli",
+)
 EXTERNAL_COMMANDS = {
     "score": ("Score a JSONL file of items offline (no server).", SCORE_CLI, "add_score_args", "cmd_score"),
     "demo": ("Build (or find in the cache) the demo reward model.", MODEL_CLI, "add_demo_args", "cmd_demo"),
@@ -49,8 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Start a local Ray instance, deploy the app, serve until Ctrl-C or SIGTERM, then shut down cleanly."""
     config = config_from_args(args)
     _prepare_model(config)
-    from .ensemble import check_ensemble_members
-    from .server import run_until_signalled
+    from rmserve.serve.rayserve.server import run_until_signalled
+    from rmserve.serve.routing.ensemble import check_ensemble_members
 
     check_ensemble_members(config)  # before Ray starts: a clear one-line error (exit 2)
 

@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 from ray import serve
 
-from .compat import CompatService
-from .config import ServerConfig
-from .lifecycle import Drain, start_following
-from .metrics_hub import ClusterMetrics, HubLink
-from .routes import create_http_app
-from .service import GatewayService
-from .telemetry import RewardTelemetry
+from rmserve.serve.config.settings import ServerConfig
+from rmserve.serve.edge.compat import CompatService
+from rmserve.serve.edge.routes import create_http_app
+from rmserve.serve.edge.service import GatewayService
+from rmserve.serve.metrics.telemetry import RewardTelemetry
+from rmserve.serve.rayserve.lifecycle import Drain, start_following
+from rmserve.serve.rayserve.metrics_hub import ClusterMetrics, HubLink
 
 
 @serve.deployment(name="Gateway")

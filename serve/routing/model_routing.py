@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .coalescing import RequestCoalescer
-from .config import ServerConfig
-from .served_models import EnsembleConfig, ServedModel
+from rmserve.serve.config.served_models import EnsembleConfig, ServedModel
+from rmserve.serve.config.settings import ServerConfig
+from rmserve.serve.rayserve.coalescing import RequestCoalescer
 
 
 def model_names(served: ServedModel, model_id: str | None) -> list[str]:

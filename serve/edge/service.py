@@ -29,12 +29,9 @@ from rmserve.model.errors import (
     RMServeError,
 )
 from rmserve.model.items import Item, PairItem
-
-from .config import ServerConfig
-from .ensemble import combine_rewards
-from .locations import Locate, in_groups, in_items, in_pairs
-from .model_routing import EnsembleRoute, ModelLane, ModelRouter
-from .protocol import (
+from rmserve.serve.config.settings import ServerConfig
+from rmserve.serve.edge.locations import Locate, in_groups, in_items, in_pairs
+from rmserve.serve.edge.protocol import (
     ModelCard,
     ModelsResponse,
     PreferenceRequest,
@@ -50,7 +47,9 @@ from .protocol import (
     ScoreResponse,
     Usage,
 )
-from .telemetry import RewardTelemetry
+from rmserve.serve.metrics.telemetry import RewardTelemetry
+from rmserve.serve.routing.ensemble import combine_rewards
+from rmserve.serve.routing.model_routing import EnsembleRoute, ModelLane, ModelRouter
 
 READY_PROBE_TIMEOUT_S = 2.0  # at most; never more than half the request deadline
 

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .affinity import deployment_policy, item_text
+from rmserve.serve.rayserve.affinity import deployment_policy, item_text
 
 log = logging.getLogger("rmserve.serve")
 

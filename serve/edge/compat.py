@@ -43,8 +43,8 @@ from ray.serve.exceptions import BackPressureError
 
 from rmserve.model.errors import OverloadedError, RMServeError
 from rmserve.model.items import Item, TextItem
-
-from .compat_protocol import (
+from rmserve.serve.config.settings import ServerConfig
+from rmserve.serve.edge.compat_protocol import (
     ClassificationData,
     ClassifyRequest,
     ClassifyResponse,
@@ -52,10 +52,9 @@ from .compat_protocol import (
     GetRewardRequest,
     GetRewardResponse,
 )
-from .config import ServerConfig
-from .locations import Locate, in_list
-from .protocol import ScoredItems
-from .service import GatewayService, sigmoid
+from rmserve.serve.edge.locations import Locate, in_list
+from rmserve.serve.edge.protocol import ScoredItems
+from rmserve.serve.edge.service import GatewayService, sigmoid
 
 
 def strip_padding(text: str, pad_token: str | None) -> str:

@@ -30,8 +30,8 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 
-from .config import ServerConfig
-from .metrics import WINDOW_MOMENTS, MetricsRecorder, Snapshot
+from rmserve.serve.config.settings import ServerConfig
+from rmserve.serve.metrics.store import WINDOW_MOMENTS, MetricsRecorder, Snapshot
 
 DEFAULT_WINDOW_ITEMS: int = ServerConfig.model_fields["reward_window_items"].default
 

@@ -8,7 +8,7 @@ reads them: a YAML file (``--config`` or ``$RMSERVE_CONFIG``) < ``RMSERVE_*`` en
 With several models (``--model NAME=PATH`` repeated, or a ``models`` list in the YAML) each model scores the file
 in turn (one loaded at a time) and each line gets, besides ``reward`` / ``truncated`` of the first model,
 ``rewards: {model: reward}`` for every model; and for every ensemble of the configuration
-``ensembles: {name: {reward, spread, members: {model: normalised reward}}}`` (``rmserve.serve.ensemble``).
+``ensembles: {name: {reward, spread, members: {model: normalised reward}}}`` (``rmserve.serve.routing.ensemble``).
 ``truncated`` is true when any model truncated the item.
 
 Example::
@@ -25,11 +25,10 @@ import json
 import sys
 from pathlib import Path
 
-from rmserve.model.cli_commands import CommandError, add_score_io_args, read_items, run_command, score_file
-
-from .cli_flags import add_config_file_arg, add_config_flags, config_from_args
-from .config import ServerConfig
-from .ensemble import combine_rewards
+from rmserve.serve.cli.flags import add_config_file_arg, add_config_flags, config_from_args
+from rmserve.serve.cli.model_commands import CommandError, add_score_io_args, read_items, run_command, score_file
+from rmserve.serve.config.settings import ServerConfig
+from rmserve.serve.routing.ensemble import combine_rewards
 
 __all__ = ["add_score_args", "cmd_score", "run_command"]
 

@@ -1,5 +1,5 @@
 """The model-side subcommands of ``rmserve``: ``demo`` and ``train``, and the file handling of ``score`` (offline JSONL
-scoring; its model settings come from the server's configuration, see ``rmserve.serve.cli_score``).
+scoring; its model settings come from the server's configuration, see ``rmserve.serve.cli.score``).
 
 Each command is ``add_X_args(parser)`` + ``cmd_X(args) -> int`` (the exit code). Errors that the
 user can fix raise ``CommandError`` (exit 2) and print one line; the CLI entry point catches them.
@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import ModelLoadError, RMServeError
+from rmserve.model.errors import ModelLoadError, RMServeError
 
 
 class CommandError(Exception):
@@ -25,7 +25,7 @@ class CommandError(Exception):
 
 # -- score ----------------------------------------------------------------------------------------
 # The model settings of `rmserve score` (--model, --dtype, --max-batch-tokens, ...) and its --config come from the
-# server's configuration sources (rmserve.serve.cli_score); these are its own flags.
+# server's configuration sources (rmserve.serve.cli.score); these are its own flags.
 def add_score_io_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="JSONL, one item per line ({prompt, response} etc.)")
     parser.add_argument("--output", required=True, help="JSONL written with {id?, reward, truncated} per line")
@@ -93,7 +93,7 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import MARKER, ensure_demo_model
+    from rmserve.model.demo import MARKER, ensure_demo_model
 
     path = ensure_demo_model(Path(args.out) if args.out else None, progress=True)
     report = json.loads((path / MARKER).read_text())
@@ -104,7 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- train ----------------------------------------------------------------------------------------
 def add_train_args(parser: argparse.ArgumentParser) -> None:
-    from .training import TrainConfig
+    from rmserve.model.training import TrainConfig
 
     d = TrainConfig()
     parser.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected} or {prompt, responses}")
@@ -122,9 +122,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .demo import pairwise_accuracy
-    from .loading import load_reward_model
-    from .training import TrainConfig, read_preferences, train_reward_model
+    from rmserve.model.demo import pairwise_accuracy
+    from rmserve.model.loading import load_reward_model
+    from rmserve.model.training import TrainConfig, read_preferences, train_reward_model
 
     data = Path(args.data)
     if not data.is_file():

@@ -23,15 +23,14 @@ from ray import serve
 from rmserve.model import RewardModel, load_reward_model
 from rmserve.model.errors import InvalidRequestError, ModelLoadError, RMServeError
 from rmserve.model.items import Item
-
-from .autoscaling import QUEUED_ITEMS
-from .config import ScorerUserConfig, ServerConfig
-from .faults import FaultPlan
-from .metrics import Snapshot
-from .metrics_hub import HubLink, start_reporting
-from .protocol import ScoredItems
-from .resources import use_cores
-from .scoring_core import ScoringCore
+from rmserve.serve.config.resources import use_cores
+from rmserve.serve.config.settings import ScorerUserConfig, ServerConfig
+from rmserve.serve.core.faults import FaultPlan
+from rmserve.serve.core.scoring_core import ScoringCore
+from rmserve.serve.edge.protocol import ScoredItems
+from rmserve.serve.metrics.store import Snapshot
+from rmserve.serve.rayserve.autoscaling import QUEUED_ITEMS
+from rmserve.serve.rayserve.metrics_hub import HubLink, start_reporting
 
 log = logging.getLogger("rmserve.serve")
 
@@ -139,7 +138,7 @@ class Scorer:
         log.info("scorer reconfigured: %s", tuning.model_dump())
 
     def set_faults(self, **plan) -> None:
-        """Test hook (needs ``testing.fault_injection``): see ``rmserve.serve.faults.FaultPlan``."""
+        """Test hook (needs ``testing.fault_injection``): see ``rmserve.serve.core.faults.FaultPlan``."""
         if not self._config.testing.fault_injection:
             raise InvalidRequestError("fault injection is disabled (testing.fault_injection is false)")
         self.core.set_faults(FaultPlan(**plan))

@@ -35,14 +35,13 @@ from typing import Any
 from rmserve.model import EngineStats, RewardModel, TokenizedItem
 from rmserve.model.errors import InternalError, OverloadedError, RequestTooLargeError, RMServeError, item_error
 from rmserve.model.items import Item, payload_size
-
-from .batching import BatchQueue, QueuedItem, Ticket
-from .config import BatchingConfig, LimitsConfig
-from .errors import internal_error
-from .faults import FaultPlan
-from .instrumentation import ScorerMetrics
-from .metrics import Snapshot
-from .protocol import ScoredItems
+from rmserve.serve.config.settings import BatchingConfig, LimitsConfig
+from rmserve.serve.core.batching import BatchQueue, QueuedItem, Ticket
+from rmserve.serve.core.faults import FaultPlan
+from rmserve.serve.edge.errors import internal_error
+from rmserve.serve.edge.protocol import ScoredItems
+from rmserve.serve.metrics.instrumentation import ScorerMetrics
+from rmserve.serve.metrics.store import Snapshot
 
 log = logging.getLogger("rmserve.serve")
 Outcome = float | RMServeError

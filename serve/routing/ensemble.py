@@ -31,9 +31,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .config import ServerConfig
-from .config_loading import ConfigError
-from .served_models import EnsembleConfig
+from rmserve.serve.config.loading import ConfigError
+from rmserve.serve.config.served_models import EnsembleConfig
+from rmserve.serve.config.settings import ServerConfig
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from .config import ServerConfig
+from rmserve.serve.config.settings import ServerConfig
 
 log = logging.getLogger("rmserve.serve")
 # After the last accepted request was answered, its response still travels Gateway -> proxy -> client.
@@ -116,9 +116,9 @@ def run_until_signalled(config: ServerConfig, stop: threading.Event | None = Non
     import ray
     from ray import serve
 
-    from .app import build_app
-    from .lifecycle import drain, start_coordinator
-    from .resources import ResourceError, check_fits, ray_capacity, resolve_resources
+    from rmserve.serve.app import build_app
+    from rmserve.serve.config.resources import ResourceError, check_fits, ray_capacity, resolve_resources
+    from rmserve.serve.rayserve.lifecycle import drain, start_coordinator
 
     install_stop_signals(stop)  # before ray.init: a signal while Ray starts ends in a clean shutdown too
     ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=config.ray_dashboard)

@@ -22,8 +22,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from rmserve.model.spec import ModelSpec
-
-from .served_models import NAME_HELP, NOT_PER_MODEL, CpuCount, CustomResources, EnsembleConfig, GpuCount, ServedModel
+from rmserve.serve.config.served_models import (
+    NAME_HELP,
+    NOT_PER_MODEL,
+    CpuCount,
+    CustomResources,
+    EnsembleConfig,
+    GpuCount,
+    ServedModel,
+)
 
 MIB = 1024 * 1024
 
@@ -70,7 +77,7 @@ class RoutingConfig(_Section):
         "prefix_affinity",
         description="'prefix_affinity': calls whose items share a prompt go to the replica that computed it (a GRPO "
         "group's samples, best-of-n candidates), unless it is imbalance_items busier than the least-loaded one "
-        "(rmserve.serve.affinity.PrefixAffinityRouter); 'power_of_two': Ray Serve's default router.",
+        "(rmserve.serve.rayserve.affinity.PrefixAffinityRouter); 'power_of_two': Ray Serve's default router.",
     )
     imbalance_items: int = Field(
         256,

@@ -218,7 +218,7 @@ class ModelCard(_EnsembleFields):
     template: str
     ensemble: dict[str, Any] | None = Field(
         None,
-        description="Ensembles only: {members: {name: weight}, combine, lambda} (see rmserve.serve.ensemble).",
+        description="Ensembles only: {members: {name: weight}, combine, lambda} (see rmserve.serve.routing.ensemble).",
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .config import ServerConfig
+from rmserve.serve.config.settings import ServerConfig
 
 ENV_PREFIX = "RMSERVE_"
 ENV_NESTING = "__"

@@ -87,7 +87,7 @@ class EnsembleConfig(BaseModel):
         min_length=1,
         max_length=64,
         description="Served model name -> weight (> 0). Weights are relative: they enter the weighted mean and the "
-        "weighted spread; `min` ignores their size (see rmserve.serve.ensemble).",
+        "weighted spread; `min` ignores their size (see rmserve.serve.routing.ensemble).",
     )
     combine: Combine = Field(
         "mean",

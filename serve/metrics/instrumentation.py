@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-from .metrics import MetricsRecorder, Snapshot
+from rmserve.serve.metrics.store import MetricsRecorder, Snapshot
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

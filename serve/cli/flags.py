@@ -30,8 +30,14 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from .config import ServerConfig
-from .config_loading import CONFIG_FILE_ENV, ConfigError, is_mapping_setting, load_config, parse_json_object
+from rmserve.serve.config.loading import (
+    CONFIG_FILE_ENV,
+    ConfigError,
+    is_mapping_setting,
+    load_config,
+    parse_json_object,
+)
+from rmserve.serve.config.settings import ServerConfig
 
 FLATTENED_SECTIONS = ("model", "batching", "limits", "compat")
 SKIPPED = frozenset({("model", "max_batch_tokens"), ("testing",), ("models",), ("ensembles",)})

@@ -25,16 +25,12 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
 from rmserve.model.errors import InvalidRequestError, RequestTooLargeError, RMServeError
-
-from .auth import ApiKeyAuth
-from .compat import CompatService, classify_error
-from .compat_protocol import ClassifyRequest, ClassifyResponse, GetRewardRequest, GetRewardResponse
-from .config import ServerConfig
-from .errors import error_response
-from .instrumentation import RequestMetricsMiddleware
-from .lifecycle import Drain
-from .metrics_hub import ClusterMetrics, LocalMetrics
-from .protocol import (
+from rmserve.serve.config.settings import ServerConfig
+from rmserve.serve.edge.auth import ApiKeyAuth
+from rmserve.serve.edge.compat import CompatService, classify_error
+from rmserve.serve.edge.compat_protocol import ClassifyRequest, ClassifyResponse, GetRewardRequest, GetRewardResponse
+from rmserve.serve.edge.errors import error_response
+from rmserve.serve.edge.protocol import (
     HealthResponse,
     ModelsResponse,
     PreferenceRequest,
@@ -45,8 +41,11 @@ from .protocol import (
     ScoreRequest,
     ScoreResponse,
 )
-from .service import GatewayService
-from .telemetry import RewardTelemetry
+from rmserve.serve.edge.service import GatewayService
+from rmserve.serve.metrics.instrumentation import RequestMetricsMiddleware
+from rmserve.serve.metrics.telemetry import RewardTelemetry
+from rmserve.serve.rayserve.lifecycle import Drain
+from rmserve.serve.rayserve.metrics_hub import ClusterMetrics, LocalMetrics
 
 _ERROR_BODY = {
     "content": {

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from .config import ServerConfig
+from rmserve.serve.config.settings import ServerConfig
 
 
 class ResourceError(RuntimeError):

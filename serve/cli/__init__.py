@@ -1,0 +1,1 @@
+"""The ``rmserve`` command line."""

@@ -1,0 +1,1 @@
+"""A replica's scoring core: tokenize, one batching queue priced by the engine, one forward thread (no Ray)."""

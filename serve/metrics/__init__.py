@@ -1,0 +1,1 @@
+"""Prometheus metrics as plain values, where they are recorded, and reward telemetry."""
