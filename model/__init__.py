@@ -7,7 +7,7 @@ Example::
     rm.score([{"prompt": "Tell me about tea.", "response": "Gladly! Tea is a drink brewed from leaves."}])
 """
 
-from .engine import EngineStats, ScoringEngine, last_token_index, padded_tokens, plan_microbatches
+from .engine import BatchPlan, EngineStats, ScoringEngine, last_token_index, padded_tokens, plan_microbatches
 from .errors import (
     ContextLengthExceededError,
     InternalError,
@@ -23,6 +23,7 @@ from .reward_model import Normalization, RewardModel
 from .spec import ModelSpec
 
 __all__ = [
+    "BatchPlan",
     "ContextLengthExceededError",
     "ConversationItem",
     "EngineStats",

@@ -212,6 +212,10 @@ class RewardCache:
             self._rewards.move_to_end(key)
         return reward
 
+    def peek(self, key: bytes) -> float | None:
+        """The reward cached for ``key``, without touching recency (for plans and cost estimates)."""
+        return self._rewards.get(key)
+
     def contains(self, key: bytes) -> bool:
         """Whether ``key`` is cached, without touching recency (for cost estimates)."""
         return key in self._rewards

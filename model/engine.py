@@ -1,90 +1,48 @@
 """``ScoringEngine``: batched forward passes that give every item the reward it would get alone.
 
-Pipeline for one batch:
+The engine owns the pieces and ties them: ``planning`` decides what a batch does, ``runner`` runs one micro-batch,
+``caches`` keeps prefix states and rewards between batches; the engine holds the lock, the stats and the observers.
 
-1. exact duplicates are scored once, and a sequence scored recently is answered from the reward cache;
-2. **prefix sharing** (``planning.plan_levels``): token-id prefixes shared by several items (a GRPO group's
-   prompt, a system prompt) are computed once, as rows of an earlier level, and their keys and values kept in
-   the prefix cache (``caches.PrefixKVCache``); each item then computes only what follows the longest prefix
-   the cache holds, attending to the cached states. The cache outlives the batch (bounded by bytes, least
-   recently used out), so group members that arrive in later batches reuse the prompt too;
-3. each level is sorted by computed length and cut into micro-batches (``planning.plan_microbatches``) that
-   minimise padded tokens plus a per-forward overhead **measured on this machine** (``calibrate``);
-4. each micro-batch runs the backbone under ``inference_mode``; the hidden state of each item's last real
-   token comes **from the attention mask**, the reward head runs in fp32 on those rows only, and results go
-   back in input order. A micro-batch that runs out of accelerator memory is split in half and retried; an
-   item that does not fit even alone gets a typed error and the others are unaffected.
+1. ``plan(seqs)`` (``planning.plan_batch``, pure Python, no forward): exact duplicates are scored once and a
+   sequence scored recently is answered from the reward cache; token-id prefixes shared by several items (a GRPO
+   group's prompt, a system prompt) become rows of an earlier level, computed once and kept in the prefix cache;
+   each item starts after the longest prefix the cache holds or an earlier level leaves there; each level is cut
+   into micro-batches that minimise padded tokens plus a per-forward overhead **measured on this machine**
+   (``calibrate``). The plan's ``cost`` is what a batching queue prices the batch at (``batch_cost``).
+2. ``run(plan)`` executes exactly that plan, one ``ForwardRunner.run`` per micro-batch, and updates the caches. A
+   micro-batch that runs out of memory is split in half and retried (the one deviation from the plan, counted in
+   ``stats.oom_splits``); a row that fails (out of memory alone, non-finite states) fails the items that share it.
 
-Rewards do not depend on any of this (fp32: within 1e-5 of the item scored alone). ``prefix_sharing=False``
-runs every item whole; ``prefix_cache_bytes=0`` keeps states only within a batch; ``reward_cache_items=0``
-turns the reward cache off.
+The prefix cache outlives the batch (bounded by bytes, least recently used out), so group members that arrive in
+later batches reuse the prompt too. Rewards do not depend on any of this (fp32: within 1e-5 of the item scored
+alone). ``prefix_sharing=False`` runs every item whole; ``prefix_cache_bytes=0`` keeps states only within a batch;
+``reward_cache_items=0`` turns the reward cache off.
 
 Example::
 
     engine = ScoringEngine(backbone, head, max_batch_tokens=16384, prefix_cache_bytes=2**30)
     engine.score_batch([[1, 5, 9], [1, 5, 7]])   # -> [0.31, -1.2]; [1, 5] computed once
+    plan = engine.plan([[1, 5, 9], [1, 5, 7]])   # the same, in two steps: plan.cost is its price
+    engine.run(plan)
 """
 
 from __future__ import annotations
 
-import inspect
-import math
 import threading
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from .caches import PrefixKVCache, RewardCache, token_digest
-from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError
-from .planning import Row, levels_cost, padded_tokens, plan_level, plan_levels, plan_microbatches
+from .errors import InvalidRequestError, RMServeError
+from .planning import BatchPlan, Row, padded_tokens, plan_batch, plan_microbatches
+from .runner import ForwardRunner, last_token_index
+from .stats import EngineStats, StatsMeter
 
 # The per-forward overhead, in tokens, until ``calibrate`` measures it on the machine at hand.
 DEFAULT_OVERHEAD_TOKENS = 64
 
-__all__ = ["EngineStats", "ScoringEngine", "last_token_index", "padded_tokens", "plan_microbatches"]
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token, from the mask alone (works for left and right padding)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.to(torch.long) * positions).argmax(dim=1)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-@dataclass
-class EngineStats:
-    """Running totals: the one store of what the engine did (a server reads its metrics from here, ``counters``)."""
-
-    batches: int = 0
-    microbatches: int = 0
-    items: int = 0  # items asked for (duplicates and reward-cache hits included)
-    real_tokens: int = 0  # tokens computed (shared prefixes once)
-    padded_tokens: int = 0
-    oom_splits: int = 0
-    forward_seconds: float = 0.0
-    received_tokens: int = 0  # tokens of every item asked for, duplicates included
-    prefix_hits: int = 0  # item rows that started from cached keys/values
-    prefix_misses: int = 0  # item rows computed from their first token
-    reward_cache_hits: int = 0  # items answered without a forward (duplicate in the batch or cached reward)
-    reward_cache_misses: int = 0
-    last_microbatch_sizes: list[int] = field(default_factory=list)
-
-    @property
-    def padding_efficiency(self) -> float:
-        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
-
-    @property
-    def tokens_saved(self) -> int:
-        """Tokens not computed thanks to prefix sharing and the reward cache."""
-        return max(0, self.received_tokens - self.real_tokens)
+__all__ = ["BatchPlan", "EngineStats", "ScoringEngine", "last_token_index", "padded_tokens", "plan_microbatches"]
 
 
 Outcome = float | RMServeError
@@ -108,12 +66,8 @@ class ScoringEngine:
         reward_cache_items: int = 0,
         overhead_tokens: float = DEFAULT_OVERHEAD_TOKENS,
     ):
-        self.backbone = backbone
-        self.head = head.float()
+        self.runner = ForwardRunner(backbone, head, padding_side=padding_side, pad_id=pad_id, device=device)
         self.max_batch_tokens = max_batch_tokens
-        self.padding_side = padding_side
-        self.pad_id = pad_id
-        self.device = torch.device(device) if device is not None else _module_device(backbone)
         self.prefix_sharing = prefix_sharing
         self.prefix_cache = PrefixKVCache(prefix_cache_bytes)
         self.reward_cache = RewardCache(reward_cache_items)
@@ -121,64 +75,36 @@ class ScoringEngine:
         # and a shared prefix must save at least this much to get a level of its own.
         self.overhead_tokens = overhead_tokens
         self.stats = EngineStats()
-        # Test hook (off by default): called with (rows, longest row's length) before each forward; may raise OOM.
-        self.fault_injector: Callable[[int, int], None] | None = None
         self.observers: list[MicrobatchObserver] = []
         self._lock = threading.Lock()
-        # transformers >= 5.24 names the key/value cache argument `cache`; earlier versions `past_key_values`.
-        params = inspect.signature(backbone.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._generation = 0  # changes whenever the caches may have: a plan made before is stale
+        self._meter = StatsMeter(self)
 
-    # -- public API ---------------------------------------------------------------------------------
-    def batch_cost(self, sequences: Sequence[Sequence[int]]) -> int:
-        """Tokens (padding and per-forward overhead included) that ``score_batch(sequences)`` would compute now.
+    # -- plan and run -------------------------------------------------------------------------------
+    def plan(self, sequences: Sequence[Sequence[int]]) -> BatchPlan:
+        """What ``run`` will do for ``sequences`` now, and what it costs. Pure Python, no forward, no state change.
 
-        What a batching queue prices a batch with: prefix- and cache-aware, pure Python, no forward.
+        Valid only until the engine next runs a batch or changes its caches; ``run`` refuses it after that.
         """
-        unique = {tuple(s): None for s in sequences if s}
-        if self.reward_cache.max_items > 0:
-            unique = {k: v for k, v in unique.items() if not self.reward_cache.contains(token_digest(k))}
-        levels = self._plan(list(unique))
-        return levels_cost(levels, self.max_batch_tokens, self.overhead_tokens)
+        with self._lock:
+            return self._plan(sequences)
+
+    def run(self, plan: BatchPlan) -> list[Outcome]:
+        """Execute ``plan``: raw rewards in input order, an ``RMServeError`` in place of an item that failed."""
+        with self._lock:
+            return self._run(plan)
 
     def score_batch(self, sequences: Sequence[Sequence[int]]) -> list[Outcome]:
-        """Raw rewards in input order; an item that failed gets its ``RMServeError`` instead of a float."""
-        if not sequences:
-            return []
-        outcomes: list[Outcome | None] = [None] * len(sequences)
+        """``run(plan(sequences))`` under one hold of the lock (so the plan cannot go stale in between)."""
         with self._lock:
-            self.stats.batches += 1
-            self.stats.last_microbatch_sizes = []
-            self.stats.items += len(sequences)
-            self.stats.received_tokens += sum(len(s) for s in sequences)
-            wanted: dict[tuple[int, ...], list[int]] = {}
-            for i, seq in enumerate(sequences):
-                wanted.setdefault(tuple(seq), []).append(i)
-            todo: list[tuple[int, ...]] = []
-            for key, places in wanted.items():
-                cached = self.reward_cache.get(token_digest(key)) if self.reward_cache.max_items > 0 else None
-                self.stats.reward_cache_hits += len(places) - (cached is None)
-                if cached is None:
-                    todo.append(key)
-                    continue
-                for i in places:
-                    outcomes[i] = cached
-            self.stats.reward_cache_misses += len(todo)
-            try:
-                results = self._run_levels(self._plan(todo))
-            finally:
-                if self.prefix_cache.max_bytes > 0:
-                    self.prefix_cache.evict_to_budget()
-                else:
-                    self.prefix_cache.clear()
-            for k, key in enumerate(todo):
-                outcome = results[k]
-                if isinstance(outcome, float) and self.reward_cache.max_items > 0:
-                    self.reward_cache.put(token_digest(key), outcome)
-                for i in wanted[key]:
-                    outcomes[i] = outcome
-        return outcomes  # type: ignore[return-value]
+            return self._run(self._plan(sequences))
 
+    def batch_cost(self, sequences: Sequence[Sequence[int]]) -> int:
+        """``plan(sequences).cost``: tokens (padding and per-forward overhead included) ``score_batch`` would
+        compute now. What a batching queue prices a batch with."""
+        return self.plan(sequences).cost
+
+    # -- numbers and settings -----------------------------------------------------------------------
     def counters(self) -> dict[str, float]:
         """The engine's totals as the server's metrics name them: read from ``stats`` and the caches, never kept
         twice."""
@@ -207,14 +133,7 @@ class ScoringEngine:
             self.prefix_sharing = prefix_sharing
             self.prefix_cache = PrefixKVCache(prefix_cache_bytes)
             self.reward_cache = RewardCache(reward_cache_items)
-
-    def score_microbatch(self, seqs: Sequence[Sequence[int]]) -> list[Outcome]:
-        """Score these rows whole as one padded forward, as given (no sharing, caches or planning; OOM still
-        splits). For measurements of what a plain padded batch costs."""
-        rows = [Row(seq, len(seq), 0, k) for k, seq in enumerate(seqs)]
-        with self._lock:
-            outcomes = self._run_splitting_on_oom(rows, store=False)
-        return [outcomes[k] for k in range(len(rows))]
+            self._generation += 1
 
     def calibrate(self, max_tokens: int = 2048, repeats: int = 5) -> float:
         """Measure the per-forward overhead in tokens on this machine and use it from now on; returns it.
@@ -222,162 +141,126 @@ class ScoringEngine:
         Times a 16-token and a long forward of one row (the fastest of ``repeats`` each: noise only slows a run
         down) and extrapolates the short one's time to zero tokens.
         """
-        long = max(32, min(max_tokens, self.max_batch_tokens, _max_positions(self.backbone)))
-        seconds = {}
+        long = max(32, min(max_tokens, self.max_batch_tokens, self.runner.max_positions()))
         with self._lock:
-            for n in (16, long):
-                row = [Row([self.pad_id] * n, n, 0, 0)]
-                run = lambda row=row: self._forward(row, store=False, observe=False)  # noqa: E731
-                seconds[n] = min(_timed(run) for _ in range(repeats))
+            seconds = {n: min(self.runner.time_forward(n) for _ in range(repeats)) for n in (16, long)}
         per_token = max((seconds[long] - seconds[16]) / (long - 16), 1e-12)
         overhead = max(0.0, seconds[16] - 16 * per_token) / per_token
         self.overhead_tokens = float(min(overhead, self.max_batch_tokens))
         return self.overhead_tokens
 
-    # -- planning and running -----------------------------------------------------------------------
-    def _plan(self, seqs: list[tuple[int, ...]]) -> list[list[Row]]:
-        if not self.prefix_sharing:
-            return [[Row(seq, len(seq), 0, k) for k, seq in enumerate(seqs)]] if seqs else []
-        return plan_levels(seqs, self.prefix_cache.known, self.overhead_tokens)
+    def score_microbatch(self, seqs: Sequence[Sequence[int]]) -> list[Outcome]:
+        """Score these rows whole as one padded forward, as given (no sharing, caches or planning; OOM still
+        splits). For measurements of what a plain padded batch costs."""
+        rows = [Row(seq, len(seq), 0, k) for k, seq in enumerate(seqs)]
+        with self._lock:
+            outcomes = self.runner.run(rows, None, self._meter)
+        return [outcomes[row] for row in rows]  # type: ignore[misc]
 
-    def _run_levels(self, levels: list[list[Row]]) -> dict[int, Outcome]:
+    # -- what the runner holds, under the engine's names --------------------------------------------
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.runner.backbone
+
+    @property
+    def head(self) -> torch.nn.Linear:
+        return self.runner.head
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def padding_side(self) -> str:
+        return self.runner.padding_side
+
+    @padding_side.setter
+    def padding_side(self, side: str) -> None:
+        self.runner.padding_side = side
+
+    @property
+    def fault_injector(self) -> Callable[[int, int], None] | None:
+        """Test hook: called with (rows, longest row's length) before each forward; may raise OOM."""
+        return self.runner.fault_injector
+
+    @fault_injector.setter
+    def fault_injector(self, hook: Callable[[int, int], None] | None) -> None:
+        self.runner.fault_injector = hook
+
+    # -- internals (the lock held) ------------------------------------------------------------------
+    def _plan(self, sequences: Sequence[Sequence[int]]) -> BatchPlan:
+        rewards = self.reward_cache
+        plan = plan_batch(
+            sequences,
+            known=self.prefix_cache.known if self.prefix_sharing else None,
+            cached_reward=(lambda seq: rewards.peek(token_digest(seq))) if rewards.max_items > 0 else None,
+            store_items=self.prefix_sharing and self.prefix_cache.max_bytes > 0,
+            max_batch_tokens=self.max_batch_tokens,
+            overhead_tokens=self.overhead_tokens,
+        )
+        plan.generation = self._generation
+        return plan
+
+    def _run(self, plan: BatchPlan) -> list[Outcome]:
+        if plan.generation != self._generation:
+            raise ValueError("a stale plan: the engine ran or changed its caches after it was made; plan again")
+        if not plan.size:
+            return []
+        outcomes: list[Outcome | None] = [None] * plan.size
+        for i in plan.empty:
+            outcomes[i] = InvalidRequestError("an empty token sequence has no reward")
+        for seq, reward, places in plan.answered:
+            self.reward_cache.get(token_digest(seq))  # recently used
+            for i in places:
+                outcomes[i] = reward
+        self._count(plan)
+        try:
+            results = self._run_microbatches(plan)
+        finally:
+            self._generation += 1
+            if self.prefix_cache.max_bytes > 0:
+                self.prefix_cache.evict_to_budget()
+            else:
+                self.prefix_cache.clear()
+        for k, seq in enumerate(plan.computed):
+            outcome = results[k]
+            if isinstance(outcome, float) and self.reward_cache.max_items > 0:
+                self.reward_cache.put(token_digest(seq), outcome)
+            for i in plan.places[k]:
+                outcomes[i] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    def _run_microbatches(self, plan: BatchPlan) -> dict[int, Outcome]:
+        """Each micro-batch as planned, level by level; a row whose shared prefix failed gets the prefix's error."""
         results: dict[int, Outcome] = {}
-        store_items = self.prefix_sharing and self.prefix_cache.max_bytes > 0
-        for level in levels:
-            for row in level:  # what the cache holds now, including what the previous level left
-                limit = row.end - 1 if row.item is not None else row.end
-                row.start, row.past = self.prefix_cache.match(row.seq, limit) if self.prefix_sharing else (0, [])
-                if row.item is not None:
-                    if row.start:
-                        self.stats.prefix_hits += 1
+        failed: dict[Row, RMServeError] = {}  # prefix rows whose states are not in the cache
+        for level in plan.microbatches:
+            for chunk in level:
+                rows = []
+                for row in chunk:
+                    error = failed.get(row.parent) if row.parent is not None else None
+                    if error is None:
+                        rows.append(row)
+                    elif row.item is None:
+                        failed[row] = error
                     else:
-                        self.stats.prefix_misses += 1
-            for chunk in plan_level(level, self.max_batch_tokens, self.overhead_tokens):
-                store = store_items or any(r.item is None for r in chunk)
-                results.update(self._run_splitting_on_oom(chunk, store))
+                        results[row.item] = error
+                if not rows:
+                    continue
+                for row, outcome in self.runner.run(rows, self.prefix_cache, self._meter).items():
+                    if row.item is not None:
+                        results[row.item] = outcome  # type: ignore[assignment]
+                    elif outcome is not None:
+                        failed[row] = outcome  # type: ignore[assignment]
         return results
 
-    def _run_splitting_on_oom(self, rows: list[Row], store: bool) -> dict[int, Outcome]:
-        try:
-            rewards = self._forward(rows, store)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            _free_accelerator_cache(self.device)
-            if len(rows) == 1:
-                row = rows[0]
-                error = ItemTooLargeForMemoryError(f"an item of {row.end} tokens does not fit in memory alone")
-                return {row.item: error} if row.item is not None else {}
-            self.stats.oom_splits += 1
-            half = len(rows) // 2
-            return {**self._run_splitting_on_oom(rows[:half], store), **self._run_splitting_on_oom(rows[half:], store)}
-        return {
-            item: r if math.isfinite(r) else InternalError(f"the model produced a non-finite reward ({r})")
-            for item, r in rewards.items()
-        }
-
-    def _forward(self, rows: list[Row], store: bool, observe: bool = True) -> dict[int, float]:
-        """One padded forward of ``rows`` on top of their cached states; stores new states when ``store``."""
-        count, cached_width = len(rows), max(r.start for r in rows)
-        width = max(r.new_tokens for r in rows)
-        if self.fault_injector is not None:
-            self.fault_injector(count, max(r.end for r in rows))
-        input_ids = torch.full((count, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((count, cached_width + width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids = torch.as_tensor(row.seq[row.start : row.end], dtype=torch.long)
-            first = 0 if self.padding_side == "right" else width - len(ids)
-            input_ids[r, first : first + len(ids)] = ids
-            mask[r, : row.start] = 1
-            mask[r, cached_width + first : cached_width + first + len(ids)] = 1
-        new_mask = mask[:, cached_width:]
-        # Positions count real tokens only, so every row sees the positions it would see alone.
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, cached_width:]
-        started = time.perf_counter()
-        with torch.inference_mode():
-            input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
-            cache = _stack_past(rows, cached_width, self.device) if cached_width else _empty_cache() if store else None
-            kwargs = {self._cache_kwarg: cache} if cache is not None else {}
-            out = self.backbone(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                use_cache=cache is not None,
-                **kwargs,
-            )
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            scored = [r for r, row in enumerate(rows) if row.item is not None]
-            last = hidden[torch.arange(count, device=hidden.device), last_token_index(new_mask).to(hidden.device)]
-            rewards: list[float] = []
-            if scored:
-                rewards = self.head(last[torch.tensor(scored, device=hidden.device)].float()).squeeze(-1).tolist()
-            if store:
-                # A NaN or inf anywhere in a row's keys or values reaches its last token (even a masked-out NaN
-                # does: 0 x NaN is NaN), so a finite last hidden state vouches for the whole row.
-                self._store(rows, torch.isfinite(last).all(dim=1).tolist(), cache, cached_width)
-        seconds = time.perf_counter() - started
-        if observe:
-            real = sum(r.new_tokens for r in rows)
-            self.stats.microbatches += 1
-            self.stats.real_tokens += real
-            self.stats.padded_tokens += count * width
-            self.stats.forward_seconds += seconds
-            self.stats.last_microbatch_sizes.append(count)
-            for observer in self.observers:
-                observer(count, count * width, real, seconds)
-        return {rows[r].item: reward for r, reward in zip(scored, rewards, strict=True)}
-
-    def _store(self, rows: list[Row], finite: list[bool], cache, cached_width: int) -> None:
-        """Put the new keys and values of each row whose states are ``finite`` into the prefix cache (one poisoned
-        token would otherwise corrupt every item that later shares the row's prefix)."""
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        # [layers, 2, rows, kv_heads, new tokens, head_dim]
-        new = torch.stack([torch.stack((k[:, :, cached_width:], v[:, :, cached_width:])) for k, v in layers])
-        width = new.shape[4]
-        for r, (row, ok) in enumerate(zip(rows, finite, strict=True)):
-            if not ok:
-                continue
-            first = 0 if self.padding_side == "right" else width - row.new_tokens
-            self.prefix_cache.insert(row.seq, row.start, new[:, :, r, :, first : first + row.new_tokens])
-
-
-def _empty_cache():
-    from transformers import DynamicCache
-
-    return DynamicCache()
-
-
-def _stack_past(rows: list[Row], cached_width: int, device: torch.device):
-    """A ``DynamicCache`` holding each row's cached states, left-aligned, padded to ``cached_width``."""
-    from transformers import DynamicCache
-
-    sample = next(seg for row in rows for seg in row.past)
-    layers, _, heads, _, dim = sample.shape
-    buffer = torch.zeros((layers, 2, len(rows), heads, cached_width, dim), dtype=sample.dtype, device=device)
-    for r, row in enumerate(rows):
-        pos = 0
-        for seg in row.past:
-            buffer[:, :, r, :, pos : pos + seg.shape[3]] = seg
-            pos += seg.shape[3]
-    return DynamicCache(ddp_cache_data=[(buffer[layer, 0], buffer[layer, 1]) for layer in range(layers)])
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def _max_positions(backbone: torch.nn.Module) -> int:
-    return int(getattr(getattr(backbone, "config", None), "max_position_embeddings", None) or 2048)
-
-
-def _module_device(module: torch.nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _free_accelerator_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    def _count(self, plan: BatchPlan) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.last_microbatch_sizes = []
+        stats.items += plan.size
+        stats.received_tokens += plan.received_tokens
+        stats.reward_cache_hits += plan.reward_cache_hits
+        stats.reward_cache_misses += len(plan.computed)
+        stats.prefix_hits += plan.prefix_hits
+        stats.prefix_misses += len(plan.computed) - plan.prefix_hits

@@ -1,12 +1,18 @@
-"""What a batch costs and how the engine cuts it: prefix levels and micro-batches. No torch.
+"""What a batch costs and how the engine cuts it: answers without a forward, prefix levels, micro-batches, and the
+``BatchPlan`` that holds them. No torch.
+
+**The plan.** ``plan_batch`` decides everything a batch will do before it runs: which items are answered by an
+exact duplicate or the reward cache, which rows each level computes and from which cached token each row starts,
+and how each level is cut into micro-batches. Its ``cost`` is the price a batching queue budgets with, and the
+engine runs exactly that plan (``ScoringEngine.run``), so the price is what runs.
 
 **Prefix levels.** Items of one batch that share a token-id prefix (a GRPO group's prompt, a system prompt
 shared by all) need that prefix computed once. ``plan_levels`` sorts the unique sequences, reads the shared
 prefixes off the longest common prefixes of neighbours (a radix tree, nested prefixes included), and keeps a
 shared prefix only where it pays: ``(branches - 1) x (tokens it saves each)`` must reach ``min_shared_tokens``
-(the per-forward overhead measured on the machine, in tokens). Level 0 runs first; a row of level k+1 reads
-the keys and values its level-k prefix left in the engine's prefix cache. Tokens the cache already holds
-(from earlier batches) are not computed again.
+(the per-forward overhead measured on the machine, in tokens). Level 0 runs first; a row of level k+1 starts
+where its level-k prefix ends, on the keys and values that prefix left in the engine's prefix cache. Tokens the
+cache already holds (from earlier batches) are not computed again. Every row's start is fixed here.
 
 **Micro-batches.** Each level is cut into micro-batches by ``plan_microbatches``: exact dynamic programming
 over the rows sorted by the tokens they compute, minimising padded tokens plus ``overhead_tokens`` per
@@ -14,15 +20,16 @@ forward, with every micro-batch's rows x (cached + new width) within the token b
 
 Example::
 
-    levels = plan_levels(seqs, known=lambda ids, limit: 0, min_shared_tokens=64)
-    cost = levels_cost(levels, max_batch_tokens=16384, overhead_tokens=64)
+    plan = plan_batch(seqs, known=cache.known, cached_reward=None, store_items=True,
+                      max_batch_tokens=16384, overhead_tokens=64)
+    plan.cost   # padded tokens + 64 x forwards: what the queue prices the batch at
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,7 +46,10 @@ class Row:
     end: int
     start: int
     item: int | None
-    past: list = field(default_factory=list)  # the cached states of seq[:start], set by the engine when it runs
+    # The prefix row of this batch whose stored states ``seq[:start]`` runs on; None when the cache held them before
+    # the batch. A row whose parent failed (out of memory alone, non-finite states) gets the parent's error.
+    parent: Row | None = None
+    store: bool = False  # keep the states it computes in the prefix cache (prefix rows always)
 
     @property
     def new_tokens(self) -> int:
@@ -56,8 +66,12 @@ CACHED_TOKEN_SHARE = 0.25
 Known = Callable[[Sequence[int], int], int]  # (ids, limit) -> how many leading tokens are cached
 
 
-def plan_levels(seqs: Sequence[Sequence[int]], known: Known, min_shared_tokens: float) -> list[list[Row]]:
-    """Rows by level for unique, non-empty ``seqs``; every sequence gets exactly one item row."""
+def plan_levels(
+    seqs: Sequence[Sequence[int]], known: Known, min_shared_tokens: float, *, store_items: bool = False
+) -> list[list[Row]]:
+    """Rows by level for unique, non-empty ``seqs``; every sequence gets exactly one item row (``store_items``: its
+    states are kept too). Each row starts after the tokens the cache holds now or an earlier level's prefix row
+    leaves there, whichever is longer: what matching the cache when the row runs finds."""
     n = len(seqs)
     if n == 0:
         return []
@@ -69,33 +83,37 @@ def plan_levels(seqs: Sequence[Sequence[int]], known: Known, min_shared_tokens: 
         shared[k] = min(common_prefix_length(a, b), len(a) - 1, len(b) - 1)
     levels: list[list[Row]] = []
 
-    def add(level: int, row: Row) -> None:
+    def add(level: int, row: Row) -> Row:
         while len(levels) <= level:
             levels.append([])
         levels[level].append(row)
+        return row
 
     # An explicit stack instead of recursion: deep nesting must not hit Python's recursion limit.
-    stack = [(0, n, 0, 0)]  # (lo, hi, base: tokens a computed ancestor covers, level)
+    # (lo, hi, base: tokens a computed ancestor or the cache covers, level, the prefix row that covers base or None)
+    stack: list[tuple[int, int, int, int, Row | None]] = [(0, n, 0, 0, None)]
     while stack:
-        lo, hi, base, level = stack.pop()
+        lo, hi, base, level, parent = stack.pop()
         if hi - lo == 1:
             seq = seqs[order[lo]]
-            add(level, Row(seq, len(seq), max(base, known(seq, len(seq) - 1)), order[lo]))
+            cached = known(seq, len(seq) - 1)
+            start, by = (base, parent) if base > cached else (cached, None)
+            add(level, Row(seq, len(seq), start, order[lo], by, store_items))
             continue
         depth = min(shared[lo + 1 : hi])
         cuts = [k for k in range(lo + 1, hi) if shared[k] == depth]
         ranges = list(zip([lo, *cuts], [*cuts, hi], strict=True))
-        child_base, child_level = base, level
+        child = (base, level, parent)
         if depth > base:
             prefix = seqs[order[lo]]
-            cached = max(base, known(prefix, depth))
+            cached = known(prefix, depth)
             if cached >= depth:  # an earlier batch left the whole prefix
-                child_base = depth
-            elif (len(ranges) - 1) * (depth - cached) >= min_shared_tokens:
-                add(level, Row(prefix, depth, cached, None))
-                child_base, child_level = depth, level + 1
+                child = (depth, level, None)
+            elif (len(ranges) - 1) * (depth - max(base, cached)) >= min_shared_tokens:
+                start, by = (base, parent) if base > cached else (cached, None)
+                child = (depth, level + 1, add(level, Row(prefix, depth, start, None, by, True)))
         for r_lo, r_hi in reversed(ranges):
-            stack.append((r_lo, r_hi, child_base, child_level))
+            stack.append((r_lo, r_hi, *child))
     return levels
 
 
@@ -168,8 +186,107 @@ def plan_level(level: Sequence[Row], max_batch_tokens: int, overhead_tokens: flo
 
 def levels_cost(levels: Sequence[Sequence[Row]], max_batch_tokens: int, overhead_tokens: float) -> int:
     """Padded computed tokens plus per-forward overhead of running these levels: what a batch costs."""
-    total = 0.0
-    for level in levels:
-        for chunk in plan_level(level, max_batch_tokens, overhead_tokens):
-            total += padded_tokens([r.new_tokens for r in chunk]) + overhead_tokens
-    return math.ceil(total)
+    chunks = [chunk for level in levels for chunk in plan_level(level, max_batch_tokens, overhead_tokens)]
+    return batch_cost(sum(padded_tokens([r.new_tokens for r in c]) for c in chunks), len(chunks), overhead_tokens)
+
+
+def batch_cost(padded: int, forwards: int, overhead_tokens: float) -> int:
+    """The one cost formula: padded tokens computed plus ``overhead_tokens`` per forward, rounded up."""
+    return math.ceil(padded + forwards * overhead_tokens)
+
+
+@dataclass(eq=False)
+class BatchPlan:
+    """Everything one batch will do, decided before it runs (``plan_batch``); ``ScoringEngine.run`` executes it.
+
+    Outcomes go back in input order: ``computed[k]`` (scored by the item row with ``item == k``) answers the input
+    positions ``places[k]``; each of ``answered`` is a sequence whose reward the reward cache held, with its
+    positions; ``empty`` are positions of empty sequences (an error, no forward). ``microbatches[level]`` are the
+    forwards of each level in run order, every row's cached start fixed. ``padded_tokens``, ``real_tokens`` and
+    ``forwards`` are what running it computes, and ``cost`` the price of that (``batch_cost``).
+
+    A plan reads the caches as they are when it is made: it is valid only until the engine next runs a batch or
+    changes its caches (the engine refuses a stale plan). Plan and run under one hold of the engine's lock.
+    """
+
+    size: int  # sequences asked for, duplicates and cache hits included
+    received_tokens: int  # their tokens
+    computed: list[tuple[int, ...]]
+    places: list[list[int]]
+    answered: list[tuple[tuple[int, ...], float, list[int]]]
+    empty: list[int]
+    microbatches: list[list[list[Row]]]
+    overhead_tokens: float
+    padded_tokens: int = 0
+    real_tokens: int = 0
+    forwards: int = 0
+    generation: int = 0  # which state of the engine's caches it read (set by the engine)
+
+    def __post_init__(self) -> None:
+        chunks = [chunk for level in self.microbatches for chunk in level]
+        self.forwards = len(chunks)
+        self.padded_tokens = sum(padded_tokens([r.new_tokens for r in chunk]) for chunk in chunks)
+        self.real_tokens = sum(r.new_tokens for chunk in chunks for r in chunk)
+
+    @property
+    def cost(self) -> int:
+        """Padded tokens plus per-forward overhead: what a batching queue budgets this batch at."""
+        return batch_cost(self.padded_tokens, self.forwards, self.overhead_tokens)
+
+    @property
+    def items(self) -> list[Row]:
+        """The rows that score a sequence (one per ``computed``), in run order."""
+        return [r for level in self.microbatches for chunk in level for r in chunk if r.item is not None]
+
+    @property
+    def prefix_hits(self) -> int:
+        """Items that start from cached keys and values (the rest are computed from their first token)."""
+        return sum(r.start > 0 for r in self.items)
+
+    @property
+    def reward_cache_hits(self) -> int:
+        """Items answered without a forward: duplicates within the batch and cached rewards."""
+        return self.size - len(self.empty) - len(self.computed)
+
+
+def plan_batch(
+    sequences: Sequence[Sequence[int]],
+    *,
+    known: Known | None,
+    cached_reward: Callable[[tuple[int, ...]], float | None] | None,
+    store_items: bool,
+    max_batch_tokens: int,
+    overhead_tokens: float,
+) -> BatchPlan:
+    """The plan of one batch. ``known``: how much of a sequence the prefix cache holds (None: no prefix sharing,
+    every row whole); ``cached_reward``: the reward cache's answer, without touching it (None: no reward cache);
+    ``store_items``: keep the items' states too (the prefix cache outlives the batch)."""
+    places: dict[tuple[int, ...], list[int]] = {}
+    empty: list[int] = []
+    for i, seq in enumerate(sequences):
+        if len(seq):
+            places.setdefault(tuple(seq), []).append(i)
+        else:
+            empty.append(i)
+    computed: list[tuple[int, ...]] = []
+    answered: list[tuple[tuple[int, ...], float, list[int]]] = []
+    for seq, where in places.items():
+        reward = cached_reward(seq) if cached_reward is not None else None
+        if reward is None:
+            computed.append(seq)
+        else:
+            answered.append((seq, reward, where))
+    if known is None:
+        levels = [[Row(seq, len(seq), 0, k) for k, seq in enumerate(computed)]] if computed else []
+    else:
+        levels = plan_levels(computed, known, overhead_tokens, store_items=store_items)
+    return BatchPlan(
+        size=len(sequences),
+        received_tokens=sum(len(s) for s in sequences),
+        computed=computed,
+        places=[places[seq] for seq in computed],
+        answered=answered,
+        empty=empty,
+        microbatches=[plan_level(level, max_batch_tokens, overhead_tokens) for level in levels],
+        overhead_tokens=overhead_tokens,
+    )

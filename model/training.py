@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .engine import last_token_index
 from .errors import InvalidRequestError
 from .formatting import ItemFormatter
 from .items import Message
 from .losses import imitation_loss, listwise_ranking_loss
+from .runner import last_token_index
 from .spec import ModelSpec
 from .tokenizer_builder import train_tokenizer
 

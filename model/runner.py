@@ -1,0 +1,224 @@
+"""``ForwardRunner``: one padded forward of a micro-batch's rows, on top of the keys and values the prefix cache holds.
+
+What one forward does: each row computes ``seq[start:end]`` (its start was fixed by the plan), padded on the
+``padding_side`` to the longest; the cached states of ``seq[:start]`` are stacked, left-aligned, into the model's
+key/value cache; positions count real tokens only, so every row sees the positions it would see alone. The hidden
+state of each item's last real token comes **from the attention mask**, and the reward head runs in fp32 on those
+rows only. Rows the plan marks ``store`` put their new states into the prefix cache, unless they are not finite.
+
+A micro-batch that runs out of accelerator memory is split in half and retried (``run``); a row that does not fit
+even alone gets a typed error and the others are unaffected. Rewards do not depend on padding, neighbours or
+splits (fp32: within 1e-5 of the item scored alone).
+
+Example::
+
+    runner = ForwardRunner(backbone, head, padding_side="right", pad_id=0)
+    runner.run([Row([1, 5, 9], 3, 0, 0)], prefix_cache, meter=None)   # -> {row: 0.31}
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from .caches import PrefixKVCache
+from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError
+from .planning import Row
+
+# An item's reward or error; a prefix row's None (its states are stored) or error.
+RowOutcome = float | RMServeError | None
+
+
+class Meter(Protocol):
+    """Where the runner reports what it computed (the engine's stats and observers)."""
+
+    def forward(self, rows: int, padded_tokens: int, real_tokens: int, seconds: float) -> None: ...
+
+    def oom_split(self) -> None: ...
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, from the mask alone (works for left and right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.to(torch.long) * positions).argmax(dim=1)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class ForwardRunner:
+    """Runs rows through a backbone and a ``Linear(hidden, 1)`` head (applied in fp32)."""
+
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        head: torch.nn.Linear,
+        *,
+        padding_side: str = "right",
+        pad_id: int = 0,
+        device: torch.device | str | None = None,
+    ):
+        self.backbone = backbone
+        self.head = head.float()
+        self.padding_side = padding_side
+        self.pad_id = pad_id
+        self.device = torch.device(device) if device is not None else _module_device(backbone)
+        # Test hook (off by default): called with (rows, longest row's length) before each forward; may raise OOM.
+        self.fault_injector: Callable[[int, int], None] | None = None
+        # transformers >= 5.24 names the key/value cache argument `cache`; earlier versions `past_key_values`.
+        params = inspect.signature(backbone.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def run(self, rows: list[Row], prefix_cache: PrefixKVCache | None, meter: Meter | None) -> dict[Row, RowOutcome]:
+        """``rows`` as one forward, or as halves (recursively) while it runs out of memory."""
+        try:
+            return self.forward(rows, prefix_cache, meter)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            _free_accelerator_cache(self.device)
+            if len(rows) == 1:
+                row = rows[0]
+                what = "an item" if row.item is not None else "a shared prefix"
+                return {row: ItemTooLargeForMemoryError(f"{what} of {row.end} tokens does not fit in memory alone")}
+            if meter is not None:
+                meter.oom_split()
+            half = len(rows) // 2
+            return {**self.run(rows[:half], prefix_cache, meter), **self.run(rows[half:], prefix_cache, meter)}
+
+    def forward(
+        self, rows: list[Row], prefix_cache: PrefixKVCache | None, meter: Meter | None
+    ) -> dict[Row, RowOutcome]:
+        """One padded forward of ``rows`` on top of their cached states; stores the states of rows marked ``store``."""
+        count, cached_width = len(rows), max(r.start for r in rows)
+        width = max(r.new_tokens for r in rows)
+        store = any(r.store for r in rows)
+        pasts = [_past(row, prefix_cache) for row in rows]
+        if self.fault_injector is not None:
+            self.fault_injector(count, max(r.end for r in rows))
+        input_ids, mask, position_ids = self._inputs(rows, cached_width, width)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
+            kv = _stack_past(pasts, cached_width, self.device) if cached_width else _empty_cache() if store else None
+            kwargs = {self._cache_kwarg: kv} if kv is not None else {}
+            out = self.backbone(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=kv is not None, **kwargs
+            )
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            new_mask = mask[:, cached_width:]
+            last = hidden[torch.arange(count, device=hidden.device), last_token_index(new_mask).to(hidden.device)]
+            scored = [r for r, row in enumerate(rows) if row.item is not None]
+            rewards: list[float] = []
+            if scored:
+                rewards = self.head(last[torch.tensor(scored, device=hidden.device)].float()).squeeze(-1).tolist()
+            # A NaN or inf anywhere in a row's keys or values reaches its last token (even a masked-out NaN does:
+            # 0 x NaN is NaN), so a finite last hidden state vouches for the whole row.
+            finite = torch.isfinite(last).all(dim=1).tolist() if store else [True] * count
+            if store:
+                self._store(rows, finite, kv, cached_width, prefix_cache)
+        seconds = time.perf_counter() - started
+        if meter is not None:
+            meter.forward(count, count * width, sum(r.new_tokens for r in rows), seconds)
+        outcomes: dict[Row, RowOutcome] = {
+            row: None if ok else InternalError("the model produced non-finite states for a shared prefix")
+            for row, ok in zip(rows, finite, strict=True)
+            if row.item is None
+        }
+        for r, reward in zip(scored, rewards, strict=True):
+            ok = math.isfinite(reward)
+            outcomes[rows[r]] = reward if ok else InternalError(f"the model produced a non-finite reward ({reward})")
+        return outcomes
+
+    def time_forward(self, tokens: int) -> float:
+        """Seconds one row of ``tokens`` pad tokens takes (nothing stored, nothing reported)."""
+        started = time.perf_counter()
+        self.forward([Row([self.pad_id] * tokens, tokens, 0, 0)], None, None)
+        return time.perf_counter() - started
+
+    def max_positions(self) -> int:
+        return int(getattr(getattr(self.backbone, "config", None), "max_position_embeddings", None) or 2048)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _inputs(self, rows: list[Row], cached_width: int, width: int) -> tuple[torch.Tensor, ...]:
+        """Token ids (padded to ``width``), the attention mask over cached and new tokens, and position ids."""
+        count = len(rows)
+        input_ids = torch.full((count, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((count, cached_width + width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids = torch.as_tensor(row.seq[row.start : row.end], dtype=torch.long)
+            first = 0 if self.padding_side == "right" else width - len(ids)
+            input_ids[r, first : first + len(ids)] = ids
+            mask[r, : row.start] = 1
+            mask[r, cached_width + first : cached_width + first + len(ids)] = 1
+        # Positions count real tokens only, so every row sees the positions it would see alone.
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, cached_width:]
+        return input_ids, mask, position_ids
+
+    def _store(
+        self, rows: list[Row], finite: list[bool], kv, cached_width: int, prefix_cache: PrefixKVCache | None
+    ) -> None:
+        """Put the new keys and values of each ``store`` row whose states are ``finite`` into the prefix cache (one
+        poisoned token would otherwise corrupt every item that later shares the row's prefix)."""
+        if prefix_cache is None:
+            raise ValueError("rows marked store need a prefix cache")
+        layers = [(layer.keys, layer.values) for layer in kv.layers]
+        # [layers, 2, rows, kv_heads, new tokens, head_dim]
+        new = torch.stack([torch.stack((k[:, :, cached_width:], v[:, :, cached_width:])) for k, v in layers])
+        width = new.shape[4]
+        for r, (row, ok) in enumerate(zip(rows, finite, strict=True)):
+            if not (row.store and ok):
+                continue
+            first = 0 if self.padding_side == "right" else width - row.new_tokens
+            prefix_cache.insert(row.seq, row.start, new[:, :, r, :, first : first + row.new_tokens])
+
+
+def _past(row: Row, prefix_cache: PrefixKVCache | None) -> list[torch.Tensor]:
+    """The cached states of ``row.seq[:row.start]`` as segments (marks them recently used)."""
+    if row.start == 0:
+        return []
+    known, segments = prefix_cache.match(row.seq, row.start) if prefix_cache is not None else (0, [])
+    if known < row.start:  # the plan read a cache that has changed since: a stale plan, or a bug
+        raise RuntimeError(f"the prefix cache holds {known} of the {row.start} tokens a planned row starts from")
+    return segments
+
+
+def _empty_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _stack_past(pasts: list[list[torch.Tensor]], cached_width: int, device: torch.device):
+    """A ``DynamicCache`` holding each row's cached states, left-aligned, padded to ``cached_width``."""
+    from transformers import DynamicCache
+
+    sample = next(seg for past in pasts for seg in past)
+    layers, _, heads, _, dim = sample.shape
+    buffer = torch.zeros((layers, 2, len(pasts), heads, cached_width, dim), dtype=sample.dtype, device=device)
+    for r, past in enumerate(pasts):
+        pos = 0
+        for seg in past:
+            buffer[:, :, r, :, pos : pos + seg.shape[3]] = seg
+            pos += seg.shape[3]
+    return DynamicCache(ddp_cache_data=[(buffer[layer, 0], buffer[layer, 1]) for layer in range(layers)])
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _free_accelerator_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
