@@ -50,13 +50,20 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Start a local Ray instance, deploy the app, serve until Ctrl-C or SIGTERM, then shut down cleanly."""
+    """Serve until Ctrl-C or SIGTERM, then shut down cleanly: on a local Ray instance (``--runtime ray``, the
+    default) or in this process (``--runtime inprocess``)."""
     config = config_from_args(args)
-    _prepare_model(config)
-    from rmserve.serve.rayserve.server import run_until_signalled
     from rmserve.serve.routing.ensemble import check_ensemble_members
 
-    check_ensemble_members(config)  # before Ray starts: a clear one-line error (exit 2)
+    check_ensemble_members(config)  # before anything loads: a clear one-line error (exit 2)
+    if config.runtime == "inprocess":
+        from rmserve.serve.inprocess.server import check_inprocess, run_inprocess
+
+        check_inprocess(config)
+        _prepare_model(config)
+        return run_inprocess(config)
+    _prepare_model(config)
+    from rmserve.serve.rayserve.server import run_until_signalled
 
     return run_until_signalled(config)
 
@@ -92,9 +99,10 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve = commands.add_parser(
         "serve",
-        help="Serve a reward model over HTTP (Ray Serve) until Ctrl-C.",
-        description="Start a local Ray instance and the rmserve application; print the URL; run until Ctrl-C or "
-        "SIGTERM. With no --model, the built-in demo reward model is served.",
+        help="Serve a reward model over HTTP (Ray Serve, or --runtime inprocess) until Ctrl-C.",
+        description="Start a local Ray instance and the rmserve application (or, with --runtime inprocess, serve from "
+        "this one process without Ray); print the URL; run until Ctrl-C or SIGTERM. With no --model, the built-in "
+        "demo reward model is served.",
         epilog=parser.epilog,
     )
     add_serve_args(serve)

@@ -223,6 +223,12 @@ class ServerConfig(_Section):
         description="Custom Ray resources reserved per Gateway replica and by the MetricsHub collector (placement, as "
         "`resources` for the Scorers), e.g. {rmserve_gateway: 1} declared on the head node only.",
     )
+    runtime: Literal["ray", "inprocess"] = Field(
+        "ray",
+        description="What runs the server: 'ray' (Ray Serve: replicas, several models and nodes, autoscaling) or "
+        "'inprocess' (one plain process, no Ray: one copy of each model on this machine; the least overhead per "
+        "request, and it runs where Ray is not installed).",
+    )
     host: str = Field("127.0.0.1", min_length=1, max_length=255, description="Address the HTTP server binds.")
     port: int = Field(8000, ge=1, le=65_535, description="Port the HTTP server binds.")
     ingress: Literal["auto", "direct", "proxy"] = Field(

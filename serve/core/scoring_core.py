@@ -248,6 +248,16 @@ class ScoringCore:
                 outcomes.append(internal_error(exc, "scoring one item"))
         return outcomes
 
+    # -- the model ----------------------------------------------------------------------------------------------
+    def info(self) -> dict:
+        """The model card of ``GET /v1/models``."""
+        return self.model.info()
+
+    def special_tokens(self) -> dict[str, str | None]:
+        """The tokenizer's special tokens as text (the compatibility routes strip padding with them)."""
+        tokenizer = self.model.tokenizer
+        return {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+
     # -- numbers -----------------------------------------------------------------------------------------------
     def metrics_snapshot(self) -> Snapshot:
         """This replica's metrics (``GET /metrics`` sums them over replicas)."""

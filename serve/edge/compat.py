@@ -30,7 +30,7 @@ formatter collapses a duplicated leading BOS).
 
 Example::
 
-    compat = CompatService(GatewayService(scorer_handle, config), config)
+    compat = CompatService(GatewayService(links, config), config)
     await compat.get_reward(GetRewardRequest(query=["<s>Q: 2+2? A: 4</s>"]))   # rewards == scores
 """
 
@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import time
 import uuid
-
-from ray.serve.exceptions import BackPressureError
 
 from rmserve.model.errors import OverloadedError, RMServeError
 from rmserve.model.items import Item, TextItem
@@ -119,7 +117,7 @@ class CompatService:
         while True:
             try:
                 return await self.service.score_items(items, self.normalize, model, locate)
-            except (OverloadedError, BackPressureError):
+            except OverloadedError:
                 await self.service.capacity.wait(self._retry_after_s)
 
     async def _strippable_pad_token(self, model: str | None) -> str | None:

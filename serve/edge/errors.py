@@ -23,8 +23,6 @@ from collections.abc import Callable
 
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -32,7 +30,6 @@ from rmserve.model.errors import (
     ClientClosedRequestError,
     InternalError,
     InvalidRequestError,
-    NotReadyError,
     OverloadedError,
     RequestTimeoutError,
     RMServeError,
@@ -48,19 +45,14 @@ _TYPE_LABELS = frozenset({"str", "int", "bool", "float"})
 
 
 def as_rmserve_error(exc: BaseException) -> RMServeError:
-    """The ``RMServeError`` a client sees for ``exc`` (unwrapping Ray's task errors)."""
-    if isinstance(exc, RayTaskError) and exc.cause is not None:
-        exc = exc.cause
+    """The ``RMServeError`` a client sees for ``exc`` (Ray's own failures were translated where the call crossed Ray,
+    ``rayserve.link``)."""
     if isinstance(exc, RMServeError):
         return exc
     if isinstance(exc, ValidationError):
         return validation_error(exc)
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return RequestTimeoutError("the request did not finish before its deadline")
-    if isinstance(exc, BackPressureError):
-        return OverloadedError("the server is at capacity; retry later")
-    if isinstance(exc, DeploymentUnavailableError | ActorDiedError | ActorUnavailableError):
-        return NotReadyError("no scorer replica is available right now; retry shortly")
     if isinstance(exc, ClientDisconnect):  # a routine client timeout, not a server failure: no traceback
         log.info("client closed the request before its body was read")
         return ClientClosedRequestError("client closed request")

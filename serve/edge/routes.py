@@ -29,6 +29,7 @@ from rmserve.serve.config.settings import ServerConfig
 from rmserve.serve.edge.auth import ApiKeyAuth
 from rmserve.serve.edge.compat import CompatService, classify_error
 from rmserve.serve.edge.compat_protocol import ClassifyRequest, ClassifyResponse, GetRewardRequest, GetRewardResponse
+from rmserve.serve.edge.drain import Drain
 from rmserve.serve.edge.errors import error_response
 from rmserve.serve.edge.protocol import (
     HealthResponse,
@@ -43,9 +44,8 @@ from rmserve.serve.edge.protocol import (
 )
 from rmserve.serve.edge.service import GatewayService
 from rmserve.serve.metrics.instrumentation import RequestMetricsMiddleware
+from rmserve.serve.metrics.store import LocalMetrics, ServedMetrics
 from rmserve.serve.metrics.telemetry import RewardTelemetry
-from rmserve.serve.rayserve.lifecycle import Drain
-from rmserve.serve.rayserve.metrics_hub import ClusterMetrics, LocalMetrics
 
 _ERROR_BODY = {
     "content": {
@@ -165,7 +165,7 @@ def create_http_app(
     config: ServerConfig,
     *,
     compat: CompatService | None = None,
-    metrics: ClusterMetrics | LocalMetrics | None = None,
+    metrics: ServedMetrics | None = None,
     drain: Drain | None = None,
 ) -> FastAPI:
     auth = ApiKeyAuth(config.api_key_values())

@@ -1,15 +1,16 @@
-"""What the Gateway's routes do, without HTTP: validate → preprocess → run (one Scorer call) → build the response.
+"""What the HTTP routes do, without HTTP: validate → preprocess → run (one call to the model's scoring core) → build
+the response.
 
 Each native route turns its request into one flat list of items, finds the model its ``model`` names
-(``model_routing``), sends the items to that model's Scorer in ONE handle call (shared with the other requests
-that reached this Gateway in the same event-loop turn, see ``coalescing``; the Scorer's one queue batches them with
-everyone else's), and builds its response from the rewards. An ensemble sends one call to each member at once and
-combines their normalised rewards (``ensemble.combine_rewards``).
-The response-building steps are pure functions (``preference_result``, ``rank_group``).
+(``model_routing``), sends the items to that model's scoring core through its ``ScorerLink`` (in this process, or a
+Scorer deployment through Ray, where the Gateway merges the calls of concurrent requests, ``rayserve.coalescing``;
+the core's one queue batches them with everyone else's), and builds its response from the rewards. An ensemble sends
+one call to each member at once and combines their normalised rewards (``ensemble.combine_rewards``). The
+response-building steps are pure functions (``preference_result``, ``rank_group``).
 
 Example::
 
-    service = GatewayService(scorer_handle, config)
+    service = GatewayService([LocalLink(core)], config)       # or RayLink(scorer_handle, config)
     await service.score(ScoreRequest(items=[{"prompt": "2+2?", "response": "4"}]))
 """
 
@@ -19,7 +20,6 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
 
 from rmserve.model.errors import (
     ModelNotFoundError,
@@ -49,7 +49,7 @@ from rmserve.serve.edge.protocol import (
 )
 from rmserve.serve.metrics.telemetry import RewardTelemetry
 from rmserve.serve.routing.ensemble import combine_rewards
-from rmserve.serve.routing.model_routing import EnsembleRoute, ModelLane, ModelRouter
+from rmserve.serve.routing.model_routing import EnsembleRoute, ModelLane, ModelRouter, ScorerLink
 
 READY_PROBE_TIMEOUT_S = 2.0  # at most; never more than half the request deadline
 
@@ -108,21 +108,15 @@ class CapacitySignal:
 
 
 class GatewayService:
-    """The native routes' pipeline on top of the Scorer ``DeploymentHandle`` of each served model.
+    """The native routes' pipeline on top of each served model's ``ScorerLink``.
 
-    ``scorer`` is the first (default) model's handle, ``more_scorers`` the others', in ``config.served_models()``
-    order. ``telemetry`` (the Gateway sets it) sees every answer (``telemetry.py``).
+    ``links`` are in ``config.served_models()`` order (the first is the default model). ``telemetry`` sees every
+    answer (``telemetry.py``).
     """
 
-    def __init__(
-        self,
-        scorer: Any,
-        config: ServerConfig,
-        more_scorers: Sequence[Any] = (),
-        telemetry: RewardTelemetry | None = None,
-    ):
+    def __init__(self, links: Sequence[ScorerLink], config: ServerConfig, telemetry: RewardTelemetry | None = None):
         self.config = config
-        self.router = ModelRouter([scorer, *more_scorers], config)
+        self.router = ModelRouter(links, config)
         self.capacity = CapacitySignal()
         self.telemetry = telemetry
 
@@ -226,13 +220,13 @@ class GatewayService:
         lane = target.lanes[0] if isinstance(target, EnsembleRoute) else target
         if lane.special_tokens is None:
             try:
-                lane.special_tokens = await self._call(lane, "special_tokens", timeout=self._probe_timeout())
+                lane.special_tokens = await asyncio.wait_for(lane.link.special_tokens(), self._probe_timeout())
             except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
                 raise NotReadyError("the model is not loaded yet; GET /ready turns 200 when it is") from None
         return lane.special_tokens
 
     async def _score_lane(self, lane: ModelLane, items: Sequence[Item], normalize: bool, locate: Locate) -> ScoredItems:
-        result = await lane.coalescer.submit(items, normalize)
+        result = await lane.link.score(items, normalize)
         if not isinstance(result, OverloadedError):  # its items were admitted and have left the queue now
             self.capacity.freed(len(items))
         if isinstance(result, RMServeError):
@@ -269,20 +263,11 @@ class GatewayService:
     async def _probe(self, lane: ModelLane) -> dict:
         """The model card, from a Scorer replica within a short timeout, else ``NotReadyError``."""
         try:
-            info = await self._call(lane, "info", timeout=self._probe_timeout())
+            info = await asyncio.wait_for(lane.link.info(), self._probe_timeout())
         except asyncio.TimeoutError:
             raise NotReadyError("the model is not loaded yet; GET /ready turns 200 when it is") from None
         lane.learn(info)
         return info
-
-    async def _call(self, lane: ModelLane, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """One Scorer handle call; on timeout or cancellation the call is cancelled in the replica too."""
-        response = getattr(lane.scorer, method).remote(*args)
-        try:
-            return await asyncio.wait_for(_resolve(response), timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            response.cancel()
-            raise
 
 
 def ensemble_card(ensemble: EnsembleRoute, infos: Sequence[dict]) -> ModelCard:
@@ -305,7 +290,3 @@ def ensemble_card(ensemble: EnsembleRoute, infos: Sequence[dict]) -> ModelCard:
         template=shared("template"),
         ensemble={"members": dict(config.members), "combine": config.combine, "lambda": config.lambda_},
     )
-
-
-async def _resolve(response: Any) -> Any:
-    return await response

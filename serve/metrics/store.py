@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -375,3 +375,28 @@ def render(snapshot: Snapshot) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_SnapshotCollector(snapshot))
     return generate_latest(registry)
+
+
+class ServedMetrics(Protocol):
+    """What the HTTP edge needs of a server's metrics: a recorder for its own counts, extra snapshot sources, and the
+    scrape of ``GET /metrics`` (``LocalMetrics`` in one process, the Ray runtime's ``ClusterMetrics`` over replicas)."""
+
+    recorder: MetricsRecorder
+    sources: list[Callable[[], Snapshot]]
+    content_type: str
+
+    async def scrape(self) -> bytes: ...
+
+
+class LocalMetrics:
+    """One process's metrics: the in-process server's ``GET /metrics`` (its own recorder plus each ``sources`` snapshot:
+    the scoring cores', the reward telemetry)."""
+
+    def __init__(self) -> None:
+        self.recorder = MetricsRecorder()
+        self.recorder.set("gateway_replicas", 1)
+        self.content_type = CONTENT_TYPE
+        self.sources: list[Callable[[], Snapshot]] = []
+
+    async def scrape(self) -> bytes:
+        return render(merge([self.recorder.snapshot(), *(source() for source in self.sources)]))

@@ -16,10 +16,12 @@ from ray import serve
 
 from rmserve.serve.config.settings import ServerConfig
 from rmserve.serve.edge.compat import CompatService
+from rmserve.serve.edge.drain import Drain
 from rmserve.serve.edge.routes import create_http_app
 from rmserve.serve.edge.service import GatewayService
 from rmserve.serve.metrics.telemetry import RewardTelemetry
-from rmserve.serve.rayserve.lifecycle import Drain, start_following
+from rmserve.serve.rayserve.lifecycle import start_following
+from rmserve.serve.rayserve.link import RayLink
 from rmserve.serve.rayserve.metrics_hub import ClusterMetrics, HubLink
 
 
@@ -33,7 +35,8 @@ class Gateway:
         self.metrics = ClusterMetrics(metrics_hub)
         telemetry = RewardTelemetry(self.metrics.recorder, config.reward_window_items)
         self.metrics.sources.append(telemetry.snapshot)
-        self.service = GatewayService(scorer, config, more_scorers, telemetry=telemetry)
+        links = [RayLink(handle, config) for handle in (scorer, *more_scorers)]
+        self.service = GatewayService(links, config, telemetry=telemetry)
         self.compat = CompatService(self.service, config)
         self.drain = Drain()
         self._shutdown_follower = start_following(self.drain)

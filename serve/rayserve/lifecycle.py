@@ -26,36 +26,11 @@ import logging
 import time
 from typing import Any
 
-from rmserve.model.errors import NotReadyError
+from rmserve.serve.edge.drain import Drain
 
 log = logging.getLogger("rmserve.serve")
 
 NAMESPACE = "rmserve"
-
-
-class Drain:
-    """A Gateway's count of accepted requests not yet answered, and whether it still accepts new ones."""
-
-    def __init__(self) -> None:
-        self.draining = False
-        self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def admit(self) -> None:
-        """Count a new request in, or refuse it (503, retryable) once the server is shutting down."""
-        if self.draining:
-            raise NotReadyError("the server is shutting down; retry shortly (another replica may answer)")
-        self.in_flight += 1
-        self._idle.clear()
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
 
 
 class ShutdownCoordinator:

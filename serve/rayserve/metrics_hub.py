@@ -203,16 +203,3 @@ class ClusterMetrics:
 def totals(collected: dict[str, Any]) -> Snapshot:
     """The totals of one ``MetricsHub.collect`` answer: every member's snapshot plus the departed replicas'."""
     return merge([collected["departed"], *(snapshot for _, snapshot, _ in collected["members"].values())])
-
-
-class LocalMetrics:
-    """One process's metrics only (``create_http_app`` without Ray, e.g. in unit tests)."""
-
-    def __init__(self) -> None:
-        self.recorder = MetricsRecorder()
-        self.recorder.set("gateway_replicas", 1)
-        self.content_type = CONTENT_TYPE
-        self.sources: list[Callable[[], Snapshot]] = []
-
-    async def scrape(self) -> bytes:
-        return render(merge([self.recorder.snapshot(), *(source() for source in self.sources)]))

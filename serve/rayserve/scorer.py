@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Sequence
 
 from ray import serve
 
-from rmserve.model import RewardModel, load_reward_model
-from rmserve.model.errors import InvalidRequestError, ModelLoadError, RMServeError
+from rmserve.model import RewardModel
+from rmserve.model.errors import InvalidRequestError, RMServeError
 from rmserve.model.items import Item
-from rmserve.serve.config.resources import use_cores
 from rmserve.serve.config.settings import ScorerUserConfig, ServerConfig
 from rmserve.serve.core.faults import FaultPlan
-from rmserve.serve.core.scoring_core import ScoringCore
+from rmserve.serve.core.replica import load_scoring_core
 from rmserve.serve.edge.protocol import ScoredItems
 from rmserve.serve.metrics.store import Snapshot
 from rmserve.serve.rayserve.autoscaling import QUEUED_ITEMS
@@ -54,29 +52,10 @@ class Scorer:
     """
 
     def __init__(self, config: ServerConfig, model_index: int, metrics_hub: HubLink):
-        if config.testing.scorer_start_delay_s:
-            time.sleep(config.testing.scorer_start_delay_s)
         self._config = config
-        served = config.served_models()[model_index]
-        threads = use_cores(served.num_cpus)
-        self.model: RewardModel = load_reward_model(served.spec(config.batching.max_batch_tokens))
-        if served.name is not None:
-            self.model.model_id = served.name  # requests and responses name it as the operator did
-        if config.compat.normalize and self.model.normalization is None:
-            raise ModelLoadError(
-                f"compat.normalize is on but model {self.model.model_id} has no normalisation; set "
-                "model.reward_mean and model.reward_std, or add mean/std to its config.json"
-            )
-        for ensemble in config.ensembles:
-            if self.model.model_id in ensemble.members and self.model.normalization is None:
-                raise ModelLoadError(
-                    f"model {self.model.model_id!r} is a member of ensemble {ensemble.name!r} but has no normalisation "
-                    "statistics; set its reward_mean and reward_std, or add mean/std to its config.json"
-                )
-        self.model.score([{"text": "warm-up"}])  # one real forward before the replica reports ready
-        self.core = ScoringCore(self.model, config.batching, config.limits)  # after the warm-up: it is not traffic
+        self.core = load_scoring_core(config, model_index)
+        self.model: RewardModel = self.core.model
         self._metrics_reporter = start_reporting(metrics_hub, "scorer", self.core.metrics_snapshot)
-        log.info("scorer ready (%d torch threads): %s", threads, self.model.info())
 
     # -- handle API -------------------------------------------------------------------------------
     async def score(self, items: Sequence[Item | dict], normalize: bool = False) -> list[float]:
@@ -116,12 +95,11 @@ class Scorer:
 
     def info(self) -> dict:
         """The model card of ``GET /v1/models``."""
-        return self.model.info()
+        return self.core.info()
 
     def special_tokens(self) -> dict[str, str | None]:
         """The tokenizer's special tokens as text (the compatibility routes strip padding with them)."""
-        tokenizer = self.model.tokenizer
-        return {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+        return self.core.special_tokens()
 
     def metrics_snapshot(self) -> Snapshot:
         """This replica's metrics; ``GET /metrics`` shows their sum over all replicas (see ``metrics_hub``)."""

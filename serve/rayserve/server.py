@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
 import threading
 import time
 from typing import Any
 
+from rmserve.serve.cli.process import StartupError, check_port_free, free_port, install_stop_signals
 from rmserve.serve.config.settings import ServerConfig
 
 log = logging.getLogger("rmserve.serve")
@@ -34,37 +33,6 @@ THROUGHPUT_ENVIRONMENT = {
     # by default, and the Gateway merges requests): gRPC's own maximum instead.
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),
 }
-
-
-class StartupError(RuntimeError):
-    """The application could not be deployed (the message is the cause, in one line)."""
-
-
-def install_stop_signals(stop: threading.Event | None = None) -> threading.Event:
-    """An event set by SIGINT or SIGTERM (``stop``, or a new one), so a signal during startup still ends in a clean
-    shutdown."""
-    stop = stop or threading.Event()
-
-    def _on_signal(_signum: int, _frame: Any) -> None:
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
-    return stop
-
-
-def _tcp_socket(host: str) -> socket.socket:
-    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Fail before starting Ray when the HTTP port is taken (Ray's own error is a remote traceback)."""
-    with _tcp_socket(host) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def ray_environment(config: ServerConfig) -> dict[str, str]:
@@ -92,12 +60,6 @@ def export_environment(env: dict[str, str]) -> None:
     is already set keeps its value, so an operator can override any of them."""
     for name, value in env.items():
         os.environ.setdefault(name, value)
-
-
-def free_port(host: str) -> int:
-    with _tcp_socket(host) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def run_until_signalled(config: ServerConfig, stop: threading.Event | None = None) -> int:

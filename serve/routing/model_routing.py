@@ -1,15 +1,16 @@
 """Which served model or ensemble a request's ``model`` names (API.md, "Model names"), and what a Gateway keeps
 per served model.
 
-A Gateway has one ``ModelLane`` per served model (its Scorer handle, the ``RequestCoalescer`` that merges calls to
-it, its names and model card once probed) and one ``EnsembleRoute`` per ensemble (its members' lanes).
+A server has one ``ModelLane`` per served model (its ``ScorerLink``: how requests reach the model's scoring core,
+through Ray or in this process; its names and model card once probed) and one ``EnsembleRoute`` per ensemble (its
+members' lanes).
 ``ModelRouter.find`` maps a request's ``model`` to one of them: absent means the first served model; otherwise an
 ensemble's name, or a served model's id, ``served_model_names`` entry or path (as given or resolved; a path
 matches with or without a trailing slash or ``./``).
 
 Example::
 
-    router = ModelRouter([scorer_a, scorer_b], config)
+    router = ModelRouter([link_a, link_b], config)
     router.find(None) is router.lanes[0]
     router.find("both")          # EnsembleRoute, when config.ensembles names "both"
 """
@@ -19,11 +20,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from rmserve.serve.config.served_models import EnsembleConfig, ServedModel
 from rmserve.serve.config.settings import ServerConfig
-from rmserve.serve.rayserve.coalescing import RequestCoalescer
 
 
 def model_names(served: ServedModel, model_id: str | None) -> list[str]:
@@ -41,13 +41,27 @@ def names_model(names: Sequence[str], requested: str) -> bool:
     return requested in names or os.path.normpath(requested) in {os.path.normpath(n) for n in names}
 
 
+class ScorerLink(Protocol):
+    """How the HTTP edge reaches one served model's scoring core: ``core.replica.LocalLink`` in this process,
+    ``rayserve.link.RayLink`` through a Scorer deployment. Errors come back as ``RMServeError`` (a request's own
+    error is returned, not raised)."""
+
+    async def score(self, items: Sequence[Any], normalize: bool) -> Any:
+        """A request's ``ScoredItems`` or its ``RMServeError``."""
+
+    async def info(self) -> dict:
+        """The model card (``GET /v1/models``)."""
+
+    async def special_tokens(self) -> dict:
+        """The tokenizer's special tokens as text."""
+
+
 @dataclass(eq=False)
 class ModelLane:
     """One served model as a Gateway sees it."""
 
     served: ServedModel
-    scorer: Any  # the model's Scorer DeploymentHandle (or any object with its methods)
-    coalescer: RequestCoalescer
+    link: ScorerLink
     model_id: str | None = None  # the operator's name; else the checkpoint's, known once probed
     info: dict | None = None  # the model card, once a replica answered
     special_tokens: dict | None = None
@@ -75,23 +89,13 @@ class EnsembleRoute:
 class ModelRouter:
     """The Gateway's served models (``lanes``, the first is the default) and ``ensembles``, found by name."""
 
-    def __init__(self, scorers: Sequence[Any], config: ServerConfig):
+    def __init__(self, links: Sequence[ScorerLink], config: ServerConfig):
         served = config.served_models()
-        if len(scorers) != len(served):
-            raise ValueError(f"{len(served)} served models need {len(served)} Scorer handles, got {len(scorers)}")
+        if len(links) != len(served):
+            raise ValueError(f"{len(served)} served models need {len(served)} scorer links, got {len(links)}")
         self.lanes = [
-            ModelLane(
-                served=model,
-                scorer=scorer,
-                coalescer=RequestCoalescer(
-                    scorer,
-                    window_s=config.batching.gateway_window_s,
-                    max_items=config.batching.max_batch_items,
-                ),
-                model_id=model.name,
-                names=model_names(model, model.name),
-            )
-            for model, scorer in zip(served, scorers, strict=True)
+            ModelLane(served=model, link=link, model_id=model.name, names=model_names(model, model.name))
+            for model, link in zip(served, links, strict=True)
         ]
         by_name = {lane.model_id: lane for lane in self.lanes}
         self.ensembles = {

@@ -61,7 +61,7 @@ def test_unknown_environment_variable_exits_2(capsys, monkeypatch):
 def test_a_taken_port_is_reported_before_ray_starts():
     import socket
 
-    from rmserve.serve.rayserve.server import StartupError, check_port_free
+    from rmserve.serve.cli.process import StartupError, check_port_free
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -24,6 +24,7 @@ from rmserve.model.errors import (
     item_error,
 )
 from rmserve.serve.edge.errors import as_rmserve_error, error_response, field_path
+from rmserve.serve.rayserve.link import from_ray
 
 
 def body_of(response) -> dict:
@@ -85,7 +86,7 @@ def test_unknown_exceptions_are_sanitised_and_logged(caplog):
 def test_ray_task_errors_are_unwrapped():
     cause = item_error(InvalidRequestError, 2, "bad role", field="messages")
     wrapped = RayTaskError("score_request", "traceback text", cause)
-    err = as_rmserve_error(wrapped)
+    err = as_rmserve_error(from_ray(wrapped))
     assert err is cause or (err.status, err.message, err.param) == (
         422,
         "items[2].messages: bad role",

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from rmserve.model.errors import NotReadyError
-from rmserve.serve.rayserve.lifecycle import Drain, ShutdownCoordinator
+from rmserve.serve.edge.drain import Drain
+from rmserve.serve.rayserve.lifecycle import ShutdownCoordinator
 
 
 async def test_drain_counts_requests_and_refuses_new_ones_once_draining():

@@ -1,4 +1,4 @@
-"""Issue 12: which served model or ensemble a request's ``model`` names (no Ray: handles are plain objects)."""
+"""Which served model or ensemble a request's ``model`` names (no Ray: links and handles are plain objects)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def router(tmp_path) -> ModelRouter:
 def test_absent_means_the_first_model_and_every_name_finds_its_model(tmp_path):
     r = router(tmp_path)
     helpful, safe = r.lanes
-    assert (helpful.scorer, safe.scorer) == ("handle-a", "handle-b")
+    assert (helpful.link, safe.link) == ("handle-a", "handle-b")
     assert r.find(None) is helpful
     for name in ("helpful", str(tmp_path / "a"), str(tmp_path / "a") + "/", os.path.realpath(tmp_path / "a")):
         assert r.find(name) is helpful, name
@@ -42,10 +42,13 @@ def test_an_ensemble_is_found_by_name_with_its_members_lanes(tmp_path):
     assert "both" in r.all_names() and "safety" in r.all_names()
 
 
-def test_each_model_has_its_own_coalescer_on_its_own_scorer(tmp_path):
-    helpful, safe = router(tmp_path).lanes
+def test_each_ray_link_has_its_own_coalescer_on_its_own_scorer():
+    from rmserve.serve.rayserve.link import RayLink
+
+    config = ServerConfig()
+    helpful, safe = RayLink("handle-a", config), RayLink("handle-b", config)
     assert helpful.coalescer is not safe.coalescer
-    assert (helpful.coalescer.scorer, safe.coalescer.scorer) == (helpful.scorer, safe.scorer)
+    assert (helpful.coalescer.scorer, safe.coalescer.scorer) == ("handle-a", "handle-b")
 
 
 def test_a_single_unnamed_model_learns_its_id_from_its_card():

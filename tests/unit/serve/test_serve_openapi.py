@@ -11,7 +11,7 @@ from rmserve.serve.edge.service import GatewayService
 
 def openapi() -> dict:
     config = ServerConfig()
-    return create_http_app(GatewayService(scorer=None, config=config), config).openapi()
+    return create_http_app(GatewayService([None], config), config).openapi()
 
 
 def test_every_native_route_is_documented():
