@@ -1,6 +1,6 @@
-"""Every row of API.md's error table, provoked against a real Ray Serve app, each while a concurrent valid
-request still gets its correct reward. Small limits, an API key and fault injection are configured so
-each row can be reached quickly."""
+"""Every row of API.md's error table, provoked against a real server in both runtimes (Ray Serve and in-process),
+each while a concurrent valid request still gets its correct reward. Small limits, an API key and fault injection are
+configured so each row can be reached quickly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 
 import httpx
 import pytest
-from serve_harness import LiveApp, async_client, demo_config, running_app
+from serve_harness import RUNTIMES, LiveApp, async_client, demo_config, running_app
 
 pytestmark = pytest.mark.ray
 
@@ -20,8 +20,8 @@ DEADLINE_S = 2.5
 SLOW_APP, SLOW_PREFIX = "rmserve-slow", "/slow"
 
 
-@pytest.fixture(scope="module")
-def app(demo_model_dir):
+@pytest.fixture(scope="module", params=RUNTIMES)
+def app(demo_model_dir, request):
     config = demo_config(
         demo_model_dir,
         model={"max_length": MAX_LENGTH, "truncation": "error"},
@@ -36,7 +36,7 @@ def app(demo_model_dir):
         testing={"fault_injection": True},
         batching={"batch_wait_timeout_s": 0.02},
     )
-    with running_app(config) as live:
+    with running_app(config, request.param) as live:
         yield live
 
 
@@ -200,8 +200,7 @@ async def test_operational_routes_are_open_by_default(app):
 
 # -- 429 overloaded --------------------------------------------------------------------------------
 async def test_queue_full_is_429_with_retry_after(app, client, offline):
-    scorer = app.scorer()
-    await scorer.set_faults.remote(delays={40: 1.0})  # requests holding a 40-token item stay queued for 1 s
+    await app.set_faults(delays={40: 1.0})  # requests holding a 40-token item stay queued for 1 s
     try:
         valid = {"items": [{"input_ids": ids(40, start=1)}]}
         fillers = [{"items": [{"input_ids": ids(40, start=s)} for s in range(2, 10)]}]  # 8 items
@@ -221,7 +220,7 @@ async def test_queue_full_is_429_with_retry_after(app, client, offline):
         stats = await app.stats()
         assert stats["queued_items"] == 0 and stats["rejected_requests"] >= 1
     finally:
-        await scorer.set_faults.remote()
+        await app.set_faults()
     assert (await client.post("/v1/score", json=VALID)).status_code == 200
 
 
@@ -230,8 +229,10 @@ async def test_queue_full_is_429_with_retry_after(app, client, offline):
 def slow_app(app: LiveApp):
     """A second application whose Scorer takes minutes to load; its Gateway answers meanwhile.
 
-    Deployed without waiting for it to be running (``serve.run`` would wait), and deleted afterwards.
+    Deployed without waiting for it to be running (``serve.run`` would wait), and deleted afterwards. (In one
+    process the model loads before the server listens: there is no such window.)
     """
+    app.only_ray()
     from ray import serve
 
     from rmserve.serve import build_app
@@ -277,21 +278,19 @@ async def until_the_queue_is_empty(app: LiveApp) -> None:
 
 # -- 504 timeout -----------------------------------------------------------------------------------
 async def test_request_past_its_deadline_is_504_and_cancelled(app, client, offline):
-    scorer = app.scorer()
-    await scorer.set_faults.remote(delays={44: 30.0})
+    await app.set_faults(delays={44: 30.0})
     try:
         slow = client.post("/v1/score", json={"items": [{"input_ids": ids(44)}]})
         error = assert_error(await with_valid_request(client, offline, slow), 504, "timeout")
         assert "deadline" in error["message"]
         await until_the_queue_is_empty(app)  # the cancellation reached the replica: the item left its queue
     finally:
-        await scorer.set_faults.remote()
+        await app.set_faults()
 
 
 # -- 500 internal ----------------------------------------------------------------------------------
 async def test_unexpected_failure_is_a_sanitised_500_for_its_own_request_only(app, client, offline):
-    scorer = app.scorer()
-    await scorer.set_faults.remote(fail_on_length=33)  # a forward whose longest row has 33 tokens raises
+    await app.set_faults(fail_on_length=33)  # a forward whose longest row has 33 tokens raises
     try:
         bad = client.post("/v1/score", json={"items": [{"input_ids": ids(33)}]})
         error = assert_error(await with_valid_request(client, offline, bad), 500, "internal")
@@ -315,7 +314,7 @@ async def test_unexpected_failure_is_a_sanitised_500_for_its_own_request_only(ap
                 break
         assert (await app.stats())["rescored_batches"] > before, "the failing item never shared a batch"
     finally:
-        await scorer.set_faults.remote()
+        await app.set_faults()
 
 
 def failing_request(path: str, offline) -> tuple[dict, int, str]:
@@ -350,14 +349,13 @@ async def test_500_and_504_on_every_scoring_route(app, client, offline, path):
     body, length, param = failing_request(path, offline)
     valid_length = len(offline.tokenize(VALID["items"][0]).input_ids)
     assert length not in (valid_length, 12) and length < MAX_LENGTH
-    scorer = app.scorer()
     try:
-        await scorer.set_faults.remote(fail_on_length=length)
+        await app.set_faults(fail_on_length=length)
         error = assert_error(await with_valid_request(client, offline, client.post(path, json=body)), 500, "internal")
         assert error["param"] == param and error["message"].startswith(f"{param}: internal error"), error
-        await scorer.set_faults.remote(delays={length: 30.0})
+        await app.set_faults(delays={length: 30.0})
         error = assert_error(await with_valid_request(client, offline, client.post(path, json=body)), 504, "timeout")
         assert error["param"] is None
         await until_the_queue_is_empty(app)  # the deadline withdrew the request: its item left the queue
     finally:
-        await scorer.set_faults.remote()
+        await app.set_faults()
