@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .checkpoint import load_checkpoint
+from .spec import ModelSpec
 from .synthetic import make_preference_pairs, make_rankings
 from .training import TrainConfig, train_reward_model
 
@@ -58,10 +60,8 @@ def pairwise_accuracy(rm, pairs: list[dict]) -> float:
 
 def build_demo_model(out_dir: Path, *, progress: bool = False) -> dict:
     """Train the demo model into ``out_dir`` and return its report (accuracy, losses)."""
-    from .loading import load_reward_model
-
     result = train_reward_model(training_records(), out_dir, DEMO_CONFIG, progress=progress)
-    rm = load_reward_model(str(out_dir), dtype="fp32", device="cpu")
+    rm = load_checkpoint(out_dir, ModelSpec(path=str(out_dir), dtype="fp32", device="cpu"))
     report = {
         "version": DEMO_VERSION,
         "heldout_pairwise_accuracy": pairwise_accuracy(rm, heldout_pairs()),

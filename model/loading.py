@@ -1,149 +1,55 @@
-"""``load_reward_model(spec)``: a local safetensors checkpoint in, a ready ``RewardModel`` out."""
+"""``load_reward_model(spec)``: a model name or a local checkpoint path in, a ready ``RewardModel`` out.
+
+The one name besides paths is ``"demo"``: the built-in demo model, built and cached on first use (``demo``). Loading
+a directory is ``checkpoint.load_checkpoint``; its rules (device, dtype) are importable from here too.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 from pathlib import Path
 
-import torch
-
-from .engine import ScoringEngine
+from .checkpoint import (
+    DEFAULT_MAX_LENGTH_CAP,
+    DTYPES,
+    cpu_has_bf16_units,
+    load_backbone,
+    load_checkpoint,
+    read_normalization,
+    resolve_device,
+    resolve_dtype,
+    resolve_prefix_cache_bytes,
+)
 from .errors import ModelLoadError
-from .formatting import ItemFormatter
-from .heads import find_reward_head, weight_files
-from .reward_model import Normalization, RewardModel
+from .quiet import quiet_transformers
+from .reward_model import RewardModel
 from .spec import ModelSpec
 
-log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_MAX_LENGTH_CAP = 8192
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def cpu_has_bf16_units() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), from the kernel's CPU flags."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """'auto' → bf16 on CUDA; on CPU, bf16 only when the CPU has bf16 units, else fp32.
-
-    Without bf16 units (e.g. AVX2-only CPUs) bf16 matmuls run about 6x slower than fp32; with them they run
-    faster (see benchmarks/README.md). Pass dtype='fp32' for rewards bit-comparable to an fp32 reference.
-    """
-    if dtype != "auto":
-        return dtype
-    if device.type == "cuda":
-        return "bf16"
-    return "bf16" if cpu_has_bf16_units() else "fp32"
-
-
-def resolve_prefix_cache_bytes(requested: int | None, device: torch.device) -> int:
-    """The prefix cache's byte budget: as requested, else 10% of the GPU's memory on CUDA, 1 GiB on CPU."""
-    if requested is not None:
-        return requested
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 10
-    return 1 << 30
+__all__ = [
+    "DEFAULT_MAX_LENGTH_CAP",
+    "DTYPES",
+    "cpu_has_bf16_units",
+    "load_backbone",
+    "load_checkpoint",
+    "load_reward_model",
+    "quiet_transformers",
+    "read_normalization",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_path",
+    "resolve_prefix_cache_bytes",
+]
 
 
 def resolve_path(path: str) -> Path:
+    """The checkpoint directory a model path names (``"demo"``: the demo model's, built on first use)."""
     if path == "demo":
-        from .demo import ensure_demo_model
+        from .demo import ensure_demo_model  # the demo's build (training) loads only when asked for
 
         return ensure_demo_model()
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ModelLoadError(f"model path {path!r} is not a directory (rmserve loads local checkpoints only)")
     return p
-
-
-def read_normalization(model_dir: Path, spec: ModelSpec) -> Normalization | None:
-    raw = json.loads((model_dir / "config.json").read_text())
-    mean = spec.reward_mean if spec.reward_mean is not None else raw.get("mean", raw.get("reward_mean"))
-    std = spec.reward_std if spec.reward_std is not None else raw.get("std", raw.get("reward_std"))
-    if mean is None and std is None:
-        return None
-    std = 1.0 if std is None else float(std)
-    if not std > 0:
-        raise ModelLoadError(f"normalisation std must be > 0, got {std}")
-    return Normalization(mean=float(mean or 0.0), std=std)
-
-
-def _quantization_config(spec: ModelSpec, dtype: torch.dtype):
-    if spec.quantization == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if spec.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=False
-    )
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' load reports and progress bars (the head tensors are 'unexpected' by design)."""
-    from transformers.utils import logging as hf_logging
-
-    previous = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def load_backbone(model_dir: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The decoder without any head (``AutoModel``), every weight loaded from the checkpoint or an error."""
-    from transformers import AutoModel
-
-    quant = _quantization_config(spec, dtype)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "use_safetensors": True}
-    if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": str(device)})
-    try:
-        with quiet_transformers():
-            backbone, info = AutoModel.from_pretrained(str(model_dir), output_loading_info=True, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not load the backbone from {model_dir}: {exc}") from exc
-    missing = [k for k in info.get("missing_keys", []) if "rotary_emb" not in k]
-    if missing:
-        raise ModelLoadError(
-            f"checkpoint {model_dir} lacks backbone weights {sorted(missing)[:10]}; refusing to score with "
-            "randomly initialised layers"
-        )
-    if quant is None:
-        backbone = backbone.to(device)
-    elif spec.quantization == "nf4" and device.type == "cpu":
-        _avoid_unsupported_cpu_4bit_packing(backbone)
-    return backbone.eval()
-
-
-def _avoid_unsupported_cpu_4bit_packing(backbone: torch.nn.Module) -> None:
-    """bitsandbytes' packed CPU 4-bit kernel needs ``out_features % 32 == 0`` and whole 64-blocks per row;
-    other layers take its generic path."""
-    for module in backbone.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu") and (module.out_features % 32 or module.in_features % 64):
-            module.support_avx512bf16_for_cpu = False
 
 
 def load_reward_model(spec: ModelSpec | str | None = None, **overrides) -> RewardModel:
@@ -158,51 +64,4 @@ def load_reward_model(spec: ModelSpec | str | None = None, **overrides) -> Rewar
         spec = ModelSpec(path=spec or "demo", **overrides)
     elif overrides:
         spec = spec.model_copy(update=overrides)
-    from transformers import AutoConfig, AutoTokenizer
-
-    model_dir = resolve_path(spec.path)
-    if not weight_files(model_dir):
-        raise ModelLoadError(f"no safetensors weights in {model_dir} (only safetensors are loaded)")
-    device = resolve_device(spec.device)
-    dtype_name = resolve_dtype(spec.dtype, device)
-    if spec.quantization != "none" and dtype_name == "fp16" and device.type == "cpu":
-        dtype_name = "fp32"
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=spec.trust_remote_code)
-    hidden = getattr(config, "hidden_size", None)
-    if hidden is None:
-        raise ModelLoadError(f"config of {model_dir} has no hidden_size; not a decoder checkpoint rmserve knows")
-    head = find_reward_head(model_dir, hidden, requested=spec.head, head_file=spec.head_file)
-    backbone = load_backbone(model_dir, spec, device, DTYPES[dtype_name])
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=spec.trust_remote_code)
-
-    context = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH_CAP
-    max_length = spec.max_length or min(context, DEFAULT_MAX_LENGTH_CAP)
-    # Valid ids are those the embedding table has rows for.
-    formatter = ItemFormatter(tokenizer, spec, max_length=max_length, vocab_size=config.vocab_size)
-    engine = ScoringEngine(
-        backbone,
-        head.to_linear(device),
-        max_batch_tokens=spec.max_batch_tokens,
-        padding_side=spec.padding_side,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        device=device,
-        prefix_sharing=spec.prefix_sharing == "on",
-        prefix_cache_bytes=resolve_prefix_cache_bytes(spec.prefix_cache_bytes, device),
-        reward_cache_items=spec.reward_cache_items,
-    )
-    if spec.forward_overhead_tokens is not None:
-        engine.overhead_tokens = spec.forward_overhead_tokens
-    else:
-        engine.calibrate()
-    model_id = "rmserve-demo" if spec.path == "demo" else model_dir.name
-    log.info("loaded reward model %s (%s, head %s from %s) on %s", model_id, dtype_name, head.name, head.source, device)
-    return RewardModel(
-        spec=spec,
-        model_id=model_id,
-        formatter=formatter,
-        engine=engine,
-        dtype=dtype_name,
-        head_name=head.name,
-        normalization=read_normalization(model_dir, spec),
-        path=model_dir,
-    )
+    return load_checkpoint(resolve_path(spec.path), spec)

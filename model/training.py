@@ -205,7 +205,7 @@ def save_checkpoint(model: _Trainable, out_dir: Path, config: TrainConfig) -> No
     """``LlamaForCausalLM`` weights + ``reward_head.weight`` in the same safetensors file."""
     from safetensors.torch import load_file, save_file
 
-    from .loading import quiet_transformers
+    from .quiet import quiet_transformers
 
     with quiet_transformers():
         model.lm.save_pretrained(str(out_dir))
