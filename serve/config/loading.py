@@ -170,21 +170,41 @@ def _source(loc: tuple[str, ...], origin: Mapping[tuple[str, ...], str]) -> str 
 
 
 def parse_json_object(raw: str, what: str) -> dict[str, Any]:
-    """A mapping setting given as text (environment, flag): a JSON object, e.g. ``{"rmserve_scorer": 1}``."""
+    """A mapping setting or a section given as text (environment, flag): a JSON object, e.g.
+    ``{"policy": "power_of_two"}``, or ``key=value`` pairs joined by commas, e.g.
+    ``policy=power_of_two,imbalance_items=64`` (each value read as JSON when it is a JSON scalar, else as text)."""
     try:
         value = json.loads(raw)
     except ValueError:
-        value = None
+        value = _key_values(raw)
     if not isinstance(value, dict):
-        raise ConfigError(f"{what} must be a JSON object, e.g. '{{\"rmserve_scorer\": 1}}', not {raw!r}")
+        raise ConfigError(
+            f'{what} must be a JSON object or key=value pairs, e.g. \'{{"policy": "power_of_two"}}\' or '
+            f"'policy=power_of_two', not {raw!r}"
+        )
     return value
 
 
+def _key_values(raw: str) -> dict[str, Any] | None:
+    pairs = [part.partition("=") for part in raw.split(",") if part.strip()]
+    if not pairs or any(not sep or not key.strip() for key, sep, _ in pairs):
+        return None
+    result: dict[str, Any] = {}
+    for key, _, text in pairs:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text.strip()
+        result[key.strip()] = value if value is None or isinstance(value, str | int | float | bool) else text.strip()
+    return result
+
+
 def is_mapping_setting(annotation: Any) -> bool:
-    """Whether a setting's annotation is a mapping (given as a JSON object in the environment and on flags)."""
+    """Whether a setting is a mapping or a whole section (given as a JSON object or ``key=value`` pairs in the
+    environment and on flags)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return any(is_mapping_setting(a) for a in typing.get_args(annotation))
-    return typing.get_origin(annotation) is dict
+    return typing.get_origin(annotation) is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel))
 
 
 def _is_list(annotation: Any) -> bool:
