@@ -2,6 +2,7 @@
 
 rmserve bench --quick                        # < 5 minutes on 2 CPU cores
 rmserve bench --only engine,padding --out bench-results/
+rmserve bench --only peers                   # against OpenRLHF's serve_rm.py (set up: benchmarks/README.md)
 python -m rmserve.benchmarks.cli --quick     # the same, without the rmserve entry point
 """
 
@@ -13,13 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("engine", "padding", "server")
+SECTIONS = ("engine", "padding", "server", "peers")
+DEFAULT_SECTIONS = ("engine", "padding", "server")  # peers: on request (it needs OpenRLHF set up)
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    from .server import add_peer_args
+
     parser.add_argument("--quick", action="store_true", help="small runs: under 5 minutes on 2 CPU cores")
     parser.add_argument("--out", default="bench-results", help="output directory (default: bench-results/)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of engine,padding,server")
+    sections = "comma-separated subset of engine,padding,server,peers (default: all but peers)"
+    parser.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help=sections)
     parser.add_argument("--device", default="auto", help="engine device: auto (CUDA when present), cpu, cuda")
     parser.add_argument(
         "--engine-runs", default=None, help="config:precision list, e.g. demo:fp32,8B-shape:int8 (default: per device)"
@@ -28,6 +33,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-model", default=None, help="serve this checkpoint directory instead of the CPU plan")
     parser.add_argument("--server-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="servers' dtype")
     parser.add_argument("--repeats", type=int, default=None, help="server repeats per point (default: 1 quick, 2 full)")
+    peers_dtype = "the peer comparison's dtype (serve_rm.py loads bf16 or fp16; default bf16, its own)"
+    parser.add_argument("--peers-dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help=peers_dtype)
+    add_peer_args(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -51,10 +59,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .engine import default_runs, run_engine_benchmarks
-    from .launch import rmserve_available
+    from .launch import find_openrlhf_setup, rmserve_available
     from .machine import machine_info
     from .report import write_report
-    from .server import count_points, run_server_benchmarks
+    from .scenarios import peer_plan
+    from .server import count_points, peer_spec_sets, run_server_benchmarks, split
 
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -66,6 +75,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with_rmserve = "server" in only and rmserve_available()
     total = (len(runs) + 1 if "engine" in only else 0) + ("padding" in only)
     total += count_points(args.quick, with_rmserve, args.server_model) if "server" in only else 0
+    peers = "peers" in only
+    if peers:  # the peer's setup is looked for once, its notes go into the results
+        setup, setup_note = find_openrlhf_setup(args.openrlhf_python, args.openrlhf_pythonpath)
+        peer_options = dict(dtype=args.peers_dtype, with_rmserve=rmserve_available(), threads=split(args.threads),
+                            inprocess=False if args.no_inprocess else None)  # fmt: skip
+        sets, _ = peer_spec_sets(setup, quick=args.quick, attn=args.openrlhf_attn, **peer_options)
+        total += count_points(args.quick, False, spec_sets=sets, plan=peer_plan(args.quick))
     out = Path(args.out)
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
     results: dict = {
@@ -95,6 +111,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 progress=progress,
                 with_rmserve=with_rmserve,
                 model=args.server_model,
+            )
+        if peers:
+            results["peers"] = run_server_benchmarks(
+                quick=args.quick,
+                out_dir=out,
+                repeats=args.repeats,
+                progress=progress,
+                peers=True,
+                openrlhf=setup,
+                openrlhf_note=setup_note,
+                openrlhf_attn=args.openrlhf_attn,
+                say=progress.bar.write,
+                **peer_options,
             )
     finally:
         progress.close()

@@ -43,6 +43,7 @@ class LoadResult:
     requests_ok: int = 0
     requests_failed: int = 0
     items_ok: int = 0
+    warmup_items: int = 0  # items of the uncounted warm-up requests (the server did their work too)
     seconds: float = 0.0
     items_per_s: float = 0.0
     requests_per_s: float = 0.0
@@ -118,6 +119,7 @@ async def run_load(
         await asyncio.gather(*(c.get("/health") for connections in clients for c in connections))
         for request in requests[:warmup]:
             await send(clients[0], request)
+            result.warmup_items += request.items
         started = time.perf_counter()
         deadline = started + max_seconds
 

@@ -26,6 +26,10 @@ import torch
 from .flops import DecoderShape
 
 CONFIGS: dict[str, dict] = {
+    "tiny-1L": dict(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=176, vocab_size=768, max_position_embeddings=4096,
+    ),
     "bench-20M": dict(
         hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
         intermediate_size=1376, vocab_size=32000, max_position_embeddings=4096,

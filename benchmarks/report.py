@@ -112,14 +112,18 @@ def markdown(results: dict) -> str:
              for n, r in policies.items()],
         )  # fmt: skip
     lines += server_markdown(results.get("server"))
+    lines += server_markdown(results.get("peers"), title="Against OpenRLHF's serve_rm.py")
     lines += ["", *[f"- {n}" for n in results.get("notes", [])]]
     return "\n".join(lines) + "\n"
 
 
-def server_markdown(server: dict | None) -> list[str]:
+def server_markdown(server: dict | None, title: str = "Servers under load") -> list[str]:
     if not server:
         return []
-    lines = ["", f"## Servers under load (median of {server['repeats']} interleaved repeats)", ""]
+    dtype = f", {server['dtype']}" if server.get("dtype") else ""
+    lines = ["", f"## {title} (median of {server['repeats']} interleaved repeats{dtype})", ""]
+    for check in server.get("reward_checks", []):
+        lines += reward_markdown(check) + [""]
     lines += markdown_table(
         ["model", "workload", "clients", "server", "items/s", "p50 ms", "p95 ms", "p99 ms", "failed",
          "server CPU ms/item", "loadgen CPU ms/item", "load"],
@@ -130,17 +134,41 @@ def server_markdown(server: dict | None) -> list[str]:
     )  # fmt: skip
     lines += ["", "Server CPU counts the server's whole process tree (Ray's proxy, controller and replicas included); "
               "load is the 1-minute load average after the point (other work on the machine)."]  # fmt: skip
-    if server.get("speedups"):
+    ratios = server.get("speedups", [])
+    if ratios and any("against" in r for r in ratios):  # the prefix and peer comparisons name what each is against
+        lines += ["", "Throughput (items/s) of each server against another, and server CPU per item likewise:", ""]
+        rows = [[r["model"], r["workload"], r["concurrency"], r["server"], r["against"], f"{r['speedup']:.2f}×",
+                 _fmt(r.get("cpu_per_item_ratio"))] for r in ratios]  # fmt: skip
+        lines += markdown_table(["model", "workload", "clients", "server", "against", "items/s", "CPU/item"], rows)
+    elif ratios:
         lines += ["", "rmserve ÷ baseline throughput:", ""]
         lines += markdown_table(["model", "workload", "clients", "server", "speedup"],
                                 [[s["model"], s["workload"], s["concurrency"], s["server"], f"{s['speedup']:.2f}×"]
-                                 for s in server["speedups"]])  # fmt: skip
+                                 for s in ratios])  # fmt: skip
     if server.get("overhead"):
         lines += ["", "Idle single-item latency (sequential requests) minus the engine's own time for the items:", ""]
         lines += markdown_table(["server", "HTTP p50 ms", "engine p50 ms", "overhead ms"],
                                 [[o["server"], f"{o['http_p50_ms']:.2f}", f"{o['engine_p50_ms']:.2f}",
                                   f"{o['overhead_ms']:.2f}"] for o in server["overhead"]])  # fmt: skip
     lines += [f"- {n}" for n in server.get("notes", [])]
+    return lines
+
+
+def reward_markdown(check: dict, shown: int = 4) -> list[str]:
+    """One reward check: the first ``shown`` samples with every server's reward, and each server's largest |Δ|."""
+    names = list(check["rewards"])
+    n = min(shown, len(check["tokens"]))
+    lines = [f"Rewards side by side, {check['model']} {check['workload']} ({len(check['tokens'])} samples scored "
+             f"by every server before measuring, first {n} shown):", ""]  # fmt: skip
+    lines += markdown_table(["tokens", *names],
+                            [[check["tokens"][k], *(f"{check['rewards'][name][k]:.5f}" for name in names)]
+                             for k in range(n)])  # fmt: skip
+    for name, row in check["servers"].items():
+        share = row["max_abs_diff_over_std"]
+        verdict = "agree" if row["agree"] else "**disagree**"
+        lines.append(f"\n{name} vs {check['reference']}: max |Δ| {row['max_abs_diff']:.4g}"
+                     + (f" ({share:.1%} of the rewards' std)" if share is not None else "")
+                     + f", {verdict} (tolerance {check['tolerance_of_std']:g} std).")  # fmt: skip
     return lines
 
 

@@ -1,12 +1,25 @@
-"""rmserve (Ray Serve) against the naive baseline, same model, dtype and machine, in the same run.
+"""rmserve (Ray Serve) against the naive baseline and OpenRLHF's ``serve_rm.py``, same model, dtype and machine,
+in the same run.
 
-For each model both servers are started as subprocesses on free loopback ports and stay up together; every
+For each model the servers are started as subprocesses on free loopback ports and stay up together; every
 (workload, concurrency) point is measured on each server in turn, ``repeats`` times with the order alternating,
-and the median is reported (other work on a shared machine then hits both alike). The serving overhead is the
-p50 latency of an idle single-item request minus the engine's own time for the same items in this process.
+and the median is reported (other work on a shared machine then hits all alike), each repeat on fresh items
+(rmserve has a reward cache). Each point records items/s, p50/p95/p99 latency and the server's CPU per item: the
+CPU time of its whole process tree (Ray's processes included) read from ``/proc`` before and after the point. The
+serving overhead is the p50 latency of an idle single-item request minus the engine's own time for the same items
+in this process.
+
+``--peers`` is the comparison with what RL users run today (``peer_plan``: 64 clients, one text sample per request;
+PPO on a 1-layer model and on bench-20M, GRPO and best-of-16 samples on bench-20M; bf16, each server at its
+defaults): OpenRLHF's ``serve_rm.py`` (when set up, see ``launch.OPENRLHF_SETUP_HINT``; ``POST /get_reward``),
+rmserve on Ray and, when ``rmserve serve`` accepts ``--runtime inprocess``, rmserve in one process (what Ray costs),
+both through their ``/get_reward`` drop-in route, and the naive baseline. Before measuring, every server scores the
+same few samples (never measured afterwards) and the rewards are printed side by side with their largest difference.
 
     python -m rmserve.benchmarks.server --quick
     python -m rmserve.benchmarks.server --model /scratch/rm-8b --dtype bf16     # on a GPU machine
+    python -m rmserve.benchmarks.server --peers --quick --openrlhf-python /tmp/orlhf-venv/bin/python \\
+        --openrlhf-pythonpath /tmp/orlhf-stubs:/tmp/orlhf-src
 """
 
 from __future__ import annotations
@@ -24,18 +37,44 @@ from pathlib import Path
 import torch
 
 from .launch import (
+    OPENRLHF_DTYPES,
+    OPENRLHF_READY,
+    READY,
+    OpenRLHFSetup,
+    ReadyProbe,
     RunningServer,
+    ServerStartError,
     baseline_command,
+    find_openrlhf_setup,
     free_port,
+    openrlhf_command,
     rmserve_available,
     rmserve_command,
+    rmserve_supports_runtime,
     running_server,
 )
 from .loadgen import LoadResult, Send, post_request, run_load
 from .models import resolve_model_dir
-from .scenarios import Scenario, build_requests, prefix_plan, scenario_plan
+from .report import server_markdown
+from .scenarios import (
+    QUERY_WORKLOADS,
+    QueryFormat,
+    Scenario,
+    build_requests,
+    peer_plan,
+    prefix_plan,
+    query_request,
+    query_samples,
+    scenario_plan,
+)
 
 IDLE_REQUESTS = 64
+REWARD_CHECK_ITEMS = 8  # samples of each query workload every server scores before the measurements
+REWARD_CHECK_SEED = 999_983  # no measured point uses it: these samples are never replayed into a reward cache
+SHOWN_REWARDS = 4  # of them printed side by side
+# Largest |Δ| between two servers' rewards for the same samples, as a share of the reference rewards' spread (std):
+# bf16/fp16 servers round differently (OpenRLHF keeps the head in bf16, rmserve in fp32), fp32 ones must match.
+REWARD_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.1}
 
 
 @dataclass(frozen=True)
@@ -43,15 +82,26 @@ class ServerSpec:
     """One server of a comparison: how to start it, and which workloads it runs (None: all)."""
 
     name: str
-    kind: str  # "baseline" (the naive server), "rmserve", or "ceiling" (the naive server without a model)
+    # "baseline" (the naive server), "rmserve", "ceiling" (the naive server without a model) or "openrlhf"
+    # (OpenRLHF's serve_rm.py, run by ``python`` with ``env``'s PYTHONPATH)
+    kind: str
     env: dict = field(default_factory=dict)
     workloads: tuple[str, ...] | None = None
-    args: tuple[str, ...] = ()  # extra `rmserve serve` flags
+    args: tuple[str, ...] = ()  # extra `rmserve serve` (or serve_rm.py) flags
+    python: str = ""  # openrlhf: the peer's interpreter
+    attn: str = "sdpa"  # openrlhf: --ds.attn_implementation (its default flash_attention_2 needs flash-attn)
+    optional: bool = False  # a server that fails to start is left out of the run (with a note) instead of ending it
 
     def command(self, model_dir: str, port: int, dtype: str) -> list[str]:
         if self.kind == "rmserve":
             return rmserve_command(model_dir, port, dtype, list(self.args))
+        if self.kind == "openrlhf":
+            return openrlhf_command(self.python, model_dir, port, dtype, self.attn, list(self.args))
         return baseline_command(model_dir, port, dtype, ["--no-model"] if self.kind == "ceiling" else None)
+
+    @property
+    def probe(self) -> ReadyProbe:
+        return OPENRLHF_READY if self.kind == "openrlhf" else READY
 
 
 def server_specs(model: str, with_rmserve: bool, quick: bool) -> list[ServerSpec]:
@@ -95,6 +145,151 @@ def prefix_specs() -> list[ServerSpec]:
         ServerSpec("rmserve-1t", "rmserve", args=("--num-cpus", "1")),
         ServerSpec("rmserve-noshare-1t", "rmserve", args=("--num-cpus", "1", "--prefix-sharing", "off")),
     ]
+
+
+ONE_THREAD_SUFFIX = "-1t"
+PEER_THREADS = ("defaults", "one")
+
+
+def peer_specs(openrlhf: OpenRLHFSetup | None, *, dtype: str, inprocess: bool, with_rmserve: bool = True,
+               attn: str = "sdpa", baseline: bool = True,
+               threads: str = "defaults") -> tuple[list[ServerSpec], list[str]]:  # fmt: skip
+    """The comparison with OpenRLHF's ``serve_rm.py``: the peer (when set up and ``dtype`` is one it loads), rmserve
+    on Ray, rmserve in one process (``--runtime inprocess``, when this ``rmserve serve`` has it), the naive baseline.
+    ``threads``: "defaults", every server at its own (torch's one thread per core for the peer and the baseline,
+    ``num_cpus: auto`` for rmserve), or "one", every server on one torch thread (``OMP_NUM_THREADS=1``,
+    ``--num-cpus 1``; names end in ``-1t``): on a small, shared CPU torch's default threads spin in OpenMP barriers
+    and the one-thread set shows the serving path without that. Returns (specs, notes on what was left out)."""
+    if threads not in PEER_THREADS:
+        raise ValueError(f"threads must be one of {PEER_THREADS}, not {threads!r}")
+    one = threads == "one"
+    suffix, env, cpus = (ONE_THREAD_SUFFIX, {"OMP_NUM_THREADS": "1"}, ("--num-cpus", "1")) if one else ("", {}, ())
+    specs: list[ServerSpec] = []
+    notes: list[str] = []
+    if openrlhf is not None and dtype in OPENRLHF_DTYPES:
+        specs.append(ServerSpec(f"openrlhf{suffix}", "openrlhf", env={**openrlhf.env(), **env},
+                                python=openrlhf.python, attn=attn, optional=True))  # fmt: skip
+    elif openrlhf is not None:
+        notes.append(f"OpenRLHF serve_rm.py skipped: it loads bf16 or fp16 only, not {dtype} (pass --dtype bf16)")
+    if with_rmserve:
+        specs.append(ServerSpec(f"rmserve{suffix}", "rmserve", args=cpus))
+        if inprocess:
+            inproc = ("--runtime", "inprocess", *cpus)
+            specs.append(ServerSpec(f"rmserve-inprocess{suffix}", "rmserve", args=inproc, optional=True))
+        else:
+            notes.append("rmserve-inprocess skipped: this `rmserve serve` has no `--runtime inprocess` yet")
+    else:
+        notes.append("`rmserve serve` is not available in this installation: rmserve skipped")
+    if baseline:
+        specs.append(ServerSpec(f"baseline{suffix}", "baseline", env=env))
+    return specs, notes
+
+
+def peer_spec_sets(openrlhf: OpenRLHFSetup | None, *, dtype: str, quick: bool, with_rmserve: bool,
+                   inprocess: bool | None = None, attn: str = "sdpa",
+                   threads: list[str] | None = None) -> tuple[list[list[ServerSpec]], list[str]]:  # fmt: skip
+    """``peer_specs`` for each thread setting (default: "defaults" quick, "defaults" then "one" in full), run one set
+    after the other; ``inprocess`` None: when this ``rmserve serve`` accepts ``--runtime inprocess``."""
+    if inprocess is None:
+        inprocess = with_rmserve and rmserve_supports_runtime("inprocess")
+    sets, notes = [], []
+    for setting in threads or (["defaults"] if quick else list(PEER_THREADS)):
+        specs, set_notes = peer_specs(openrlhf, dtype=dtype, inprocess=inprocess, with_rmserve=with_rmserve,
+                                      attn=attn, threads=setting)  # fmt: skip
+        sets.append(specs)
+        notes += [n for n in set_notes if n not in notes]
+    return sets, notes
+
+
+def variant_of(name: str) -> tuple[str, str]:
+    """(server, thread suffix): ``rmserve-inprocess-1t`` → (``rmserve-inprocess``, ``-1t``)."""
+    if name.endswith(ONE_THREAD_SUFFIX):
+        return name[: -len(ONE_THREAD_SUFFIX)], ONE_THREAD_SUFFIX
+    return name, ""
+
+
+def select_specs(specs: list[ServerSpec], names: list[str] | None) -> list[ServerSpec]:
+    """The specs named in ``names`` (all when None), in their own order; a name without its thread suffix names every
+    variant (``rmserve``: ``rmserve`` and ``rmserve-1t``); a name that matches nothing is an error."""
+    if names is None:
+        return specs
+    known = {s.name for s in specs} | {variant_of(s.name)[0] for s in specs}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"unknown or skipped server(s) {unknown}; this run has {[s.name for s in specs]}")
+    return [s for s in specs if s.name in names or variant_of(s.name)[0] in names]
+
+
+def select_plan(plan: list[Scenario], models: list[str] | None, workloads: list[str] | None) -> list[Scenario]:
+    """The scenarios of ``plan`` on ``models`` running ``workloads`` (each None: all)."""
+    return [s for s in plan if (models is None or s.model in models) and (workloads is None or s.workload in workloads)]
+
+
+def cpu_ms_per_item(cpu_seconds: float, point: LoadResult) -> float:
+    """Server CPU over the items it scored in the point: the counted ones and the warm-up ones before them (the CPU
+    window holds both); failed requests count no items."""
+    return cpu_seconds * 1000 / max(1, point.items_ok + point.warmup_items)
+
+
+def first_reward(body: dict) -> float:
+    """The one reward of a one-sample answer: ``/get_reward`` and ``/v1/score`` both answer ``{"rewards": [r]}``."""
+    return float(body["rewards"][0])
+
+
+def compare_rewards(rewards: dict[str, list[float]], reference: str, tolerance: float) -> dict:
+    """Each server's largest |Δ| from ``reference``'s rewards for the same samples, and whether it is within
+    ``tolerance`` × the reference rewards' standard deviation (the spread a reward model's users compare)."""
+    ref = rewards[reference]
+    spread = statistics.pstdev(ref) if len(ref) > 1 else 0.0
+    rows = {}
+    for server, values in rewards.items():
+        if server == reference:
+            continue
+        diff = max((abs(a - b) for a, b in zip(values, ref, strict=True)), default=0.0)
+        rows[server] = {"max_abs_diff": diff, "max_abs_diff_over_std": diff / spread if spread else None,
+                        "agree": diff <= tolerance * spread if spread else diff == 0.0}  # fmt: skip
+    return {"reference": reference, "reward_std": spread, "tolerance_of_std": tolerance, "servers": rows}
+
+
+def reward_check(servers: dict[str, tuple[str, str]], workload: str, fmt: QueryFormat, *, tokenizer, model: str,
+                 dtype: str, n_items: int = REWARD_CHECK_ITEMS) -> dict:  # fmt: skip
+    """Every server scores the same ``n_items`` samples of ``workload``, one request each (in its own protocol),
+    before any measurement; ``servers``: name → (kind, url). Their rewards side by side and how far apart."""
+    import httpx
+
+    samples = query_samples(workload, n_items, seed=REWARD_CHECK_SEED)[:n_items]
+    texts = [fmt.query(s) for s in samples]
+    rewards: dict[str, list[float]] = {}
+    for name, (kind, url) in servers.items():
+        with httpx.Client(base_url=url, timeout=300.0) as client:
+            rewards[name] = []
+            for text in texts:
+                request = query_request(text, kind, fmt)
+                response = client.post(request.path, json=request.body)
+                response.raise_for_status()
+                rewards[name].append(first_reward(response.json()))
+    peers = [name for name in rewards if variant_of(name)[0] == "openrlhf"]
+    reference = peers[0] if peers else next(iter(rewards))
+    tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    return {"model": model, "workload": workload, "dtype": dtype, "tokens": tokens, "rewards": rewards,
+            **compare_rewards(rewards, reference, REWARD_TOLERANCE.get(dtype, 0.1))}  # fmt: skip
+
+
+def reward_lines(check: dict, shown: int = SHOWN_REWARDS) -> list[str]:
+    """The check's first ``shown`` samples with every server's reward, then each server's largest |Δ|."""
+    names = list(check["rewards"])
+    lines = [f"rewards side by side, {check['model']} {check['dtype']} {check['workload']} "
+             f"({len(check['tokens'])} samples, first {min(shown, len(check['tokens']))} shown):",
+             "  tokens " + "".join(f"{n:>20}" for n in names)]  # fmt: skip
+    for k in range(min(shown, len(check["tokens"]))):
+        lines.append(f"  {check['tokens'][k]:>6} " + "".join(f"{check['rewards'][n][k]:>20.5f}" for n in names))
+    for name, row in check["servers"].items():
+        share = row["max_abs_diff_over_std"]
+        lines.append(f"  {name} vs {check['reference']}: max |Δ| {row['max_abs_diff']:.4g}"
+                     + (f" = {share:.2%} of the rewards' std {check['reward_std']:.3g}" if share is not None else "")
+                     + f" -> {'agree' if row['agree'] else 'DISAGREE'} "
+                       f"(tolerance {check['tolerance_of_std']:g} std, {check['dtype']})")  # fmt: skip
+    return lines
 
 
 def token_counters(url: str) -> tuple[float, float] | None:
@@ -156,20 +351,42 @@ def engine_idle_ms(model_dir: Path, sequences: list[list[int]], dtype: str) -> d
 
 
 def run_model(model: str, scenarios: list[Scenario], specs: list[ServerSpec], *, dtype: str, repeats: int,
-              out_dir: Path, progress=None) -> tuple[list[dict], list[dict]]:  # fmt: skip
-    """Start every server for ``model``, measure its scenarios on each; returns (points, idle overhead rows)."""
-    from transformers import AutoConfig
+              out_dir: Path, progress=None, say=print) -> dict:  # fmt: skip
+    """Start every server for ``model``, check their rewards agree on the query workloads, measure each scenario on
+    each; returns {"points", "overhead" (idle rows), "reward_checks", "notes"}. ``progress`` is called once per
+    measured point, ``say`` for everything else (the reward tables)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     model_dir = resolve_model_dir(model)
     vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size
+    queries = [s.workload for s in scenarios if s.workload in QUERY_WORKLOADS]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir)) if queries else None
+    fmt = QueryFormat.from_tokenizer(tokenizer) if tokenizer is not None else None
     points: list[dict] = []
+    checks: list[dict] = []
+    notes: list[str] = []
     with contextlib.ExitStack() as stack:
         started: dict[str, RunningServer] = {}
         for spec in specs:
             port = free_port()
             log = out_dir / "logs" / f"{spec.name}-{Path(model).name}.log"
             command = spec.command(str(model_dir), port, dtype)
-            started[spec.name] = stack.enter_context(running_server(command, port, log_path=log, env=spec.env))
+            try:
+                started[spec.name] = stack.enter_context(
+                    running_server(command, port, log_path=log, env=spec.env, probe=spec.probe)
+                )
+            except ServerStartError as exc:
+                if not spec.optional:
+                    raise
+                notes.append(f"{spec.name} did not start on {model} and was left out (log: {log}): "
+                             f"{str(exc).splitlines()[0]}")  # fmt: skip
+                say(notes[-1])
+        specs = [s for s in specs if s.name in started]
+        for workload in dict.fromkeys(queries):  # also every server's warm-up, on samples never measured
+            served = {s.name: (s.kind, started[s.name].url) for s in specs if s.kind != "ceiling"}
+            checks.append(reward_check(served, workload, fmt, tokenizer=tokenizer, model=model, dtype=dtype))
+            for line in reward_lines(checks[-1]):
+                say(line)
         for scenario in scenarios:
             running = [s for s in specs if s.workloads is None or scenario.workload in s.workloads]
             for level, concurrency in enumerate(scenario.concurrencies):
@@ -179,18 +396,18 @@ def run_model(model: str, scenarios: list[Scenario], specs: list[ServerSpec], *,
                     # be answered from rmserve's reward cache and flatter it.
                     requests = {s.name: build_requests(scenario.workload, s.kind, vocab_size=vocab,
                                                        n_requests=scenario.n_requests, ppo_shape=scenario.ppo_shape,
-                                                       seed=1 + level * 1000 + repeat)
+                                                       seed=1 + level * 1000 + repeat, fmt=fmt)
                                 for s in running}  # fmt: skip
                     for spec in running if repeat % 2 == 0 else running[::-1]:
                         server, loadgen_cpu = started[spec.name], os.times()
                         cpu = server.cpu_seconds()
                         tokens = token_counters(server.url) if spec.kind == "rmserve" else None
                         point = run_point(server.url, requests[spec.name], scenario, spec.name, concurrency)
+                        point.server_cpu_ms_per_item = cpu_ms_per_item(server.cpu_seconds() - cpu, point)
+                        point.loadgen_cpu_ms_per_item = _cpu_since(loadgen_cpu) * 1000 / max(1, point.items_ok)
                         if tokens is not None and (after := token_counters(server.url)) is not None:
                             received = after[1] - tokens[1]
                             point.computed_over_received = (after[0] - tokens[0]) / received if received else None
-                        point.server_cpu_ms_per_item = (server.cpu_seconds() - cpu) * 1000 / max(1, point.items_ok)
-                        point.loadgen_cpu_ms_per_item = _cpu_since(loadgen_cpu) * 1000 / max(1, point.items_ok)
                         runs[spec.name].append(point)
                 for name, measured in runs.items():
                     point = {"model": model, "dtype": dtype, **median_point(measured), "load_avg": os.getloadavg()}
@@ -198,12 +415,14 @@ def run_model(model: str, scenarios: list[Scenario], specs: list[ServerSpec], *,
                     if progress:
                         ratio = point.get("computed_over_received")
                         share = f", computed/received {ratio:.3f}" if ratio is not None else ""
+                        failed = f", {point['requests_failed']} failed" if point["requests_failed"] else ""
                         progress(f"server {model} {scenario.workload} C={concurrency} {name}: "
-                                 f"{point['items_per_s']:.1f} items/s, p50 {point['p50_ms']:.1f} ms"
-                                 f"{share}")  # fmt: skip
-        served = {s.name: started[s.name].url for s in specs if s.kind != "ceiling"}
-        overhead = idle_overhead(model, model_dir, served, dtype, vocab) if model == "demo" else []
-    return points, overhead
+                                 f"{point['items_per_s']:.1f} items/s, p50 {point['p50_ms']:.1f} ms, "
+                                 f"p99 {point['p99_ms']:.1f} ms, server CPU "
+                                 f"{point['server_cpu_ms_per_item']:.2f} ms/item{share}{failed}")  # fmt: skip
+        served_urls = {s.name: started[s.name].url for s in specs if s.kind in ("rmserve", "baseline")}
+        overhead = idle_overhead(model, model_dir, served_urls, dtype, vocab) if model == "demo" else []
+    return {"points": points, "overhead": overhead, "reward_checks": checks, "notes": notes}
 
 
 def idle_overhead(model: str, model_dir: Path, urls: dict[str, str], dtype: str, vocab: int) -> list[dict]:
@@ -228,34 +447,66 @@ def run_server_benchmarks(
     with_rmserve: bool | None = None,
     model: str | None = None,
     prefix: bool = False,
+    peers: bool = False,
+    openrlhf: OpenRLHFSetup | None = None,
+    openrlhf_note: str | None = None,
+    openrlhf_attn: str = "sdpa",
+    inprocess: bool | None = None,
+    servers: list[str] | None = None,
+    models: list[str] | None = None,
+    workloads: list[str] | None = None,
+    threads: list[str] | None = None,
+    say=print,
 ) -> dict:
     """Every scenario of the plan on every server (the baseline alone when ``rmserve serve`` is not installed);
     ``model``: one checkpoint directory at the full PPO mix instead of the CPU plan; ``prefix``: the prefix-sharing
-    comparison (``prefix_plan`` on ``prefix_specs``) instead."""
+    comparison (``prefix_plan`` on ``prefix_specs``) instead; ``peers``: the comparison with OpenRLHF's
+    ``serve_rm.py`` (``peer_plan`` on ``peer_specs``; ``openrlhf`` from ``launch.find_openrlhf_setup``, None: the
+    peer is skipped, ``openrlhf_note`` says why; ``threads``: ``peer_specs``'s settings, one set of servers after
+    the other; default: "defaults" quick, both in full). ``servers``, ``models``, ``workloads``: only these."""
     with_rmserve = rmserve_available() if with_rmserve is None else with_rmserve
-    notes = [] if with_rmserve else ["`rmserve serve` is not available in this installation: baseline only"]
+    notes = [] if with_rmserve or peers else ["`rmserve serve` is not available in this installation: baseline only"]
     repeats = repeats or (1 if quick else 2)
-    plan = prefix_plan(quick) if prefix else scenario_plan(quick, model)
-    points: list[dict] = []
-    overhead: list[dict] = []
+    peer_sets: list[list[ServerSpec]] = []  # one set of servers up at a time: each set interleaved within itself
+    if peers:
+        plan = peer_plan(quick)
+        peer_sets, set_notes = peer_spec_sets(openrlhf, dtype=dtype, quick=quick, with_rmserve=with_rmserve,
+                                              inprocess=inprocess, attn=openrlhf_attn, threads=threads)  # fmt: skip
+        notes = ([openrlhf_note] if openrlhf_note else []) + set_notes
+    else:
+        plan = prefix_plan(quick) if prefix else scenario_plan(quick, model)
+    plan = select_plan(plan, models, workloads)
+    for note in notes:
+        say(note)
+    results: dict = {"repeats": repeats, "dtype": dtype, "points": [], "overhead": [], "reward_checks": []}
     for name in dict.fromkeys(s.model for s in plan):
-        specs = prefix_specs() if prefix else server_specs(name, with_rmserve, quick)
+        own = [prefix_specs() if prefix else server_specs(name, with_rmserve, quick)]  # pure: cheap
+        spec_sets = peer_sets if peers else own
         scenarios = [s for s in plan if s.model == name]
-        model_points, model_overhead = run_model(
-            name, scenarios, specs, dtype=dtype, repeats=repeats, out_dir=out_dir, progress=progress
-        )
-        points += model_points
-        overhead += model_overhead
-    ratios = prefix_ratios(points) if prefix else speedups(points)
-    return {"repeats": repeats, "points": points, "overhead": overhead, "speedups": ratios, "notes": notes}
+        for specs in spec_sets:
+            run = run_model(name, scenarios, select_specs(specs, servers), dtype=dtype, repeats=repeats,
+                            out_dir=out_dir, progress=progress, say=say)  # fmt: skip
+            for key in ("points", "overhead", "reward_checks"):
+                results[key] += run[key]
+            notes += run["notes"]
+    points = results["points"]
+    results["speedups"] = peer_ratios(points) if peers else prefix_ratios(points) if prefix else speedups(points)
+    results["notes"] = notes
+    if peers and openrlhf is not None:
+        results["openrlhf"] = {"python": openrlhf.python, "pythonpath": openrlhf.pythonpath,
+                               "attn_implementation": openrlhf_attn, **openrlhf.versions}  # fmt: skip
+    return results
 
 
-def count_points(quick: bool, with_rmserve: bool, model: str | None = None) -> int:
-    """How many (scenario, concurrency, server) points a run measures (for a progress bar)."""
+def count_points(quick: bool, with_rmserve: bool, model: str | None = None,
+                 spec_sets: list[list[ServerSpec]] | None = None,
+                 plan: list[Scenario] | None = None) -> int:  # fmt: skip
+    """How many (scenario, concurrency, server) points a run measures (for a progress bar); ``spec_sets``: the same
+    sets of servers for every model (the peer comparison, with its ``plan``), else ``server_specs``'s."""
     total = 0
-    for scenario in scenario_plan(quick, model):
-        specs = server_specs(scenario.model, with_rmserve, quick)
-        running = [s for s in specs if s.workloads is None or scenario.workload in s.workloads]
+    for scenario in scenario_plan(quick, model) if plan is None else plan:
+        sets = [server_specs(scenario.model, with_rmserve, quick)] if spec_sets is None else spec_sets
+        running = [s for specs in sets for s in specs if s.workloads is None or scenario.workload in s.workloads]
         total += len(scenario.concurrencies) * len(running)
     return total
 
@@ -291,26 +542,106 @@ def prefix_ratios(points: list[dict]) -> list[dict]:
     return rows
 
 
+def peer_ratios(points: list[dict]) -> list[dict]:
+    """Each server against OpenRLHF's ``serve_rm.py`` with the same threads (items/s ratio, and its server CPU per
+    item over the peer's), and rmserve in one process against rmserve on Ray, per (model, workload, concurrency)."""
+    by_key = {(p["model"], p["workload"], p["concurrency"], p["server"]): p for p in points}
+    rows = []
+    for (model, workload, concurrency, server), p in by_key.items():
+        base_name, suffix = variant_of(server)
+        against = [] if base_name == "openrlhf" else ["openrlhf" + suffix]
+        against += ["rmserve" + suffix] if base_name == "rmserve-inprocess" else []
+        for other in against:
+            base = by_key.get((model, workload, concurrency, other))
+            if not base or base["items_per_s"] <= 0:
+                continue
+            mine, theirs = p.get("server_cpu_ms_per_item"), base.get("server_cpu_ms_per_item")
+            rows.append({"model": model, "workload": workload, "concurrency": concurrency, "server": server,
+                         "against": other, "speedup": p["items_per_s"] / base["items_per_s"],
+                         "cpu_per_item_ratio": mine / theirs if mine is not None and theirs else None})  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    dtypes = ["fp32", "bf16", "fp16"]
+    parser.add_argument(
+        "--dtype", default=None, choices=dtypes, help="default: bf16 with --peers (serve_rm.py's), else fp32"
+    )
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--model", default=None, help="a checkpoint directory instead of the CPU plan (GPU runs)")
-    parser.add_argument("--prefix", action="store_true", help="the prefix-sharing comparison (GRPO, best-of-16, PPO)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--prefix", action="store_true", help="the prefix-sharing comparison (GRPO, best-of-16, PPO)")
+    which.add_argument("--peers", action="store_true", help="the comparison with OpenRLHF's serve_rm.py (see above)")
+    add_peer_args(parser)
+    add_filter_args(parser)
     args = parser.parse_args(argv)
+    dtype = args.dtype or ("bf16" if args.peers else "fp32")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_server_benchmarks(quick=args.quick, out_dir=out, dtype=args.dtype, repeats=args.repeats,
-                                    progress=print, model=args.model, prefix=args.prefix)  # fmt: skip
-    (out / ("server-prefix.json" if args.prefix else "server.json")).write_text(json.dumps(results, indent=2))
+    setup, note = find_openrlhf_setup(args.openrlhf_python, args.openrlhf_pythonpath) if args.peers else (None, None)
+    results = run_server_benchmarks(quick=args.quick, out_dir=out, dtype=dtype, repeats=args.repeats,
+                                    progress=print, model=args.model, prefix=args.prefix, peers=args.peers,
+                                    openrlhf=setup, openrlhf_note=note, openrlhf_attn=args.openrlhf_attn,
+                                    inprocess=False if args.no_inprocess else None, servers=split(args.servers),
+                                    models=split(args.models), workloads=split(args.workloads),
+                                    threads=split(args.threads))  # fmt: skip
+    name = "server-peers" if args.peers else "server-prefix" if args.prefix else "server"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    title = "Against OpenRLHF's serve_rm.py" if args.peers else "Servers under load"
+    (out / f"{name}.md").write_text("\n".join(server_markdown(results, title=title)).lstrip() + "\n")
     for row in results["speedups"]:
+        cpu = row.get("cpu_per_item_ratio")
         print(
-            f"{row['workload']} C={row['concurrency']} {row['server']} vs {row.get('against', 'baseline')}: "
-            f"{row['speedup']:.2f}x"
+            f"{row['model']} {row['workload']} C={row['concurrency']} {row['server']} vs "
+            f"{row.get('against', 'baseline')}: {row['speedup']:.2f}x items/s"
+            + (f", {cpu:.2f}x server CPU per item" if cpu is not None else "")
         )
     return results
+
+
+def split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def add_peer_args(parser: argparse.ArgumentParser) -> None:
+    """The peer comparison's flags (shared with ``rmserve bench``)."""
+    parser.add_argument(
+        "--openrlhf-python",
+        default=None,
+        help="the peer's interpreter (the setup script's venv; default: $RMSERVE_BENCH_OPENRLHF_PYTHON, else "
+        "<$TMPDIR or /tmp>/orlhf-venv/bin/python when it exists)",
+    )
+    parser.add_argument(
+        "--openrlhf-pythonpath",
+        default=None,
+        help="PYTHONPATH holding OpenRLHF's source and the stand-ins, 'stubs:src' "
+        "(default: $RMSERVE_BENCH_OPENRLHF_PYTHONPATH, else the setup script's)",
+    )
+    parser.add_argument(
+        "--openrlhf-attn",
+        default="sdpa",
+        help="serve_rm.py --ds.attn_implementation (its default flash_attention_2 needs flash-attn)",
+    )
+    parser.add_argument(
+        "--no-inprocess",
+        action="store_true",
+        help="leave out rmserve --runtime inprocess even when rmserve serve has it",
+    )
+    parser.add_argument(
+        "--threads",
+        default=None,
+        help="peer comparison thread settings, one after the other: defaults (each server's own), one (all on one "
+        "torch thread, names end in -1t); default: defaults with --quick, else defaults,one",
+    )
+
+
+def add_filter_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--servers", default=None, help="only these servers, e.g. openrlhf,rmserve")
+    parser.add_argument("--models", default=None, help="only these models of the plan, e.g. tiny-1L")
+    parser.add_argument("--workloads", default=None, help="only these workloads of the plan, e.g. ppo-query")
 
 
 if __name__ == "__main__":

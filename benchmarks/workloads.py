@@ -5,6 +5,9 @@
 * GRPO / best-of-n: P prompts × n responses sharing their prompt (``/v1/rerank`` groups).
 * Shared-prompt groups for prefix sharing (``shared_prompt_groups``): GRPO per-sample (n = 8, P ≈ 768–1,024,
   R ≈ 192–256 tokens) and best-of-16 (P ≈ 1,024, R ≈ 128), lengths drawn in words (≈ 2.8 tokens each here).
+* PPO text samples (``ppo_text_items``, ``PPO_TEXT``: 100 + 100 tokens median, lognormal, nothing shared) and the
+  samples of shared-prompt groups one by one, groups interleaved (``interleaved_samples``): what RL trainers send
+  a reward server, one sample per request.
 * Pairwise evaluation: ``{"prompt", "response_a", "response_b"}`` (``/v1/preference`` pairs).
 * Short items (≤ 64 tokens): where per-request overhead, not compute, dominates.
 
@@ -142,6 +145,28 @@ def shared_prompt_groups(n_groups: int, shape: GroupShape, seed: int = 0) -> lis
          "responses": [random_text(words(shape.response_tokens), rng) for _ in range(shape.n)]}
         for _ in range(n_groups)
     ]  # fmt: skip
+
+
+PPO_TEXT = PPOShape(prompt_median=100, response_median=100, sigma=0.6, min_length=8, max_total=1024)  # ≈ 200 tokens
+
+
+def ppo_text_items(n: int, seed: int = 0, shape: PPOShape = PPO_TEXT) -> list[dict]:
+    """``n`` PPO samples ``{"prompt", "response"}`` as text, lengths in tokens from ``shape`` (converted to words at
+    ``WORDS_PER_TOKEN``), each its own random words: nothing shared between samples."""
+    rng = random.Random(seed + 8)
+    return [
+        {"prompt": random_text(max(1, round(p * WORDS_PER_TOKEN)), rng),
+         "response": random_text(max(1, round(r * WORDS_PER_TOKEN)), rng)}
+        for p, r in ppo_prompt_response_lengths(n, shape, seed)
+    ]  # fmt: skip
+
+
+def interleaved_samples(groups: list[dict]) -> list[dict]:
+    """The groups' samples ``{"prompt", "response"}`` one by one, groups interleaved (every group's first response,
+    then every group's second, ...): how a trainer's workers send a batch of GRPO / best-of-n rollouts."""
+    n = max((len(g["responses"]) for g in groups), default=0)
+    return [{"prompt": g["prompt"], "response": g["responses"][k]} for k in range(n) for g in groups
+            if k < len(g["responses"])]  # fmt: skip
 
 
 def pairwise_pairs(n: int, seed: int = 0, shape: PPOShape = PPO_FULL) -> list[dict]:
