@@ -164,11 +164,10 @@ def reward_markdown(check: dict, shown: int = 4) -> list[str]:
                             [[check["tokens"][k], *(f"{check['rewards'][name][k]:.5f}" for name in names)]
                              for k in range(n)])  # fmt: skip
     for name, row in check["servers"].items():
-        share = row["max_abs_diff_over_std"]
         verdict = "agree" if row["agree"] else "**disagree**"
-        lines.append(f"\n{name} vs {check['reference']}: max |Δ| {row['max_abs_diff']:.4g}"
-                     + (f" ({share:.1%} of the rewards' std)" if share is not None else "")
-                     + f", {verdict} (tolerance {check['tolerance_of_std']:g} std).")  # fmt: skip
+        lines.append(f"\n{name} vs {check['reference']}: max |Δ| {row['max_abs_diff']:.4g}, at most "
+                     f"{row['max_rel_diff']:.2%} of |reward| + std ({check['reward_std']:.3g}): {verdict} "
+                     f"(tolerance {check['rtol']:.2%}, {check['dtype']}).")  # fmt: skip
     return lines
 
 

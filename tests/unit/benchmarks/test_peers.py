@@ -35,6 +35,7 @@ from rmserve.benchmarks.scenarios import (
     query_samples,
 )
 from rmserve.benchmarks.server import (
+    check_samples,
     compare_rewards,
     count_points,
     cpu_ms_per_item,
@@ -42,6 +43,7 @@ from rmserve.benchmarks.server import (
     peer_ratios,
     peer_spec_sets,
     peer_specs,
+    relative_diff,
     reward_lines,
     select_plan,
     select_specs,
@@ -240,22 +242,37 @@ def test_filters_pick_servers_by_name_or_variant_and_scenarios_by_model_and_work
 
 
 # -- rewards and ratios --------------------------------------------------------------------------------
-def test_rewards_agree_within_a_share_of_their_spread():
+def test_rewards_agree_within_a_share_of_their_size_and_spread():
     rewards = {"openrlhf": [1.0, -1.0, 3.0, -3.0], "rmserve": [1.05, -1.0, 3.0, -3.1], "bad": [2.0, -1.0, 3.0, -3.0]}
-    check = compare_rewards(rewards, "openrlhf", tolerance=0.1)  # std of the reference: sqrt(5) ≈ 2.236
-    assert check["reward_std"] == pytest.approx(5**0.5)
-    assert check["servers"]["rmserve"]["max_abs_diff"] == pytest.approx(0.1) and check["servers"]["rmserve"]["agree"]
-    assert not check["servers"]["bad"]["agree"]
-    assert compare_rewards({"a": [1.0], "b": [1.0]}, "a", 0.1)["servers"]["b"]["agree"]  # one sample: exact only
+    check = compare_rewards(rewards, "openrlhf", rtol=0.03)  # std of the reference: sqrt(5) ≈ 2.236
+    assert check["reward_std"] == pytest.approx(5**0.5) and check["reference"] == "openrlhf"
+    mine = check["servers"]["rmserve"]
+    assert mine["max_abs_diff"] == pytest.approx(0.1) and mine["agree"]
+    assert mine["max_rel_diff"] == pytest.approx(0.1 / (3 + 5**0.5))  # the worst sample: -3.1 against -3
+    assert not check["servers"]["bad"]["agree"]  # 1.0 off on a reward of 1 ± 2.2
+    # one group's rewards barely spread: a bf16 rounding of a large reward still agrees
+    assert compare_rewards({"a": [36.5, 37.5], "b": [36.6, 37.28]}, "a", 0.03)["servers"]["b"]["agree"]
+    assert compare_rewards({"a": [0.0], "b": [0.0]}, "a", 0.03)["servers"]["b"]["agree"]
+    assert not compare_rewards({"a": [0.0], "b": [0.1]}, "a", 0.03)["servers"]["b"]["agree"]
+    assert relative_diff(1.1, 1.0, 1.0) == pytest.approx(0.05)
     assert first_reward({"rewards": [0.25], "scores": [0.25]}) == 0.25
+
+
+def test_the_check_takes_two_samples_from_each_of_several_groups():
+    samples = check_samples("grpo-query", 8, seed=0)
+    assert len(samples) == 8 and len({s["prompt"] for s in samples}) == 4
+    assert [s["prompt"] for s in samples[:4]] == [s["prompt"] for s in samples[4:]]  # interleaved
+    assert len(check_samples("best-of-16-query", 8, seed=0)) == 8
+    assert check_samples("ppo-query", 8, seed=0) == query_samples("ppo-query", 8, seed=0)
 
 
 def test_reward_tables_show_every_server_side_by_side():
     check = {"model": "tiny-1L", "workload": "ppo-query", "dtype": "bf16", "tokens": [10, 20],
              "rewards": {"openrlhf": [0.5, -0.5], "rmserve": [0.51, -0.49]},
-             **compare_rewards({"openrlhf": [0.5, -0.5], "rmserve": [0.51, -0.49]}, "openrlhf", 0.1)}  # fmt: skip
+             **compare_rewards({"openrlhf": [0.5, -0.5], "rmserve": [0.51, -0.49]}, "openrlhf", 0.03)}  # fmt: skip
     text = "\n".join(reward_lines(check))
-    assert "openrlhf" in text and "0.51000" in text and "rmserve vs openrlhf: max |Δ| 0.01" in text and "agree" in text
+    assert "openrlhf" in text and "0.51000" in text and "rmserve vs openrlhf: max |Δ| 0.01, at most 1.00%" in text
+    assert "-> agree (tolerance 3.00%, bf16)" in text
     md = "\n".join(reward_markdown(check))
     assert "| tokens | openrlhf | rmserve |" in md and "| 20 | -0.50000 | -0.49000 |" in md
 
