@@ -150,7 +150,7 @@ def server_markdown(server: dict | None, title: str = "Servers under load") -> l
         lines += markdown_table(["server", "HTTP p50 ms", "engine p50 ms", "overhead ms"],
                                 [[o["server"], f"{o['http_p50_ms']:.2f}", f"{o['engine_p50_ms']:.2f}",
                                   f"{o['overhead_ms']:.2f}"] for o in server["overhead"]])  # fmt: skip
-    lines += [f"- {n}" for n in server.get("notes", [])]
+    lines += ["", *[f"- {n}" for n in server["notes"]]] if server.get("notes") else []
     return lines
 
 

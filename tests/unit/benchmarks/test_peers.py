@@ -297,3 +297,16 @@ def test_peer_ratios_pair_servers_with_the_peer_of_the_same_threads_and_inproces
                                    title="Against OpenRLHF's serve_rm.py"))  # fmt: skip
     assert "## Against OpenRLHF's serve_rm.py (median of 1 interleaved repeats, bf16)" in md
     assert "| tiny-1L | ppo-query | 64 | rmserve | openrlhf | 10.00× | 0.20 |" in md
+
+
+def test_rmserve_bench_takes_the_peer_section_and_its_flags_but_not_by_default():
+    import argparse
+
+    from rmserve.benchmarks.cli import DEFAULT_SECTIONS, SECTIONS, add_bench_args
+
+    parser = argparse.ArgumentParser()
+    add_bench_args(parser)
+    args = parser.parse_args(["--only", "peers", "--openrlhf-python", "/v/python", "--threads", "one"])
+    assert (args.only, args.openrlhf_python, args.threads, args.peers_dtype) == ("peers", "/v/python", "one", "bf16")
+    assert "peers" in SECTIONS and "peers" not in DEFAULT_SECTIONS
+    assert parser.parse_args([]).only == ",".join(DEFAULT_SECTIONS)
