@@ -47,7 +47,7 @@ class BatchingConfig(_Section):
         ge=16,
         le=10_000_000,
         description="Token budget of one forward: the Scorer's queue takes waiting items while the engine's cost of "
-        "the batch (padded tokens of its micro-batches plus their overhead, ScoringEngine.batch_cost) fits it; also "
+        "the batch (padded tokens of its micro-batches plus their overhead, ScoringEngine.plan) fits it; also "
         "the engine's micro-batch budget. Larger means more throughput and more memory per forward.",
     )
     max_batch_items: int = Field(

@@ -1,20 +1,23 @@
 """The Scorer's one batching queue: items from every request wait here, and the forward thread takes them a batch
-at a time, priced with the cost the engine will really compute. Thread-safe, no asyncio, no Ray, no torch.
+at a time, planned and priced by the engine: the plan that priced a batch is the plan the engine runs. Thread-safe,
+no asyncio, no Ray, no torch.
 
 ``take`` (the forward thread) blocks until an item waits. When the engine was idle (nothing waited when it asked),
 it then waits up to ``wait_timeout_s`` for more items, unless the queue already holds a full batch; when items
 piled up during the previous forward, it takes them at once. A batch is the longest first-come-first-served run of
-waiting items whose ``price`` (``ScoringEngine.batch_cost``: padded tokens of the micro-batches the engine will
-run, plus their overhead, later prefix- and cache-aware) fits the budget, with at most ``max_batch_items`` items;
-the first item always goes, however long. ``withdraw`` takes a request's waiting items out (its caller went away);
+waiting items whose plan (``ScoringEngine.plan``: duplicates and reward-cache hits answered, shared prefixes computed
+once, micro-batches) costs no more than the budget (``BatchPlan.cost``: the padded tokens of its forwards plus their
+overhead), with at most ``max_batch_items`` items; the first item always goes, however long. ``take`` hands the batch
+over with that plan, for ``ScoringEngine.run``. ``withdraw`` takes a request's waiting items out (its caller went away);
 the same lock orders it against ``take``, so an item is either withdrawn or in a batch, never both.
 
 Example::
 
-    queue = BatchQueue(engine.batch_cost, lambda: engine.max_batch_tokens, max_batch_items=256, wait_timeout_s=0.005)
+    queue = BatchQueue(engine.plan, lambda: engine.max_batch_tokens, max_batch_items=256, wait_timeout_s=0.005)
     ticket = Ticket(count=2)
     queue.put(ticket, [[1, 5, 9], [1, 7]])
-    batch = queue.take()            # on the forward thread: [QueuedItem([1, 5, 9], ticket, 0), QueuedItem(...)]
+    batch = queue.take()            # on the forward thread: Batch([QueuedItem([1, 5, 9], ticket, 0), ...], plan)
+    engine.run(batch.plan)          # rewards of batch.items, in order
     queue.withdraw(other_ticket)    # -> how many of its items were still waiting (they never reach a forward)
 """
 
@@ -57,18 +60,26 @@ class QueuedItem:
     index: int
 
 
+@dataclass(eq=False)
+class Batch:
+    """Items taken together, and the plan (an object with a ``cost``) that priced them."""
+
+    items: list[QueuedItem]
+    plan: Any
+
+
 class BatchQueue:
-    """First come, first served; batches priced by ``price`` within ``budget()`` and ``max_batch_items``."""
+    """First come, first served; batches planned by ``plan`` within ``budget()`` and ``max_batch_items``."""
 
     def __init__(
         self,
-        price: Callable[[list[Sequence[int]]], int],
+        plan: Callable[[list[Sequence[int]]], Any],
         budget: Callable[[], int],
         *,
         max_batch_items: int = 256,
         wait_timeout_s: float = 0.005,
     ):
-        self.price = price
+        self.plan = plan
         self.budget = budget
         self.max_batch_items = max_batch_items
         self.wait_timeout_s = wait_timeout_s
@@ -107,8 +118,8 @@ class BatchQueue:
                 self._items = kept
             return removed
 
-    def take(self) -> list[QueuedItem] | None:
-        """The next batch (blocks until there is one); None once the queue is closed."""
+    def take(self) -> Batch | None:
+        """The next batch and its plan (blocks until there is one); None once the queue is closed."""
         with self._cond:
             idle = not self._items  # the engine asked with nothing waiting: it may wait a moment for company
             while True:
@@ -124,7 +135,8 @@ class BatchQueue:
                             break
                         self._cond.wait(left)
                 if self._items:  # (all of them may have been withdrawn meanwhile)
-                    return self._pop(self._batch_size())
+                    count, plan = self._planned_batch()
+                    return Batch(self._pop(count), plan)
 
     def close(self) -> None:
         """Wake the forward thread for good: ``take`` returns None from now on."""
@@ -136,21 +148,23 @@ class BatchQueue:
     def _full(self) -> bool:
         return len(self._items) >= self.max_batch_items or self._tokens >= self.budget()
 
-    def _batch_size(self) -> int:
-        """The most leading items whose price fits the budget (at least one): one ``price`` call when all the
-        candidates fit, a binary search otherwise (a batch's price never falls when an item joins it)."""
+    def _planned_batch(self) -> tuple[int, Any]:
+        """The most leading items whose plan fits the budget (at least one), and that plan: one plan when all the
+        candidates fit, a binary search otherwise (a batch's cost never falls when an item joins it)."""
         candidates = [q.input_ids for q in itertools.islice(self._items, self.max_batch_items)]
         budget = self.budget()
-        if self.price(candidates) <= budget:
-            return len(candidates)
-        fits, over = 1, len(candidates)
+        plan = self.plan(candidates)
+        if plan.cost <= budget:
+            return len(candidates), plan
+        fits, fits_plan, over = 1, None, len(candidates)
         while over - fits > 1:
             mid = (fits + over) // 2
-            if self.price(candidates[:mid]) <= budget:
-                fits = mid
+            attempt = self.plan(candidates[:mid])
+            if attempt.cost <= budget:
+                fits, fits_plan = mid, attempt
             else:
                 over = mid
-        return fits
+        return fits, fits_plan if fits_plan is not None else self.plan(candidates[:1])
 
     def _pop(self, count: int) -> list[QueuedItem]:
         batch = [self._items.popleft() for _ in range(count)]

@@ -3,8 +3,9 @@ thread, dropping the items of callers that went away, rescoring a failed batch i
 
 A request's path: admit its items (429 past ``max_queued_items``) → tokenize them once (on a tokenizer thread; big
 requests on their own) → put them in the ``BatchQueue`` → the forward thread takes whatever waits, up to the token
-budget priced by ``ScoringEngine.batch_cost``, runs ``score_batch`` and hands each item its outcome back on the
-caller's event loop. One forward runs at a time; items that arrive meanwhile wait for the next one.
+budget planned and priced by ``ScoringEngine.plan``, runs that very plan (``ScoringEngine.run``) and hands each item
+its outcome back on the caller's event loop. One forward runs at a time; items that arrive meanwhile wait for the
+next one.
 
 A caller that goes away (its task cancelled, or ``withdraw(request_id)`` from a Gateway that merged it with other
 requests into one call) has its waiting items taken out of the queue: they never reach a forward, and nobody else's
@@ -36,7 +37,7 @@ from rmserve.model import EngineStats, RewardModel, TokenizedItem
 from rmserve.model.errors import InternalError, OverloadedError, RequestTooLargeError, RMServeError, item_error
 from rmserve.model.items import Item, payload_size
 from rmserve.serve.config.settings import BatchingConfig, LimitsConfig
-from rmserve.serve.core.batching import BatchQueue, QueuedItem, Ticket
+from rmserve.serve.core.batching import Batch, BatchQueue, QueuedItem, Ticket
 from rmserve.serve.core.faults import FaultPlan
 from rmserve.serve.edge.errors import internal_error
 from rmserve.serve.edge.protocol import ScoredItems
@@ -65,7 +66,7 @@ class ScoringCore:
         self.max_queued_items = limits.max_queued_items
         self.queued_items = 0  # admitted and not answered yet (event-loop thread only)
         engine = model.engine
-        self.queue = BatchQueue(engine.batch_cost, lambda: engine.max_batch_tokens)
+        self.queue = BatchQueue(engine.plan, lambda: engine.max_batch_tokens)
         self.configure(batching, limits.max_queued_items)
         self._by_id: dict[str, Ticket] = {}
         self._withdrawn_early: OrderedDict[str, None] = OrderedDict()
@@ -219,31 +220,32 @@ class ScoringCore:
     def _forward_loop(self) -> None:
         while (batch := self.queue.take()) is not None:
             try:
-                outcomes = self._score_batch([q.input_ids for q in batch])
+                outcomes = self._run(batch)
             except BaseException as exc:  # the thread must live on: fail this batch's items only
-                outcomes = [internal_error(exc, "scoring a batch")] * len(batch)
-            self.metrics.on_batch([len(q.input_ids) for q in batch])
+                outcomes = [internal_error(exc, "scoring a batch")] * len(batch.items)
+            self.metrics.on_batch([len(q.input_ids) for q in batch.items])
             by_loop: dict[Any, list[tuple[QueuedItem, Outcome]]] = {}
-            for item, outcome in zip(batch, outcomes, strict=True):
+            for item, outcome in zip(batch.items, outcomes, strict=True):
                 by_loop.setdefault(item.ticket.context[0], []).append((item, outcome))
             for loop, delivered in by_loop.items():
                 with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody waits for these
                     loop.call_soon_threadsafe(_deliver, delivered)
 
-    def _score_batch(self, sequences: list[Sequence[int]]) -> list[Outcome]:
-        """Score a batch; if it fails as a whole, rescore item by item so only the culprit fails."""
+    def _run(self, batch: Batch) -> list[Outcome]:
+        """Run the plan the queue priced the batch with; if it fails as a whole, rescore item by item so only the
+        culprit fails."""
         engine = self.model.engine
         try:
-            return engine.score_batch(sequences)
+            return engine.run(batch.plan)
         except Exception as exc:
-            if len(sequences) == 1:
+            if len(batch.items) == 1:
                 return [internal_error(exc, "scoring a batch of one item")]
-            log.warning("a batch of %d items failed (%r); rescoring them one by one", len(sequences), exc)
+            log.warning("a batch of %d items failed (%r); rescoring them one by one", len(batch.items), exc)
             self.metrics.on_rescored_batch()
         outcomes: list[Outcome] = []
-        for seq in sequences:
+        for item in batch.items:
             try:
-                outcomes.extend(engine.score_batch([seq]))
+                outcomes.extend(engine.score_batch([item.input_ids]))
             except Exception as exc:
                 outcomes.append(internal_error(exc, "scoring one item"))
         return outcomes

@@ -105,7 +105,8 @@ async def test_batches_take_what_waits_up_to_the_budget_the_engine_prices(core, 
     def recording_take():  # the forward thread's next batches (it is inside the held forward now)
         batch = take()
         if batch:
-            taken.append([q.input_ids for q in batch])
+            taken.append([q.input_ids for q in batch.items])
+            assert batch.plan.cost == model.engine.batch_cost(taken[-1])  # the plan it runs is the one priced
         return batch
 
     core.queue.take = recording_take

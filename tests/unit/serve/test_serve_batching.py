@@ -16,7 +16,7 @@ def engine(demo_model):
 
 
 def queue_for(engine, budget: int, *, max_batch_items: int = 256, wait_timeout_s: float = 0.0) -> BatchQueue:
-    return BatchQueue(engine.batch_cost, lambda: budget, max_batch_items=max_batch_items, wait_timeout_s=wait_timeout_s)
+    return BatchQueue(engine.plan, lambda: budget, max_batch_items=max_batch_items, wait_timeout_s=wait_timeout_s)
 
 
 def ids(length: int) -> list[int]:
@@ -29,26 +29,26 @@ def test_a_batch_is_the_longest_leading_run_the_engine_prices_within_the_budget(
     queue = queue_for(engine, budget)
     ticket = Ticket(len(lengths))
     assert queue.put(ticket, [ids(n) for n in lengths])
-    batch = queue.take()
+    batch = queue.take().items
     assert [len(q.input_ids) for q in batch] == lengths[:4]
     assert [q.index for q in batch] == [0, 1, 2, 3] and all(q.ticket is ticket for q in batch)
     assert engine.batch_cost([q.input_ids for q in batch]) <= budget
     assert engine.batch_cost([ids(n) for n in lengths[:5]]) > budget  # the next item would not have fitted
-    rest = queue.take()
+    rest = queue.take().items
     assert [q.index for q in rest][0] == 4  # first come, first served
 
 
 def test_an_item_over_the_budget_still_gets_a_batch_of_its_own(engine):
     queue = queue_for(engine, budget=100)
     queue.put(Ticket(2), [ids(400), ids(10)])
-    assert [len(q.input_ids) for q in queue.take()] == [400]
-    assert [len(q.input_ids) for q in queue.take()] == [10]
+    assert [len(q.input_ids) for q in queue.take().items] == [400]
+    assert [len(q.input_ids) for q in queue.take().items] == [10]
 
 
 def test_the_item_cap_bounds_a_batch(engine):
     queue = queue_for(engine, budget=1_000_000, max_batch_items=3)
     queue.put(Ticket(7), [ids(5)] * 7)
-    assert [len(queue.take()) for _ in range(3)] == [3, 3, 1]
+    assert [len(queue.take().items) for _ in range(3)] == [3, 3, 1]
 
 
 def test_withdraw_removes_only_that_requests_waiting_items(engine):
@@ -58,7 +58,7 @@ def test_withdraw_removes_only_that_requests_waiting_items(engine):
     queue.put(neighbour, [ids(8)] * 2)
     assert queue.withdraw(victim) == 3
     assert queue.withdraw(victim) == 0  # counted once
-    assert [q.ticket for q in queue.take()] == [neighbour, neighbour]
+    assert [q.ticket for q in queue.take().items] == [neighbour, neighbour]
     assert queue.put(victim, [ids(7)]) is False  # a gone request queues nothing more
 
 
@@ -73,7 +73,7 @@ def test_items_that_waited_during_a_forward_go_without_the_wait(engine):
     # With an hour-long wait timeout, take() only returns at once because it does not wait: items were waiting.
     queue = queue_for(engine, budget=1_000_000, wait_timeout_s=3600)
     queue.put(Ticket(2), [ids(5), ids(6)])
-    assert len(queue.take()) == 2
+    assert len(queue.take().items) == 2
 
 
 def test_an_idle_engine_stops_waiting_once_a_full_batch_waits(engine):
@@ -84,7 +84,7 @@ def test_an_idle_engine_stops_waiting_once_a_full_batch_waits(engine):
     queue.put(Ticket(1), [ids(5)])
     queue.put(Ticket(1), [ids(6)])  # the cap is reached: the batch goes without waiting out the hour
     taker.join(timeout=60)
-    assert not taker.is_alive() and [len(q.input_ids) for q in taken[0]] == [5, 6]
+    assert not taker.is_alive() and [len(q.input_ids) for q in taken[0].items] == [5, 6]
 
 
 def test_close_ends_take(engine):

@@ -82,8 +82,9 @@ def test_custom_resources_place_the_scorers_and_the_gateway_from_every_source():
         }
     )
     assert [m.resources for m in several.served_models()] == [{"gpu_node": 1.0}, {"big": 1.0}]
-    with pytest.raises(ValueError, match="RMSERVE_RESOURCES must be a JSON object"):
-        load_config(environ={"RMSERVE_RESOURCES": "rmserve_scorer=1"})
+    assert load_config(environ={"RMSERVE_RESOURCES": "rmserve_scorer=1"}).resources == {"rmserve_scorer": 1.0}
+    with pytest.raises(ValueError, match="RMSERVE_RESOURCES must be a JSON object or key=value pairs"):
+        load_config(environ={"RMSERVE_RESOURCES": "rmserve_scorer"})
     with pytest.raises(ValueError, match="resources"):
         load_config(overrides={"resources": {"rmserve_scorer": -1}})
 
