@@ -170,9 +170,27 @@ async def report_metrics(link: HubLink, member: str, kind: str, snapshot: Callab
         generation = answer
 
 
+class HubProbeWarnings(logging.Filter):
+    """Drops Serve's "Failed to get queue length from Replica(... deployment='MetricsHub' ...)" warnings.
+
+    Serve's router asks a replica for its queue length, within 0.1 s, before each call; a replica's first call to the
+    hub also opens its connection to the hub's actor, which on a busy machine (models loading at start-up) takes
+    longer, so every replica logged it once or twice on a fresh start. For the hub that costs nothing (one replica; the
+    router retries at once with a longer deadline, and a report is not urgent), so the warning says nothing an operator
+    can act on. The same warning about a Scorer replica still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Failed to get queue length") and f"deployment='{HUB_DEPLOYMENT}'" in message)
+
+
 def start_reporting(link: HubLink, kind: str, snapshot: Callable[[], Snapshot]) -> asyncio.Task:
     """Start ``report_metrics`` for the Serve replica this runs in (call on its event loop, e.g. in ``__init__``)."""
     from ray import serve
+
+    serve_log = logging.getLogger("ray.serve")
+    if not any(isinstance(f, HubProbeWarnings) for f in serve_log.filters):
+        serve_log.addFilter(HubProbeWarnings())
 
     context = serve.get_replica_context()
     member = f"{context.deployment}#{context.replica_tag}"

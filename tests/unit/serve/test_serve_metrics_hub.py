@@ -141,3 +141,20 @@ async def test_a_replica_of_another_build_is_not_counted():
     result = await hub.collect(wait_s=5.0)
     assert set(result["members"]) == {"scorer#new"} and totals(result).get("items_scored") == 2.0
     await ours.stop()
+
+
+def test_only_the_hubs_queue_length_warnings_are_dropped():
+    import logging
+
+    from rmserve.serve.rayserve.metrics_hub import HubProbeWarnings
+
+    def record(deployment: str) -> logging.LogRecord:
+        text = (
+            f"Failed to get queue length from Replica(id='x', deployment='{deployment}', app='rmserve') within 0.1s."
+        )
+        return logging.LogRecord("ray.serve", logging.WARNING, __file__, 1, text, None, None)
+
+    hub_filter = HubProbeWarnings()
+    assert not hub_filter.filter(record("MetricsHub"))
+    assert hub_filter.filter(record("Scorer"))
+    assert hub_filter.filter(logging.LogRecord("ray.serve", logging.WARNING, __file__, 1, "other", None, None))
