@@ -171,6 +171,12 @@ def reward_markdown(check: dict, shown: int = 4) -> list[str]:
     return lines
 
 
+def server_colours(servers: list[str]) -> dict[str, str]:
+    """One colour per server, the same in every panel and plot (the order servers first appear in)."""
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
+    return {s: palette[k % len(palette)] for k, s in enumerate(dict.fromkeys(servers))}
+
+
 def plot(results: dict, out_dir: Path) -> list[Path]:
     """throughput_vs_concurrency.png and latency_percentiles.png (only when server points exist)."""
     import matplotlib
@@ -185,12 +191,15 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     for p in points:
         groups.setdefault((p["model"], p["workload"]), []).append(p)
     paths = []
+    colour = server_colours([p["server"] for p in points])
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
     for ax, ((model, workload), rows) in zip(axes[0], groups.items(), strict=True):
         for server in dict.fromkeys(r["server"] for r in rows):
             mine = sorted((r for r in rows if r["server"] == server), key=lambda r: r["concurrency"])
-            ax.plot([r["concurrency"] for r in mine], [r["items_per_s"] for r in mine], marker="o", label=server)
+            xs, ys = [r["concurrency"] for r in mine], [r["items_per_s"] for r in mine]
+            ax.plot(xs, ys, marker="o", label=server, color=colour[server])
         ax.set(title=f"{model}: {workload}", xlabel="concurrent clients", ylabel="items/s", xscale="log")
+        ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out_dir / "throughput_vs_concurrency.png")
@@ -201,11 +210,12 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     for ax, ((model, workload), rows) in zip(axes[0], groups.items(), strict=True):
         top = max(r["concurrency"] for r in rows)
         mine = [r for r in rows if r["concurrency"] == top]
-        for k, q in enumerate(("p50_ms", "p95_ms", "p99_ms")):
-            ax.bar([i + 0.27 * k for i in range(len(mine))], [r[q] for r in mine], width=0.27, label=q[:3])
+        for k, q in enumerate(("p50_ms", "p95_ms", "p99_ms")):  # a server's colour, darker for higher percentiles
+            xs, ys = [i + 0.27 * k for i in range(len(mine))], [r[q] for r in mine]
+            ax.bar(xs, ys, width=0.27, color=[colour[r["server"]] for r in mine], alpha=0.45 + 0.25 * k)
         ax.set_xticks([i + 0.27 for i in range(len(mine))], [r["server"] for r in mine], fontsize=7)
-        ax.set(title=f"{model}: {workload}, {top} clients", ylabel="latency ms", yscale="log")
-        ax.legend(fontsize=7)
+        ax.set(title=f"{model}: {workload}, {top} clients (bars: p50, p95, p99)", ylabel="latency ms")
+        ax.set_ylim(bottom=0)
     fig.tight_layout()
     paths.append(out_dir / "latency_percentiles.png")
     fig.savefig(paths[-1], dpi=110)
