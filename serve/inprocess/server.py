@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from rmserve.serve.cli.process import check_port_free
+from rmserve.serve.cli.process import check_port_free, install_stop_signals
 from rmserve.serve.config.loading import ConfigError
 from rmserve.serve.config.resources import Capacity, host_cores, resolve_resources
 from rmserve.serve.config.settings import ServerConfig
@@ -110,8 +111,10 @@ def run_inprocess(config: ServerConfig, stop: threading.Event | None = None) -> 
         ),
         app.drain,
     )
-    if stop is not None:  # a caller's own stop signal (tests, an embedding program)
-        threading.Thread(target=lambda: (stop.wait(), server.handle_exit(0, None)), daemon=True).start()
+    # uvicorn takes SIGINT/SIGTERM while it serves and, once it has shut down gracefully, raises the signal again for
+    # the handlers that were there before: these set ``stop``, so the process ends with exit code 0, not the signal's.
+    stop = install_stop_signals(stop)
+    threading.Thread(target=lambda: (stop.wait(), server.handle_exit(signal.SIGTERM, None)), daemon=True).start()
     url = f"http://{config.host}:{config.port}"
     what = ", ".join(repr(m.path) if m.name is None else f"{m.name}={m.path}" for m in served)
     print(f"rmserve: serving {what} at {url} (GET {url}/ready; Ctrl-C to stop)", flush=True)
