@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,16 +84,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rmserve_executable() -> str:
-    """The ``rmserve`` script next to this interpreter (the virtualenv's), else the one on PATH."""
-    candidate = Path(sys.executable).with_name("rmserve")
-    return str(candidate) if candidate.exists() else "rmserve"
+RMSERVE_CLI_MODULE = "rmserve.serve.cli.main"  # `python -m` it where there is no `rmserve` script
+
+
+def rmserve_executable() -> list[str]:
+    """How to run ``rmserve``: the script next to this interpreter (the virtualenv's), else one on PATH, else this
+    interpreter with ``-m rmserve.serve.cli.main`` (rmserve imported from a checkout through PYTHONPATH, no console
+    script: the GPU pass)."""
+    return resolve_rmserve_executable(Path(sys.executable), shutil.which("rmserve"))
+
+
+def resolve_rmserve_executable(python: Path, on_path: str | None) -> list[str]:
+    candidate = python.with_name("rmserve")
+    if candidate.exists():
+        return [str(candidate)]
+    return [on_path] if on_path else [str(python), "-m", RMSERVE_CLI_MODULE]
 
 
 def rmserve_command(model_dir: str | None, port: int, dtype: str, extra: list[str] | None = None) -> list[str]:
     """``rmserve serve`` on loopback; ``model_dir`` None: the models come from ``extra`` (``--config models.yaml``)."""
     model = ["--model", model_dir] if model_dir is not None else []
-    return [rmserve_executable(), "serve", *model, "--host", LOOPBACK, "--port", str(port), "--dtype", dtype,
+    return [*rmserve_executable(), "serve", *model, "--host", LOOPBACK, "--port", str(port), "--dtype", dtype,
             *(extra or [])]  # fmt: skip
 
 
@@ -177,7 +189,7 @@ def find_openrlhf_setup(python: str | None = None, pythonpath: str | None = None
 def rmserve_serve_help() -> str | None:
     """``rmserve serve --help`` (None when ``rmserve serve`` does not run in this installation)."""
     try:
-        done = subprocess.run([rmserve_executable(), "serve", "--help"], capture_output=True, text=True, timeout=60)
+        done = subprocess.run([*rmserve_executable(), "serve", "--help"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout if done.returncode == 0 else None

@@ -1,15 +1,26 @@
-"""The models the benchmarks run: the demo model, "bench-20M" (CPU) and "8B-shape" (GPU), random weights.
+"""The models the benchmarks run: the demo model, "bench-20M" (CPU), "8B-shape" and "Qwen3-0.6B-shape" (GPU), random
+weights.
 
 * ``bench-20M``: LLaMA, hidden 512, 6 layers, 8 heads, intermediate 1376, vocab 32,000 (19.0M non-embedding
   parameters). Saved once as a real checkpoint (``LlamaForSequenceClassification``, head ``score``, the demo's
   tokenizer) under the rmserve cache, so the engine benchmark, rmserve and the baseline all load the same weights.
 * ``8B-shape``: Llama-3-8B dimensions (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14,336,
   vocab 128,256), random weights initialised directly on the GPU in the benchmark dtype (seconds, not minutes).
+* ``Qwen3-0.6B-shape``: Qwen3-0.6B dimensions (hidden 1024, 28 layers, 16 heads, 8 KV heads, head_dim 128,
+  intermediate 3,072, vocab 151,936, tied embeddings; 0.44B non-embedding parameters), as a
+  ``Qwen3ForSequenceClassification`` (``Qwen2ForSequenceClassification`` on a transformers without Qwen3, whose
+  heads are then hidden / heads = 64 wide) with the demo's tokenizer (its 768 ids are all inside the vocab).
+* ``tiny-1L`` and ``tiny-qwen3``: one layer, width 64, the demo's vocab (768): the serving path with a forward that
+  costs nothing (the peer comparison; CPU smoke runs of the GPU pass).
+
+Checkpoints written with ``--out`` record the architecture in their ``config.json``; ``--layers N`` keeps the shape's
+width but only ``N`` decoder layers (a smaller, quicker checkpoint: say so wherever its numbers are quoted).
 
 Example::
 
     python -m rmserve.benchmarks.models bench-20M              # prints the checkpoint directory
     python -m rmserve.benchmarks.models 8B-shape --out /scratch/rm-8b --dtype bf16   # 16 GB, for int8/servers
+    python -m rmserve.benchmarks.models Qwen3-0.6B-shape --out /scratch/rm-qwen3 --dtype bf16   # 1.2 GB
 """
 
 from __future__ import annotations
@@ -38,7 +49,17 @@ CONFIGS: dict[str, dict] = {
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
     ),
+    "Qwen3-0.6B-shape": dict(
+        hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+    "tiny-qwen3": dict(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        intermediate_size=128, vocab_size=768, max_position_embeddings=4096, tie_word_embeddings=True,
+    ),
 }  # fmt: skip
+FAMILIES = {"Qwen3-0.6B-shape": "qwen3", "tiny-qwen3": "qwen3"}  # the rest: "llama"
 BENCH_CHECKPOINT_VERSION = "v1"
 MARKER = "rmserve_bench.json"
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,8 +71,32 @@ def llama_config(name: str, **extra):
     return LlamaConfig(**CONFIGS[name], **extra)
 
 
+def qwen3_config_class():
+    """``Qwen3Config`` when this transformers has ``Qwen3ForSequenceClassification``, else ``Qwen2Config`` (no
+    ``head_dim``: its heads are hidden / heads wide)."""
+    import transformers
+
+    if hasattr(transformers, "Qwen3ForSequenceClassification"):
+        return transformers.Qwen3Config
+    return transformers.Qwen2Config
+
+
+def model_config(name: str, *, layers: int | None = None, **extra):
+    """The transformers config of ``name`` (LLaMA, or Qwen3 for the ``FAMILIES`` entries); ``layers``: only that many
+    decoder layers."""
+    fields = {**CONFIGS[name], **({"num_hidden_layers": layers} if layers else {})}
+    if FAMILIES.get(name) == "qwen3":
+        config_class = qwen3_config_class()
+        if config_class.model_type != "qwen3":
+            fields.pop("head_dim", None)
+        return config_class(**fields, **extra)
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**fields, **extra)
+
+
 def decoder_shape(name: str) -> DecoderShape:
-    return DecoderShape.from_config(llama_config(name))
+    return DecoderShape.from_config(model_config(name))
 
 
 def random_engine(name: str, dtype: str, device: str, max_batch_tokens: int):
@@ -60,7 +105,7 @@ def random_engine(name: str, dtype: str, device: str, max_batch_tokens: int):
 
     from rmserve.model import ScoringEngine
 
-    config = llama_config(name)
+    config = model_config(name)
     torch.manual_seed(0)
     with torch.device(device):
         backbone = AutoModel.from_config(config, dtype=TORCH_DTYPES[dtype], attn_implementation="sdpa").eval()
@@ -69,9 +114,10 @@ def random_engine(name: str, dtype: str, device: str, max_batch_tokens: int):
 
 
 def save_random_checkpoint(
-    name: str, out_dir: Path, *, seed: int = 0, device: str = "cpu", dtype: str = "fp32"
+    name: str, out_dir: Path, *, seed: int = 0, device: str = "cpu", dtype: str = "fp32", layers: int | None = None
 ) -> Path:
-    """Write ``name`` with random weights as a ``LlamaForSequenceClassification`` checkpoint + the demo tokenizer.
+    """Write ``name`` with random weights as a ``*ForSequenceClassification`` checkpoint (LLaMA, or Qwen3 for the
+    Qwen3 shapes; head ``score``, one label) + the demo tokenizer; ``layers``: only that many decoder layers.
 
     Built on ``device`` in ``dtype`` (an 8B-shape checkpoint: ``device="cuda", dtype="bf16"``, 16 GB on disk).
     """
@@ -83,8 +129,8 @@ def save_random_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_demo_model()))
     # Pad with <unk>: random token ids start at 2, so the baseline's "rightmost non-pad token" is the last real one.
     tokenizer.pad_token = tokenizer.unk_token
-    config = llama_config(
-        name, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    config = model_config(
+        name, layers=layers, num_labels=1, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     torch.manual_seed(seed)
@@ -138,10 +184,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", choices=sorted(CONFIGS))
     parser.add_argument("--out", default=None, help="write here instead of the cache (built on CUDA when present)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(TORCH_DTYPES), help="weights dtype with --out")
+    parser.add_argument("--layers", type=int, default=None, help="with --out: only this many decoder layers")
+    parser.add_argument("--device", default=None, help="with --out: where the weights are built (default: CUDA if any)")
     args = parser.parse_args(argv)
+    if args.layers is not None and not args.out:
+        parser.error("--layers needs --out (the cached checkpoints keep their shape)")
     if args.out:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        path = save_random_checkpoint(args.config, Path(args.out), device=device, dtype=args.dtype)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        path = save_random_checkpoint(args.config, Path(args.out), device=device, dtype=args.dtype, layers=args.layers)
     else:
         path = ensure_bench_checkpoint(args.config)
     print(path)

@@ -16,8 +16,16 @@ rmserve on Ray and, when ``rmserve serve`` accepts ``--runtime inprocess``, rmse
 both through their ``/get_reward`` drop-in route, and the naive baseline. Before measuring, every server scores the
 same few samples (never measured afterwards) and the rewards are printed side by side with their largest difference.
 
+``--model DIR`` (a GPU machine) replaces the CPU plan with one checkpoint; ``--runtime inprocess`` starts rmserve as
+``rmserve serve --runtime inprocess`` (one process, no Ray: ``python -m rmserve.serve.cli.main`` where there is no
+``rmserve`` script) and ``--plan`` picks the GPU scenarios (``model_plan``): ``ppo-grpo`` (the PPO mix at full size,
+then GRPO-8 samples with rmserve's prefix sharing on and off) or ``ppo-300`` (≈ 300-token items at 64 and 128
+clients); with a plan, the engine alone first scores the PPO points' items in this process (``engine_reference``)
+and each rmserve point is also given as a share of the engine's items/s.
+
     python -m rmserve.benchmarks.server --quick
     python -m rmserve.benchmarks.server --model /scratch/rm-8b --dtype bf16     # on a GPU machine
+    python -m rmserve.benchmarks.server --model /scratch/rm-8b --dtype bf16 --runtime inprocess --plan ppo-grpo
     python -m rmserve.benchmarks.server --peers --quick --openrlhf-python /tmp/orlhf-venv/bin/python \\
         --openrlhf-pythonpath /tmp/orlhf-stubs:/tmp/orlhf-src
 """
@@ -30,6 +38,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -68,7 +77,7 @@ from .scenarios import (
     query_samples,
     scenario_plan,
 )
-from .workloads import BEST_OF_16, GRPO_SHARED
+from .workloads import BEST_OF_16, GRPO_SHARED, PPO_FULL, PPOShape
 
 IDLE_REQUESTS = 64
 REWARD_CHECK_ITEMS = 8  # samples of each query workload every server scores before the measurements
@@ -150,6 +159,162 @@ def prefix_specs() -> list[ServerSpec]:
         ServerSpec("rmserve-1t", "rmserve", args=("--num-cpus", "1")),
         ServerSpec("rmserve-noshare-1t", "rmserve", args=("--num-cpus", "1", "--prefix-sharing", "off")),
     ]
+
+
+# -- the --model path (a GPU machine): --runtime, --plan ------------------------------------------------------------
+RUNTIMES = ("ray", "inprocess")
+MODEL_PLANS = ("default", "ppo-grpo", "ppo-300")
+PPO_300 = PPOShape(prompt_median=150, response_median=150, sigma=0.4, min_length=8, max_total=1024)  # ≈ 300 tokens
+NOSHARE_SUFFIX = "-noshare"
+ENGINE_WORKLOADS = ("ppo-single",)  # the points whose items the engine alone also scores (with a --plan)
+ENGINE_MAX_ITEMS = 1024  # of each point's items (a rate: more only takes longer)
+
+
+def model_plan(model: str | None, plan: str = "default", quick: bool = False) -> list[Scenario]:
+    """The scenarios of a ``--model`` run (``model`` None: the CPU plan); ``default``: ``scenario_plan``'s PPO mix. The
+    GPU plans send one sample per request, as a trainer's workers do:
+
+    * ``ppo-grpo``: the PPO mix at full size (512 + 512 median, ≤ 4,096 tokens) at 64 clients, then GRPO n = 8
+      samples (P 768-1,024, R 192-256 tokens, groups interleaved) at 64 clients (rmserve's prefix sharing on / off);
+    * ``ppo-300``: PPO items of ≈ 300 tokens (150 + 150 median) at 64 and 128 clients (a small model: items/s, p99).
+
+    ``quick``: a 32nd of the requests (at least 16), 3-second points (CPU smoke runs of the GPU pass)."""
+    if plan not in MODEL_PLANS:
+        raise ValueError(f"unknown plan {plan!r}; one of {MODEL_PLANS}")
+    if model is None or plan == "default":
+        return scenario_plan(quick, model)
+
+    def size(n_requests: int, seconds: float) -> tuple[int, float]:
+        return (max(16, n_requests // 32), 3.0) if quick else (n_requests, seconds)
+
+    if plan == "ppo-grpo":
+        return [
+            Scenario(model, "ppo-single", (64,), *size(192, 40.0), PPO_FULL),
+            Scenario(model, "grpo-per-sample", (64,), *size(128, 40.0)),
+        ]
+    return [Scenario(model, "ppo-single", (64, 128), *size(6144, 10.0), PPO_300)]
+
+
+def uses_model_specs(model: str | None, plan: str, runtime: str) -> bool:
+    """Whether a run takes ``model_specs`` (a ``--model`` run with a GPU plan or another runtime) instead of
+    ``server_specs`` (the CPU plan, and ``--model`` alone, unchanged)."""
+    return model is not None and (plan != "default" or runtime != "ray")
+
+
+def model_specs(runtime: str = "ray", *, prefix_compare: bool = False) -> list[ServerSpec]:
+    """The servers of a ``--model`` run with a plan or ``--runtime``, each at its defaults (on a GPU the torch threads
+    only feed it): rmserve on ``runtime`` (``rmserve``: Ray; ``rmserve-inprocess``: one process, no Ray); with
+    ``prefix_compare`` the same rmserve with ``--prefix-sharing off`` and no prefix cache (``-noshare``, the GRPO
+    workload only; left out with a note when it does not start, e.g. out of GPU memory); the naive baseline."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; one of {RUNTIMES}")
+    name, args = ("rmserve", ()) if runtime == "ray" else (f"rmserve-{runtime}", ("--runtime", runtime))
+    specs = [ServerSpec(name, "rmserve", args=args)]
+    if prefix_compare:
+        off = (*args, "--prefix-sharing", "off", "--prefix-cache-bytes", "0")
+        specs.append(ServerSpec(name + NOSHARE_SUFFIX, "rmserve", workloads=("grpo-per-sample",), args=off,
+                                optional=True))  # fmt: skip
+    specs.append(ServerSpec("baseline", "baseline"))
+    return specs
+
+
+def engine_items(scenario: Scenario, level: int, vocab: int, max_items: int = ENGINE_MAX_ITEMS) -> list[list[int]]:
+    """The token ids of what the servers score at ``scenario``'s concurrency level ``level`` in its first repeat
+    (``run_model``'s seed), the warm-up requests left out, at most ``max_items``."""
+    requests = build_requests(scenario.workload, "rmserve", vocab_size=vocab, n_requests=scenario.n_requests,
+                              ppo_shape=scenario.ppo_shape, seed=1 + level * 1000)  # fmt: skip
+    warmup = min(4, len(requests) // 8)  # run_point's
+    return [item["input_ids"] for r in requests[warmup:] for item in r.body["items"]][:max_items]
+
+
+def engine_reference(model: str, scenarios: list[Scenario], *, dtype: str, say=print) -> list[dict]:
+    """The engine alone, in this process, on the items of each ``ENGINE_WORKLOADS`` point (``engine_items``), loaded
+    as ``rmserve serve --model DIR --dtype DTYPE`` loads it (the server's ``ModelSpec``: device, batch budget, prefix
+    sharing, caches), both caches emptied before each pass: all items in one ``score_batch``, then in batches of the
+    point's concurrency in arrival order (what rmserve's queue can at best form). Freed before the servers start."""
+    import gc
+
+    from transformers import AutoConfig
+
+    from rmserve.model import load_reward_model
+    from rmserve.serve.config.settings import ServerConfig
+
+    wanted = [(s, level, c) for s in scenarios if s.workload in ENGINE_WORKLOADS
+              for level, c in enumerate(s.concurrencies)]  # fmt: skip
+    if not wanted:
+        return []
+    model_dir = resolve_model_dir(model)
+    vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size
+    rm = load_reward_model(ServerConfig(model={"path": str(model_dir), "dtype": dtype}).model_spec(0))
+    cuda = next(rm.engine.backbone.parameters()).device.type == "cuda"
+    rows = []
+    try:
+        for scenario, level, concurrency in wanted:
+            seqs = engine_items(scenario, level, vocab)
+            rm.engine.score_batch(seqs[: min(8, len(seqs))])  # warm-up: allocator, kernels
+            whole = time_passes(rm.engine, [seqs], cuda)
+            batches = time_passes(
+                rm.engine, [seqs[k : k + concurrency] for k in range(0, len(seqs), concurrency)], cuda
+            )
+            rows.append({"model": model, "workload": scenario.workload, "concurrency": concurrency,
+                         "items": len(seqs), "tokens": sum(len(q) for q in seqs), "seconds": whole,
+                         "items_per_s": len(seqs) / whole, "batches_seconds": batches,
+                         "batches_items_per_s": len(seqs) / batches,
+                         "device": torch.cuda.get_device_name() if cuda else "cpu"})  # fmt: skip
+            say(engine_line(rows[-1]))
+    finally:
+        rm = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def time_passes(engine, batches: list[list[list[int]]], cuda: bool) -> float:
+    """Seconds to score ``batches`` one after the other, the engine's prefix and reward caches emptied first."""
+    engine.configure_sharing(prefix_sharing=engine.prefix_sharing, prefix_cache_bytes=engine.prefix_cache.max_bytes,
+                             reward_cache_items=engine.reward_cache.max_items)  # fmt: skip
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for batch in batches:
+        engine.score_batch(batch)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def engine_line(row: dict) -> str:
+    return (f"engine alone on the items of {row['workload']} C={row['concurrency']} ({row['items']} items, "
+            f"{row['tokens']:,} tokens, the server's model settings, this process): {row['items_per_s']:.1f} "
+            f"items/s in one score_batch, {row['batches_items_per_s']:.1f} items/s in batches of "
+            f"{row['concurrency']}")  # fmt: skip
+
+
+def model_ratios(points: list[dict], engine: list[dict]) -> list[dict]:
+    """Items/s of each rmserve point against the baseline, against the same rmserve without prefix sharing
+    (``-noshare``) and against the engine alone on the same items (``engine``: one ``score_batch``;
+    ``engine-batches``: batches of the concurrency), per (model, workload, concurrency)."""
+    by_key = {(p["model"], p["workload"], p["concurrency"], p["server"]): p for p in points}
+    engines = {(e["model"], e["workload"], e["concurrency"]): e for e in engine}
+    rows = []
+    for (model, workload, concurrency, server), p in by_key.items():
+        if not server.startswith("rmserve"):
+            continue
+        against: dict[str, float] = {}
+        if (base := by_key.get((model, workload, concurrency, "baseline"))) is not None:
+            against["baseline"] = base["items_per_s"]
+        if not server.endswith(NOSHARE_SUFFIX):
+            if (twin := by_key.get((model, workload, concurrency, server + NOSHARE_SUFFIX))) is not None:
+                against[server + NOSHARE_SUFFIX] = twin["items_per_s"]
+            if (ref := engines.get((model, workload, concurrency))) is not None:
+                against["engine"], against["engine-batches"] = ref["items_per_s"], ref["batches_items_per_s"]
+        for other, value in against.items():
+            if value > 0:
+                rows.append({"model": model, "workload": workload, "concurrency": concurrency, "server": server,
+                             "against": other, "speedup": p["items_per_s"] / value,
+                             "computed_over_received": p.get("computed_over_received")})  # fmt: skip
+    return rows
 
 
 ONE_THREAD_SUFFIX = "-1t"
@@ -480,6 +645,8 @@ def run_server_benchmarks(
     models: list[str] | None = None,
     workloads: list[str] | None = None,
     threads: list[str] | None = None,
+    runtime: str = "ray",
+    plan_name: str = "default",
     say=print,
 ) -> dict:
     """Every scenario of the plan on every server (the baseline alone when ``rmserve serve`` is not installed);
@@ -487,8 +654,15 @@ def run_server_benchmarks(
     comparison (``prefix_plan`` on ``prefix_specs``) instead; ``peers``: the comparison with OpenRLHF's
     ``serve_rm.py`` (``peer_plan`` on ``peer_specs``; ``openrlhf`` from ``launch.find_openrlhf_setup``, None: the
     peer is skipped, ``openrlhf_note`` says why; ``threads``: ``peer_specs``'s settings, one set of servers after
-    the other; default: "defaults" quick, both in full). ``servers``, ``models``, ``workloads``: only these."""
+    the other; default: "defaults" quick, both in full). ``servers``, ``models``, ``workloads``: only these.
+    ``runtime``, ``plan_name`` (with ``model`` only): rmserve's runtime and ``model_plan``'s plan; either one other
+    than the default runs ``model_specs`` (with a plan, ``engine_reference`` first)."""
+    own_specs = not peers and not prefix and uses_model_specs(model, plan_name, runtime)
+    if (runtime != "ray" or plan_name != "default") and not own_specs:
+        raise ValueError("--runtime and --plan go with --model (not --peers or --prefix)")
     with_rmserve = rmserve_available() if with_rmserve is None else with_rmserve
+    if own_specs and runtime != "ray" and not rmserve_supports_runtime(runtime):
+        raise ValueError(f"this `rmserve serve` does not run --runtime {runtime} (or does not run at all)")
     notes = [] if with_rmserve or peers else ["`rmserve serve` is not available in this installation: baseline only"]
     repeats = repeats or (1 if quick else 2)
     peer_sets: list[list[ServerSpec]] = []  # one set of servers up at a time: each set interleaved within itself
@@ -498,15 +672,24 @@ def run_server_benchmarks(
                                               inprocess=inprocess, attn=openrlhf_attn, threads=threads)  # fmt: skip
         notes = ([openrlhf_note] if openrlhf_note else []) + set_notes
     else:
-        plan = prefix_plan(quick) if prefix else scenario_plan(quick, model)
+        plan = prefix_plan(quick) if prefix else model_plan(model, plan_name, quick)
     plan = select_plan(plan, models, workloads)
     for note in notes:
         say(note)
     results: dict = {"repeats": repeats, "dtype": dtype, "points": [], "overhead": [], "reward_checks": []}
+    engine_rows: list[dict] = []
     for name in dict.fromkeys(s.model for s in plan):
-        own = [prefix_specs() if prefix else server_specs(name, with_rmserve, quick)]  # pure: cheap
-        spec_sets = peer_sets if peers else own
         scenarios = [s for s in plan if s.model == name]
+        if own_specs:
+            grpo = any(s.workload == "grpo-per-sample" for s in scenarios)
+            own = [model_specs(runtime, prefix_compare=grpo)]
+            if plan_name != "default":
+                rows = engine_reference(name, scenarios, dtype=dtype, say=say)
+                engine_rows += rows
+                notes += [engine_line(row) for row in rows]
+        else:
+            own = [prefix_specs() if prefix else server_specs(name, with_rmserve, quick)]  # pure: cheap
+        spec_sets = peer_sets if peers else own
         for specs in spec_sets:
             run = run_model(name, scenarios, select_specs(specs, servers), dtype=dtype, repeats=repeats,
                             out_dir=out_dir, progress=progress, say=say)  # fmt: skip
@@ -514,7 +697,11 @@ def run_server_benchmarks(
                 results[key] += run[key]
             notes += run["notes"]
     points = results["points"]
-    results["speedups"] = peer_ratios(points) if peers else prefix_ratios(points) if prefix else speedups(points)
+    if own_specs:
+        results.update(runtime=runtime, plan=plan_name, engine=engine_rows)
+        results["speedups"] = model_ratios(points, engine_rows)
+    else:
+        results["speedups"] = peer_ratios(points) if peers else prefix_ratios(points) if prefix else speedups(points)
     results["notes"] = notes
     if peers and openrlhf is not None:
         results["openrlhf"] = {"python": openrlhf.python, "pythonpath": openrlhf.pythonpath,
@@ -596,12 +783,20 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--model", default=None, help="a checkpoint directory instead of the CPU plan (GPU runs)")
+    parser.add_argument("--runtime", default="ray", choices=RUNTIMES,
+                        help="with --model: rmserve's runtime (inprocess: one process, no Ray)")  # fmt: skip
+    parser.add_argument("--plan", default="default", choices=MODEL_PLANS,
+                        help="with --model: the scenarios (model_plan; a plan times the engine alone too)")  # fmt: skip
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--prefix", action="store_true", help="the prefix-sharing comparison (GRPO, best-of-16, PPO)")
     which.add_argument("--peers", action="store_true", help="the comparison with OpenRLHF's serve_rm.py (see above)")
     add_peer_args(parser)
     add_filter_args(parser)
     args = parser.parse_args(argv)
+    if (args.runtime != "ray" or args.plan != "default") and (not args.model or args.peers or args.prefix):
+        parser.error("--runtime and --plan go with --model (and neither --peers nor --prefix)")
+    if args.model:  # a timeout's SIGTERM unwinds the runs, which stop their servers (sessions of their own)
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     dtype = args.dtype or ("bf16" if args.peers else "fp32")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -611,8 +806,10 @@ def main(argv: list[str] | None = None) -> dict:
                                     openrlhf=setup, openrlhf_note=note, openrlhf_attn=args.openrlhf_attn,
                                     inprocess=False if args.no_inprocess else None, servers=split(args.servers),
                                     models=split(args.models), workloads=split(args.workloads),
-                                    threads=split(args.threads))  # fmt: skip
+                                    threads=split(args.threads), runtime=args.runtime,
+                                    plan_name=args.plan)  # fmt: skip
     name = "server-peers" if args.peers else "server-prefix" if args.prefix else "server"
+    name += f"-{args.plan}" if args.plan != "default" else ""
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     title = "Against OpenRLHF's serve_rm.py" if args.peers else "Servers under load"
     (out / f"{name}.md").write_text("\n".join(server_markdown(results, title=title)).lstrip() + "\n")
@@ -624,6 +821,10 @@ def main(argv: list[str] | None = None) -> dict:
             + (f", {cpu:.2f}x server CPU per item" if cpu is not None else "")
         )
     return results
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def split(value: str | None) -> list[str] | None:
