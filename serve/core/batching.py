@@ -84,7 +84,9 @@ class BatchQueue:
         self.max_batch_items = max_batch_items
         self.wait_timeout_s = wait_timeout_s
         self._items: deque[QueuedItem] = deque()
-        self._tokens = 0  # tokens of the waiting items: a lower bound of their price, for the early close
+        # Tokens of the waiting items: the early close takes a budget's worth of them as a full batch (a cheap guess;
+        # the plan may cost less, as shared prefixes and cached rewards are not computed).
+        self._tokens = 0
         self._closed = False
         self._cond = threading.Condition()
 

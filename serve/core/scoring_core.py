@@ -77,7 +77,7 @@ class ScoringCore:
         self._forward_thread.start()
 
     def configure(self, batching: BatchingConfig, max_queued_items: int) -> None:
-        """Apply batching limits (at start and on ``reconfigure``): the one place that sets the engine's budget."""
+        """Apply batching limits: at start (the same budget the model was loaded with) and on ``reconfigure``."""
         self.model.engine.max_batch_tokens = batching.max_batch_tokens
         self.queue.max_batch_items = batching.max_batch_items
         self.queue.wait_timeout_s = batching.batch_wait_timeout_s

@@ -1,13 +1,14 @@
-"""The FastAPI app of the Gateway: thin routes over ``GatewayService``, plus the HTTP plumbing every route
+"""The FastAPI app of both runtimes: thin routes over ``GatewayService``, plus the HTTP plumbing every route
 shares (API key, bounded body read, JSON parsing, request deadline, error mapping).
 
-``create_http_app(service, config)`` needs no Ray: give it any object with the Scorer's methods. The
-compatibility routes (``compat.py``) use the same plumbing; ``GET /metrics`` renders ``metrics.scrape()``
-(the Gateway passes ``ClusterMetrics``: totals over all replicas) and a middleware counts every request.
+``create_http_app(service, config)`` needs no Ray: the service reaches each model through its ``ScorerLink`` (a core
+in this process, or a Scorer deployment). The compatibility routes (``compat.py``) use the same plumbing;
+``GET /metrics`` renders ``metrics.scrape()`` (``LocalMetrics`` in one process; the Ray Gateway passes
+``ClusterMetrics``: totals over all replicas) and a middleware counts every request.
 
 Example::
 
-    app = create_http_app(GatewayService(scorer_handle, config), config)
+    app = create_http_app(GatewayService([LocalLink(core)], config), config)
 """
 
 from __future__ import annotations

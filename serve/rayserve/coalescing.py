@@ -54,7 +54,8 @@ class _Member:
 
 
 class RequestCoalescer:
-    """Sends the requests pending in one event-loop turn (plus ``window_s``) as one ``score_requests`` call."""
+    """Sends the requests pending in one event-loop turn (plus ``window_s``) as one streamed
+    ``score_requests_streamed`` call per target replica (one call with a single replica)."""
 
     def __init__(self, scorer: Any, *, window_s: float = 0.0, max_items: int = 256):
         self.scorer = scorer

@@ -47,8 +47,9 @@ class Scorer:
     ``Scorer``, the others ``Scorer-<name>`` (``scorer_deployment_name``).
 
     Methods callable through a ``DeploymentHandle``: ``score(items, normalize=False) -> list[float]``,
-    ``score_request(items, normalize) -> ScoredItems``, ``score_requests`` and ``withdraw`` (a Gateway's merged
-    calls), ``info()``, ``special_tokens()``, ``stats()``, ``metrics_snapshot()``, ``reconfigure``, ``set_faults``.
+    ``score_request(items, normalize) -> ScoredItems``, ``score_requests`` / ``score_requests_streamed`` (a Gateway's
+    merged calls, see ``rayserve.coalescing``) and ``withdraw`` (their callers that left), ``info()``,
+    ``special_tokens()``, ``stats()``, ``metrics_snapshot()``, ``reconfigure``, ``set_faults``.
     """
 
     def __init__(self, config: ServerConfig, model_index: int, metrics_hub: HubLink):
