@@ -152,3 +152,23 @@ def item_error(cls: type[RMServeError], index: int, message: str, field: str | N
     """
     param = f"items[{index}]" + (f".{field}" if field else "")
     return cls(f"{param}: {message}", param=param, index=index, field=field, detail=message)
+
+
+# Names pydantic puts in an error's location that are not fields: the item union's tags (right after
+# a list index) and union members' type names.
+_ITEM_TAGS = frozenset({"pair", "conversation", "text", "tokens"})
+_TYPE_LABELS = frozenset({"str", "int", "bool", "float"})
+
+
+def field_path(loc: tuple) -> str:
+    """A pydantic error location in the caller's terms, the one place positions are named:
+    ``('items', 0, 'pair', 'response')`` → ``items[0].response``."""
+    out = ""
+    for k, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif k > 0 and (part in _TYPE_LABELS or "[" in part or (part in _ITEM_TAGS and isinstance(loc[k - 1], int))):
+            continue  # a union member's name, not a field
+        else:
+            out += f".{part}" if out else str(part)
+    return out

@@ -1,5 +1,9 @@
 """The four item forms of API.md, as strict pydantic models, and ``parse_item`` to tell them apart.
 
+The models hold every check an item needs without the model's tokenizer (roles known, a prompt's message list not
+empty, a conversation ending with the assistant's turn), so an item the HTTP edge validated is known good; what
+needs the tokenizer (token ids in its vocabulary, an empty rendering) is checked where the item is tokenized.
+
 Example::
 
     parse_item({"prompt": "2+2?", "response": "4"}, index=0)   # -> PairItem
@@ -7,11 +11,20 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
-from .errors import InvalidRequestError, item_error
+from .errors import InvalidRequestError, field_path, item_error
 
 KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
@@ -24,11 +37,28 @@ class Message(_Strict):
     role: StrictStr
     content: StrictStr
 
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in KNOWN_ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {sorted(KNOWN_ROLES)}")
+        return role
+
+
+def _has_messages(prompt: str | list[Message]) -> str | list[Message]:
+    if isinstance(prompt, list) and not prompt:
+        raise ValueError("prompt has no messages")
+    return prompt
+
+
+# A prompt: text, or chat messages (at least one).
+Prompt = Annotated[StrictStr | list[Message], AfterValidator(_has_messages)]
+
 
 class PairItem(_Strict):
     """A prompt (string or chat messages) and one response to score."""
 
-    prompt: StrictStr | list[Message]
+    prompt: Prompt
     response: StrictStr
 
 
@@ -36,6 +66,13 @@ class ConversationItem(_Strict):
     """A whole conversation whose last turn is the assistant's response."""
 
     messages: list[Message] = Field(min_length=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_the_response(cls, messages: list[Message]) -> list[Message]:
+        if messages[-1].role != "assistant":
+            raise ValueError("the last message must have role 'assistant'")
+        return messages
 
 
 class TextItem(_Strict):
@@ -97,27 +134,7 @@ def parse_item(obj: Any, index: int = 0) -> Item:
             item = cls.model_validate(obj)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
-            raise item_error(InvalidRequestError, index, f"{where}: {first['msg']}", field=where) from None
-    _check_roles(item, index)
+            where = field_path(first["loc"])
+            message = first["msg"].removeprefix("Value error, ")
+            raise item_error(InvalidRequestError, index, f"{where}: {message}", field=where) from None
     return item
-
-
-def _check_roles(item: Item, index: int) -> None:
-    messages: list[Message] = []
-    if isinstance(item, PairItem) and isinstance(item.prompt, list):
-        messages = item.prompt
-        if not messages:
-            raise item_error(InvalidRequestError, index, "prompt has no messages", field="prompt")
-    elif isinstance(item, ConversationItem):
-        messages = item.messages
-        if messages[-1].role != "assistant":
-            raise item_error(
-                InvalidRequestError, index, "the last message must have role 'assistant'", field="messages"
-            )
-    for i, m in enumerate(messages):
-        if m.role not in KNOWN_ROLES:
-            field = f"{'prompt' if isinstance(item, PairItem) else 'messages'}[{i}].role"
-            raise item_error(
-                InvalidRequestError, index, f"unknown role {m.role!r}; expected one of {sorted(KNOWN_ROLES)}", field
-            )

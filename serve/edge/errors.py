@@ -34,14 +34,10 @@ from rmserve.model.errors import (
     RequestTimeoutError,
     RMServeError,
     UnauthorizedError,
+    field_path,
 )
 
 log = logging.getLogger("rmserve.serve")
-
-# Names pydantic puts in an error's location that are not fields: the item union's tags (right after
-# a list index) and union members' type names.
-_ITEM_TAGS = frozenset({"pair", "conversation", "text", "tokens"})
-_TYPE_LABELS = frozenset({"str", "int", "bool", "float"})
 
 
 def as_rmserve_error(exc: BaseException) -> RMServeError:
@@ -81,19 +77,6 @@ def validation_error(exc: ValidationError) -> InvalidRequestError:
         message = first["msg"].removeprefix("Value error, ")
     path = field_path(first["loc"])
     return InvalidRequestError(f"{path}: {message}" if path else message, param=path or None, detail=message)
-
-
-def field_path(loc: tuple) -> str:
-    """``('items', 0, 'pair', 'response')`` → ``items[0].response``."""
-    out = ""
-    for k, part in enumerate(loc):
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif k > 0 and (part in _TYPE_LABELS or "[" in part or (part in _ITEM_TAGS and isinstance(loc[k - 1], int))):
-            continue  # a union member's name, not a field
-        else:
-            out += f".{part}" if out else str(part)
-    return out
 
 
 def error_headers(err: RMServeError) -> dict[str, str] | None:

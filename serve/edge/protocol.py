@@ -32,8 +32,8 @@ from pydantic import (
 from rmserve.model.items import (
     ConversationItem,
     Item,
-    Message,
     PairItem,
+    Prompt,
     TextItem,
     TokensItem,
     item_form,
@@ -61,7 +61,6 @@ ItemField = Annotated[
     | Annotated[TokensItem, Tag("tokens")],
     Discriminator(_item_tag, custom_error_type="invalid_item", custom_error_message=ITEM_FORMS_HELP),
 ]
-Prompt = StrictStr | list[Message]
 
 
 class _NativeRequest(BaseModel):

@@ -21,9 +21,10 @@ from rmserve.model.errors import (
     RequestTimeoutError,
     RequestTooLargeError,
     UnauthorizedError,
+    field_path,
     item_error,
 )
-from rmserve.serve.edge.errors import as_rmserve_error, error_response, field_path
+from rmserve.serve.edge.errors import as_rmserve_error, error_response
 from rmserve.serve.rayserve.link import from_ray
 
 
