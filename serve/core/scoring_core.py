@@ -218,12 +218,14 @@ class ScoringCore:
 
     # -- the forward thread ------------------------------------------------------------------------------------
     def _forward_loop(self) -> None:
+        engine = self.model.engine
         while (batch := self.queue.take()) is not None:
+            padded_before = engine.stats.padded_tokens
             try:
                 outcomes = self._run(batch)
             except BaseException as exc:  # the thread must live on: fail this batch's items only
                 outcomes = [internal_error(exc, "scoring a batch")] * len(batch.items)
-            self.metrics.on_batch([len(q.input_ids) for q in batch.items])
+            self.metrics.on_batch([len(q.input_ids) for q in batch.items], engine.stats.padded_tokens - padded_before)
             by_loop: dict[Any, list[tuple[QueuedItem, Outcome]]] = {}
             for item, outcome in zip(batch.items, outcomes, strict=True):
                 by_loop.setdefault(item.ticket.context[0], []).append((item, outcome))

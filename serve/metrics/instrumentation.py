@@ -9,8 +9,8 @@ from those stores; no number is counted twice.
 Example::
 
     metrics = ScorerMetrics(model.info())
-    model.engine.observers.append(metrics.on_forward)      # forward passes (latency, a batch's padded tokens)
-    metrics.on_batch([12, 30])                             # a batch ran (after its forward passes)
+    model.engine.observers.append(metrics.on_forward)      # forward passes (latency)
+    metrics.on_batch([12, 30], padded_tokens=64)           # a batch ran: its sizes, its padded tokens (the engine's)
     metrics.on_request(items=4, input_tokens=120, truncated=0)
     snapshot = metrics.snapshot(queue_depth=0, engine_counters=model.engine.counters())
     metrics.counts(snapshot)                               # what stats() shows
@@ -51,7 +51,6 @@ class ScorerMetrics:
             quantization=model_info["quantization"],
         )
         self.recorder.set("scorer_replicas", 1)
-        self._batch_padded_tokens = 0  # of the batch running now (forward thread; read after the batch)
         self._lock = threading.Lock()  # the forward thread and the event loop both count
         self._recent_batches: deque[int] = deque(maxlen=RECENT_BATCHES)
         self._rescored_batches = 0  # batches that failed as a whole and were rescored item by item
@@ -60,15 +59,14 @@ class ScorerMetrics:
 
     def on_forward(self, rows: int, padded_tokens: int, real_tokens: int, seconds: float) -> None:
         """``ScoringEngine`` observer: one forward pass (micro-batch). Its tokens are counted by the engine
-        (``EngineStats``); here only its latency and its share of the running batch's padded tokens."""
+        (``EngineStats``) alone; here only its latency."""
         self.recorder.observe("forward_duration_seconds", seconds)
-        self._batch_padded_tokens += padded_tokens
 
-    def on_batch(self, lengths: Sequence[int]) -> None:
-        """A batch ran (its forward passes have all reported)."""
+    def on_batch(self, lengths: Sequence[int], padded_tokens: int) -> None:
+        """A batch ran: its size, and the padded tokens its forwards computed (read from the engine's totals, so
+        the distribution and the total come from one count)."""
         self.recorder.observe("batch_size_items", len(lengths))
-        self.recorder.observe("batch_padded_tokens", self._batch_padded_tokens)
-        self._batch_padded_tokens = 0
+        self.recorder.observe("batch_padded_tokens", padded_tokens)
         with self._lock:
             self._recent_batches.append(len(lengths))
 

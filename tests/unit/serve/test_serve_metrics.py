@@ -69,9 +69,9 @@ def test_merge_sums_counters_histograms_and_gauges_and_keeps_info_at_one():
     a.on_request(items=3, input_tokens=30, truncated=1)
     b.on_request(items=5, input_tokens=41, truncated=0)
     a.on_forward(rows=3, padded_tokens=36, real_tokens=30, seconds=0.02)
-    a.on_batch([10, 8, 12])
+    a.on_batch([10, 8, 12], padded_tokens=36)
     b.on_forward(rows=5, padded_tokens=50, real_tokens=41, seconds=0.03)
-    b.on_batch([10] * 5)
+    b.on_batch([10] * 5, padded_tokens=50)
     a.on_rejected()
     total = merge([a.snapshot(queue_depth=2), b.snapshot(queue_depth=4, engine_counters={"oom_splits": 3})])
     assert total.get("items_scored") == 8.0
@@ -88,22 +88,24 @@ def test_merge_sums_counters_histograms_and_gauges_and_keeps_info_at_one():
     assert (padded.count, padded.sum) == (2, 86.0)
 
 
-def test_batch_padded_tokens_add_up_the_forward_passes_of_one_batch():
+def test_batch_padded_tokens_are_what_each_batch_reports_and_forwards_only_time():
     m = ScorerMetrics(MODEL)
     m.on_forward(rows=2, padded_tokens=20, real_tokens=19, seconds=0.01)
     m.on_forward(rows=1, padded_tokens=64, real_tokens=64, seconds=0.01)
-    m.on_batch([10, 9, 64])
+    m.on_batch([10, 9, 64], padded_tokens=84)
     m.on_forward(rows=1, padded_tokens=7, real_tokens=7, seconds=0.01)
-    m.on_batch([7])
-    padded = m.recorder.snapshot().histogram("batch_padded_tokens")
+    m.on_batch([7], padded_tokens=7)
+    snapshot = m.recorder.snapshot()
+    padded = snapshot.histogram("batch_padded_tokens")
     assert (padded.count, padded.sum) == (2, 91.0)
+    assert snapshot.histogram("forward_duration_seconds").count == 3
 
 
 def test_forward_tokens_come_from_the_engine_counters_only():
     """The engine keeps its totals (``EngineStats``); the snapshot reads them and never counts them again."""
     m = ScorerMetrics(MODEL)
     m.on_forward(rows=2, padded_tokens=20, real_tokens=19, seconds=0.01)
-    m.on_batch([10, 9])
+    m.on_batch([10, 9], padded_tokens=20)
     assert m.snapshot(queue_depth=0).get("forward_padded_tokens") == 0.0
     snap = m.snapshot(queue_depth=0, engine_counters={"forward_real_tokens": 19, "forward_padded_tokens": 20})
     assert (snap.get("forward_real_tokens"), snap.get("forward_padded_tokens")) == (19.0, 20.0)
@@ -113,7 +115,7 @@ def test_forward_tokens_come_from_the_engine_counters_only():
 def test_monotonic_part_drops_gauges_and_info():
     m = ScorerMetrics(MODEL)
     m.on_request(items=4, input_tokens=9, truncated=0)
-    m.on_batch([1, 2, 3, 3])
+    m.on_batch([1, 2, 3, 3], padded_tokens=12)
     m.on_rejected()
     m.on_rejected()
     kept = m.snapshot(queue_depth=5, engine_counters={"oom_splits": 1}).monotonic_part()
@@ -127,7 +129,7 @@ def test_render_exposes_every_metric_with_the_prefix_and_exact_values():
     m = ScorerMetrics(MODEL)
     m.on_request(items=3, input_tokens=30, truncated=1)
     m.on_forward(rows=3, padded_tokens=40, real_tokens=30, seconds=0.004)
-    m.on_batch([10, 8, 12])
+    m.on_batch([10, 8, 12], padded_tokens=40)
     snap = m.snapshot(queue_depth=1, engine_counters={"forward_real_tokens": 30, "forward_padded_tokens": 40})
     snap.add(_gateway_snapshot())
     text = render(snap)

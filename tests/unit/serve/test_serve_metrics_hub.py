@@ -149,9 +149,7 @@ def test_only_the_hubs_queue_length_warnings_are_dropped():
     from rmserve.serve.rayserve.metrics_hub import HubProbeWarnings
 
     def record(deployment: str) -> logging.LogRecord:
-        text = (
-            f"Failed to get queue length from Replica(id='x', deployment='{deployment}', app='rmserve') within 0.1s."
-        )
+        text = f"Failed to get queue length from Replica(id='x', deployment='{deployment}', app='rmserve') within 0.1s."
         return logging.LogRecord("ray.serve", logging.WARNING, __file__, 1, text, None, None)
 
     hub_filter = HubProbeWarnings()
