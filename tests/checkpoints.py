@@ -6,6 +6,8 @@ one reference forward.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -99,3 +101,20 @@ def save_checkpoint(
         weights[f"{head_format}.weight"] = head
         save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out, ref, tok
+
+
+@contextlib.contextmanager
+def sharing_off(engine) -> Iterator:
+    """``engine`` with prefix sharing and both caches off inside the block (then restored as they were)."""
+    saved = (engine.prefix_sharing, engine.prefix_cache.max_bytes, engine.reward_cache.max_items)
+    engine.configure_sharing(prefix_sharing=False, prefix_cache_bytes=0, reward_cache_items=0)
+    try:
+        yield engine
+    finally:
+        engine.configure_sharing(prefix_sharing=saved[0], prefix_cache_bytes=saved[1], reward_cache_items=saved[2])
+
+
+def unshared_rewards(engine, seqs) -> list:
+    """What ``engine`` gives ``seqs`` scored whole: no prefix sharing, no caches."""
+    with sharing_off(engine):
+        return engine.score_batch(seqs)

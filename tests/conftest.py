@@ -25,11 +25,10 @@ def device() -> str:
 @pytest.fixture
 def unshared(demo_model):
     """The demo model's engine with prefix sharing and both caches off for one test (then restored)."""
-    engine = demo_model.engine
-    saved = (engine.prefix_sharing, engine.prefix_cache.max_bytes, engine.reward_cache.max_items)
-    engine.configure_sharing(prefix_sharing=False, prefix_cache_bytes=0, reward_cache_items=0)
-    yield engine
-    engine.configure_sharing(prefix_sharing=saved[0], prefix_cache_bytes=saved[1], reward_cache_items=saved[2])
+    from checkpoints import sharing_off
+
+    with sharing_off(demo_model.engine) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from checkpoints import unshared_rewards
 
 from rmserve.model import ItemTooLargeForMemoryError
 from rmserve.model.planning import common_prefix_length, plan_levels
@@ -40,15 +41,6 @@ def groups(rng: random.Random, sizes=(6, 4, 1), prompt=(30, 50), suffix=(3, 14))
     return seqs
 
 
-def unshared(engine, seqs):
-    saved = (engine.prefix_sharing, engine.prefix_cache.max_bytes, engine.reward_cache.max_items)
-    engine.configure_sharing(prefix_sharing=False, prefix_cache_bytes=0, reward_cache_items=0)
-    try:
-        return engine.score_batch(seqs)
-    finally:
-        engine.configure_sharing(prefix_sharing=saved[0], prefix_cache_bytes=saved[1], reward_cache_items=saved[2])
-
-
 def run_and_compare(engine, seqs):
     """Plan, price, run; assert the stats moved by exactly what the plan said. Returns (plan, outcomes)."""
     stats = dataclasses.asdict(engine.stats)
@@ -76,7 +68,7 @@ def test_run_computes_exactly_the_plan_it_priced(engine, overhead):
     first, second = groups(rng), groups(rng)
     # The second batch repeats some items (reward-cache hits) and extends the first batch's prompts (warm cache).
     second += first[:3] + [first[4][:-1] + [7, 8, 9]]
-    want_first, want_second = unshared(engine, first), unshared(engine, second)
+    want_first, want_second = unshared_rewards(engine, first), unshared_rewards(engine, second)
     engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 26, reward_cache_items=1024)
     engine.overhead_tokens, engine.max_batch_tokens = overhead, 160  # a small budget: several micro-batches a level
 
@@ -94,7 +86,7 @@ def test_run_computes_exactly_the_plan_it_priced(engine, overhead):
 
 def test_plans_without_sharing_and_with_a_cache_that_lives_one_batch(engine):
     seqs = groups(random.Random(3))
-    want = unshared(engine, seqs)
+    want = unshared_rewards(engine, seqs)
     engine.max_batch_tokens = 120
     for sharing, cache_bytes in ((False, 0), (True, 0)):
         engine.configure_sharing(prefix_sharing=sharing, prefix_cache_bytes=cache_bytes, reward_cache_items=0)
@@ -119,7 +111,7 @@ def test_items_on_a_prefix_that_does_not_fit_get_its_error(engine):
     prompt = [rng.randrange(3, 300) for _ in range(40)]
     group = [prompt + [rng.randrange(3, 300) for _ in range(rng.randint(2, 6))] for _ in range(4)]
     others = [[rng.randrange(3, 300) for _ in range(n)] for n in (9, 12)]
-    want = unshared(engine, others)
+    want = unshared_rewards(engine, others)
     engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 24, reward_cache_items=0)
     engine.overhead_tokens = 0.0
 

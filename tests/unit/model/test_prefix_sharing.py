@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from checkpoints import unshared_rewards
 
 from rmserve.model import load_reward_model
 from rmserve.model.caches import PrefixKVCache, RewardCache
@@ -39,15 +40,6 @@ def grpo_batch(rng: random.Random, vocab: int, *, system: int = 12, groups=(1, 2
 def sharing(engine, *, cache_bytes: int = 0, reward_items: int = 0, overhead: float = 0.0):
     engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=cache_bytes, reward_cache_items=reward_items)
     engine.overhead_tokens = overhead  # share every common prefix, however short
-
-
-def unshared_rewards(engine, seqs):
-    saved = (engine.prefix_sharing, engine.prefix_cache.max_bytes, engine.reward_cache.max_items)
-    engine.configure_sharing(prefix_sharing=False, prefix_cache_bytes=0, reward_cache_items=0)
-    try:
-        return engine.score_batch(seqs)
-    finally:
-        engine.configure_sharing(prefix_sharing=saved[0], prefix_cache_bytes=saved[1], reward_cache_items=saved[2])
 
 
 @pytest.mark.parametrize("head_format", ["score", "reward_head", "v_head_file", "value_head"])
