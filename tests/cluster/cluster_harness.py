@@ -63,10 +63,19 @@ AUTH = {"RAY_AUTH_MODE": "disabled"}
 T = TypeVar("T")
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback port never handed out before in this process: the kernel may give the same free port to two
+    binds in a row, and Ray refuses a node whose components were given one port twice."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def wait_for(condition: Callable[[], T], timeout_s: float, what: str, poll_s: float = POLL_S) -> T:
