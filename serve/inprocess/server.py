@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import threading
 from dataclasses import dataclass
@@ -36,8 +35,6 @@ from rmserve.serve.edge.routes import create_http_app
 from rmserve.serve.edge.service import GatewayService
 from rmserve.serve.metrics.store import LocalMetrics
 
-log = logging.getLogger("rmserve.serve")
-
 
 @dataclass
 class InProcessApp:
@@ -46,7 +43,6 @@ class InProcessApp:
     http: FastAPI
     cores: list[ScoringCore]
     drain: Drain
-    config: ServerConfig
 
     def close(self) -> None:
         for core in self.cores:
@@ -90,7 +86,7 @@ def build_inprocess_app(config: ServerConfig) -> InProcessApp:
     service = GatewayService([LocalLink(core) for core in cores], config)
     drain = Drain()
     http = create_http_app(service, config, metrics=metrics, drain=drain)
-    return InProcessApp(http=http, cores=cores, drain=drain, config=config)
+    return InProcessApp(http=http, cores=cores, drain=drain)
 
 
 def run_inprocess(config: ServerConfig, stop: threading.Event | None = None) -> int:
