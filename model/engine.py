@@ -65,8 +65,11 @@ class ScoringEngine:
         prefix_cache_bytes: int = 0,
         reward_cache_items: int = 0,
         overhead_tokens: float = DEFAULT_OVERHEAD_TOKENS,
+        batch_invariant: bool = False,
     ):
-        self.runner = ForwardRunner(backbone, head, padding_side=padding_side, pad_id=pad_id, device=device)
+        self.runner = ForwardRunner(
+            backbone, head, padding_side=padding_side, pad_id=pad_id, device=device, batch_invariant=batch_invariant
+        )
         self.max_batch_tokens = max_batch_tokens
         self.prefix_sharing = prefix_sharing
         self.prefix_cache = PrefixKVCache(prefix_cache_bytes)
@@ -169,6 +172,11 @@ class ScoringEngine:
     @property
     def device(self) -> torch.device:
         return self.runner.device
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether an item's reward is the same bits in any batch (``invariant.py``)."""
+        return self.runner.batch_invariant
 
     @property
     def padding_side(self) -> str:

@@ -70,6 +70,7 @@ class RewardModel:
             "id": self.model_id,
             "dtype": self.dtype,
             "quantization": self.spec.quantization,
+            "batch_invariant": self.engine.batch_invariant,
             "max_length": self.max_length,
             "head": self.head_name,
             "normalization": norm,

@@ -8,7 +8,7 @@ rows only. Rows the plan marks ``store`` put their new states into the prefix ca
 
 A micro-batch that runs out of accelerator memory is split in half and retried (``run``); a row that does not fit
 even alone gets a typed error and the others are unaffected. Rewards do not depend on padding, neighbours or
-splits (fp32: within 1e-5 of the item scored alone).
+splits (fp32: within 1e-5 of the item scored alone); with ``batch_invariant`` (``invariant.py``) they are the same bits.
 
 Example::
 
@@ -28,6 +28,7 @@ import torch
 
 from .caches import PrefixKVCache
 from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError
+from .invariant import BlockLayout, head_rewards, make_batch_invariant
 from .planning import Row
 
 # An item's reward or error; a prefix row's None (its states are stored) or error.
@@ -66,7 +67,9 @@ class ForwardRunner:
         padding_side: str = "right",
         pad_id: int = 0,
         device: torch.device | str | None = None,
+        batch_invariant: bool = False,
     ):
+        self.batch_invariant = batch_invariant
         self.backbone = backbone
         self.head = head.float()
         self.padding_side = padding_side
@@ -77,6 +80,18 @@ class ForwardRunner:
         # transformers >= 5.24 names the key/value cache argument `cache`; earlier versions `past_key_values`.
         params = inspect.signature(backbone.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self._backbone
+
+    @backbone.setter
+    def backbone(self, backbone: torch.nn.Module) -> None:
+        """In batch-invariant mode every backbone it is given (a reload too) gets the fixed-order linears and
+        attention of ``invariant.py``."""
+        if self.batch_invariant:
+            make_batch_invariant(backbone)
+        self._backbone = backbone
 
     def run(self, rows: list[Row], prefix_cache: PrefixKVCache | None, meter: Meter | None) -> dict[Row, RowOutcome]:
         """``rows`` as one forward, or as halves (recursively) while it runs out of memory."""
@@ -111,6 +126,8 @@ class ForwardRunner:
             input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
             kv = _stack_past(pasts, cached_width, self.device) if cached_width else _empty_cache() if store else None
             kwargs = {self._cache_kwarg: kv} if kv is not None else {}
+            if self.batch_invariant:  # where each token sits in its sequence, for the fixed-block attention
+                kwargs["rmserve_blocks"] = self._layout(rows, cached_width, width)
             out = self.backbone(
                 input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=kv is not None, **kwargs
             )
@@ -120,7 +137,7 @@ class ForwardRunner:
             scored = [r for r, row in enumerate(rows) if row.item is not None]
             rewards: list[float] = []
             if scored:
-                rewards = self.head(last[torch.tensor(scored, device=hidden.device)].float()).squeeze(-1).tolist()
+                rewards = self._head(last[torch.tensor(scored, device=hidden.device)].float()).tolist()
             # A NaN or inf anywhere in a row's keys or values reaches its last token (even a masked-out NaN does:
             # 0 x NaN is NaN), so a finite last hidden state vouches for the whole row.
             finite = torch.isfinite(last).all(dim=1).tolist() if store else [True] * count
@@ -149,6 +166,15 @@ class ForwardRunner:
         return int(getattr(getattr(self.backbone, "config", None), "max_position_embeddings", None) or 2048)
 
     # -- internals ----------------------------------------------------------------------------------
+    def _head(self, last: torch.Tensor) -> torch.Tensor:
+        """The reward head on the scored rows' last hidden states (fp32); row-independent in batch-invariant mode."""
+        return head_rewards(self.head, last) if self.batch_invariant else self.head(last).squeeze(-1)
+
+    def _layout(self, rows: list[Row], cached_width: int, width: int) -> BlockLayout:
+        starts, ends = [r.start for r in rows], [r.end for r in rows]
+        layout = BlockLayout.build(starts, ends, cached_width=cached_width, width=width, padding_side=self.padding_side)
+        return layout.to(self.device)
+
     def _inputs(self, rows: list[Row], cached_width: int, width: int) -> tuple[torch.Tensor, ...]:
         """Token ids (padded to ``width``), the attention mask over cached and new tokens, and position ids."""
         count = len(rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 Quantization = Literal["none", "int8", "nf4"]
@@ -92,4 +92,16 @@ class ModelSpec(BaseModel):
         "extra forwards against it, and a shared prefix must save at least this much. Default: measured on the "
         "machine when the model loads.",
     )
+    batch_invariant: bool = Field(
+        False,
+        description="An item's reward is the same bits whatever its batch: batch size, neighbours, padding, "
+        "micro-batch split, prefix- and reward-cache hits (fixed-shape matmuls and attention over fixed key blocks; "
+        "costs some throughput, see the README). Not with quantization.",
+    )
     trust_remote_code: bool = Field(False, description="Allow checkpoint code to run (off unless you trust it).")
+
+    @model_validator(mode="after")
+    def _invariant_needs_plain_weights(self) -> ModelSpec:
+        if self.batch_invariant and self.quantization != "none":
+            raise ValueError("batch_invariant needs quantization 'none' (bitsandbytes kernels are not batch-invariant)")
+        return self

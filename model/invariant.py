@@ -1,0 +1,282 @@
+"""Batch-invariant scoring: every reduction in a fixed order, so an item's reward is the same bits in any batch.
+
+What varies on a CPU with plain torch (measured by ``benchmarks/batch_invariance.py``), and what replaces it here:
+
+* **Linear layers.** A row of ``x @ W.T`` depends on how many rows the call has: MKL (fp32) and oneDNN (bf16) pick
+  other kernels and K-blockings for other row counts. ``FixedRowsLinear`` runs every matmul as calls of exactly
+  ``MATMUL_ROWS`` rows (the last call overlaps the previous one; fewer rows are zero-padded), so a token's output
+  never depends on how many tokens share the forward.
+* **Attention.** SDPA's reduction over keys depends on where padding puts a sequence's keys and on how many there
+  are; a cached prompt changes the query and key layout again. ``block_attention`` places keys and queries at their
+  **position in the sequence** (not their column in the batch), cuts them into ``BLOCK``-token blocks counted from
+  the sequence's first token, and reduces over key blocks in order with an online softmax (fp32). A block of keys a
+  query cannot see changes nothing bit for bit (its weights are exact zeros, its rescale factor exactly 1), so the
+  batch's longest row, the padding side and amount, and whether the prompt came from the prefix cache give the
+  same sums. Every matmul inside is one fixed shape per model: ``[groups x BLOCK, head_dim] @ [head_dim, BLOCK]``.
+* **The reward head.** ``Linear(hidden, 1)`` over the scored rows is a matrix-vector product whose kernel depends
+  on the row count; ``head_rewards`` multiplies and sums the hidden size in a fixed pairwise order.
+
+* **Activations and rotary cos/sin.** torch computes a transcendental function (SiLU's exp, cos, sin) with SIMD code
+  for whole vectors and with scalar code for the tail of each thread's range; the two differ in the last bit, and
+  where the tail falls depends on how many tokens the tensor holds. ``fixed_elementwise`` applies them in calls of a
+  fixed element count that every thread splits into whole vectors, so every element takes the SIMD path.
+
+RMSNorm (its mean over the hidden size, an exact rsqrt), multiplications and adds were measured invariant; they are
+kept. Positions count real tokens only (the runner's ``position_ids``), so padding never moves them.
+
+Example::
+
+    make_batch_invariant(backbone)            # swaps the linears and the attention in place
+    layout = BlockLayout.build(starts, ends, cached_width=0, width=12, padding_side="right")
+    backbone(input_ids=ids, position_ids=pos, rmserve_blocks=layout)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "rmserve_batch_invariant"
+BLOCK = 64  # tokens per query and key block, counted from each sequence's first token
+MATMUL_ROWS = 128  # rows of every linear-layer matmul call
+GRAIN = 32768  # torch's parallel grain (elements): a call this size runs on one thread
+VECTOR = 64  # elements a SIMD loop takes per step, for every dtype and vector width torch dispatches to
+
+
+class FixedRowsLinear(torch.nn.Linear):
+    """``nn.Linear`` whose matmul always runs on ``MATMUL_ROWS`` rows at a time (same parameters, same result
+    for a row whatever the other rows)."""
+
+    @classmethod
+    def wrap(cls, linear: torch.nn.Linear) -> FixedRowsLinear:
+        fixed = cls.__new__(cls)
+        torch.nn.Module.__init__(fixed)
+        fixed.in_features, fixed.out_features = linear.in_features, linear.out_features
+        fixed.weight, fixed.bias = linear.weight, linear.bias  # the same Parameters, not copies
+        return fixed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fixed_rows_linear(x, self.weight, self.bias)
+
+
+def fixed_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed ``MATMUL_ROWS`` rows per call."""
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    if rows < MATMUL_ROWS:
+        padded = flat.new_zeros((MATMUL_ROWS, flat.shape[1]))
+        padded[:rows] = flat
+        return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], -1)
+    flat = flat.contiguous()
+    out = flat.new_empty((rows, weight.shape[0]))
+    for first in range(0, rows, MATMUL_ROWS):
+        first = min(first, rows - MATMUL_ROWS)  # the last call overlaps the one before: same rows, same results
+        out[first : first + MATMUL_ROWS] = F.linear(flat[first : first + MATMUL_ROWS], weight, bias)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def fixed_elementwise(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for an elementwise ``fn``, every element through torch's SIMD loop (never the scalar tail).
+
+    A call of up to ``GRAIN`` elements runs on one thread: padded to whole ``VECTOR`` steps. Larger tensors go in
+    calls of ``GRAIN`` x threads elements (each thread takes exactly ``GRAIN``), the last one overlapping the one
+    before (the same elements give the same results)."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if n <= GRAIN:
+        padded = flat.new_zeros(-(-n // VECTOR) * VECTOR)
+        padded[:n] = flat
+        return fn(padded)[:n].view(x.shape)
+    size = GRAIN * torch.get_num_threads() if n >= GRAIN * torch.get_num_threads() else GRAIN
+    flat = flat.contiguous()
+    out = torch.empty_like(flat)
+    for first in range(0, n, size):
+        first = min(first, n - size)
+        out[first : first + size] = fn(flat[first : first + size])
+    return out.view(x.shape)
+
+
+class FixedChunkActivation(torch.nn.Module):
+    """An activation module applied through ``fixed_elementwise``."""
+
+    def __init__(self, act: torch.nn.Module):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fixed_elementwise(self.act, x)
+
+
+def rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' static RoPE (``*RotaryEmbedding.forward``) with cos and sin through ``fixed_elementwise``."""
+    freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = fixed_elementwise(torch.cos, emb) * self.attention_scaling
+    sin = fixed_elementwise(torch.sin, emb) * self.attention_scaling
+    return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def fixed_order_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension in a fixed pairwise order (zero-padded to a power of two; elementwise adds only)."""
+    width = x.shape[-1]
+    size = 1 << max(0, math.ceil(math.log2(width)))
+    if size != width:
+        x = F.pad(x, (0, size - width))
+    while size > 1:
+        size //= 2
+        x = x[..., :size] + x[..., size:]
+    return x[..., 0]
+
+
+def head_rewards(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """``head(hidden)`` for a ``Linear(hidden, 1)`` head in fp32, one row independent of the others."""
+    reward = fixed_order_sum(hidden.float() * head.weight[0])
+    return reward + head.bias[0] if head.bias is not None else reward
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where each row's tokens sit in the batch and in their sequence, as index tensors ``block_attention`` uses.
+
+    Query blocks are ``(row, block)`` pairs that hold at least one new token, ordered by block number descending so
+    that the blocks a key block ``kb`` concerns are the first ``blocks_from[kb]`` of them.
+    """
+
+    key_row: torch.Tensor  # per real key: batch row
+    key_col: torch.Tensor  # its column among the layer's keys (cached then new)
+    key_pos: torch.Tensor  # its position in its sequence
+    query_row: torch.Tensor  # per real query: batch row
+    query_col: torch.Tensor  # its column among the new tokens
+    query_block: torch.Tensor  # which query block holds it
+    query_offset: torch.Tensor  # its place in that block
+    block_row: torch.Tensor  # per query block: batch row
+    block_start: torch.Tensor  # position of its first token
+    blocks_from: tuple[int, ...]  # per key block kb: how many query blocks have a number >= kb
+    key_width: int  # key blocks x BLOCK
+
+    @classmethod
+    def build(
+        cls, starts: list[int], ends: list[int], *, cached_width: int, width: int, padding_side: str
+    ) -> BlockLayout:
+        """Rows compute ``seq[start:end]`` on top of cached ``seq[:start]`` (left-aligned in ``cached_width``
+        columns); the new tokens are padded on ``padding_side`` to ``width``."""
+        key_row, key_col, key_pos, q_row, q_col, q_pos = [], [], [], [], [], []
+        for r, (start, end) in enumerate(zip(starts, ends, strict=True)):
+            first = 0 if padding_side == "right" else width - (end - start)
+            key_row += [r] * end
+            key_col += [*range(start), *range(cached_width + first, cached_width + first + end - start)]
+            key_pos += range(end)
+            q_row += [r] * (end - start)
+            q_col += range(first, first + end - start)
+            q_pos += range(start, end)
+        blocks = sorted({(r, p // BLOCK) for r, p in zip(q_row, q_pos, strict=True)}, key=lambda rb: (-rb[1], rb[0]))
+        index = {rb: k for k, rb in enumerate(blocks)}
+        numbers = [b for _, b in blocks]
+        key_blocks = max(numbers) + 1
+        as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        return cls(
+            key_row=as_long(key_row),
+            key_col=as_long(key_col),
+            key_pos=as_long(key_pos),
+            query_row=as_long(q_row),
+            query_col=as_long(q_col),
+            query_block=as_long([index[(r, p // BLOCK)] for r, p in zip(q_row, q_pos, strict=True)]),
+            query_offset=as_long([p % BLOCK for p in q_pos]),
+            block_row=as_long([r for r, _ in blocks]),
+            block_start=as_long([b * BLOCK for b in numbers]),
+            blocks_from=tuple(sum(n >= kb for n in numbers) for kb in range(key_blocks)),
+            key_width=key_blocks * BLOCK,
+        )
+
+    def to(self, device: torch.device) -> BlockLayout:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        return BlockLayout(**moved)
+
+
+def block_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    rmserve_blocks: BlockLayout | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention over fixed key blocks counted from each sequence's start (a transformers attention function).
+
+    ``query`` ``[rows, heads, new, dim]``, ``key``/``value`` ``[rows, kv_heads, cached + new, dim]``; returns
+    ``[rows, new, heads, dim]`` in the query's dtype. Padding columns get zeros.
+    """
+    lay = rmserve_blocks
+    if lay is None:
+        raise RuntimeError("batch-invariant attention needs the runner's block layout (rmserve_blocks=...)")
+    rows, heads, new, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scale = dim**-0.5 if scaling is None else scaling
+    f32 = torch.float32
+    # Keys and values at their sequence positions, in fp32: [rows, kv_heads, key blocks x BLOCK, dim].
+    k_seq = key.new_zeros((rows, kv_heads, lay.key_width, dim), dtype=f32)
+    v_seq = torch.zeros_like(k_seq)
+    k_seq[lay.key_row, :, lay.key_pos] = key[lay.key_row, :, lay.key_col].to(f32)
+    v_seq[lay.key_row, :, lay.key_pos] = value[lay.key_row, :, lay.key_col].to(f32)
+    # Queries in blocks, the heads that share a kv head stacked: [blocks, kv_heads, group x BLOCK, dim].
+    n_blocks = lay.block_row.shape[0]
+    q = query.new_zeros((n_blocks, heads, BLOCK, dim), dtype=f32)
+    q[lay.query_block, :, lay.query_offset] = query[lay.query_row, :, lay.query_col].to(f32)
+    q = q.view(n_blocks, kv_heads, group * BLOCK, dim)
+
+    offsets = torch.arange(BLOCK, device=query.device)
+    q_pos = (lay.block_start[:, None] + offsets).repeat(1, group)  # [blocks, group x BLOCK]
+    peak = torch.full((n_blocks, kv_heads, group * BLOCK, 1), -math.inf, dtype=f32, device=query.device)
+    total = torch.zeros_like(peak)
+    acc = torch.zeros_like(q)
+    for kb, n in enumerate(lay.blocks_from):
+        keys = k_seq[lay.block_row[:n], :, kb * BLOCK : (kb + 1) * BLOCK]
+        values = v_seq[lay.block_row[:n], :, kb * BLOCK : (kb + 1) * BLOCK]
+        scores = torch.matmul(q[:n], keys.transpose(-1, -2)) * scale
+        delta = q_pos[:n, :, None] - (kb * BLOCK + offsets)  # query position - key position
+        hidden = delta < 0 if sliding_window is None else (delta < 0) | (delta >= sliding_window)
+        scores = scores.masked_fill(hidden[:, None], -math.inf)
+        new_peak = torch.maximum(peak[:n], scores.amax(dim=-1, keepdim=True))  # max is exact in any order
+        shift = torch.where(new_peak == -math.inf, 0.0, new_peak)
+        weights = fixed_elementwise(torch.exp, scores - shift)
+        rescale = fixed_elementwise(torch.exp, peak[:n] - shift)
+        total[:n] = total[:n] * rescale + fixed_order_sum(weights)[..., None]
+        acc[:n] = acc[:n] * rescale + torch.matmul(weights, values)
+        peak[:n] = new_peak
+    out = (acc / total).view(n_blocks, heads, BLOCK, dim)
+    result = query.new_zeros((rows, new, heads, dim))
+    result[lay.query_row, lay.query_col] = out[lay.query_block, :, lay.query_offset].to(query.dtype)
+    return result, None
+
+
+def make_batch_invariant(backbone: torch.nn.Module) -> None:
+    """Swap, in place, ``backbone``'s linear layers for ``FixedRowsLinear``, its activations for
+    ``FixedChunkActivation``, its RoPE for ``rotary_forward`` and its attention for ``block_attention`` (the
+    parameters are shared, not copied). Idempotent."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, block_attention)
+    for parent in list(backbone.modules()):
+        if hasattr(parent, "inv_freq") and hasattr(parent, "attention_scaling"):
+            if getattr(parent, "rope_type", "default") in ("dynamic", "longrope"):
+                raise ValueError(f"batch_invariant does not support rope_type {parent.rope_type!r}")
+            parent.forward = rotary_forward.__get__(parent)
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, FixedRowsLinear.wrap(child))
+            elif _is_activation(child) and not isinstance(parent, FixedChunkActivation):
+                setattr(parent, name, FixedChunkActivation(child))
+    backbone.set_attn_implementation(ATTENTION_NAME)
+
+
+def _is_activation(module: torch.nn.Module) -> bool:
+    """A parameter-free activation module of torch or transformers (SiLU, GELU, ...)."""
+    return type(module).__module__ in ("torch.nn.modules.activation", "transformers.activations")
