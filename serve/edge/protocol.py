@@ -211,6 +211,7 @@ class ModelCard(_EnsembleFields):
     )
     dtype: str
     quantization: str
+    batch_invariant: bool = False
     max_length: int
     head: str
     normalization: dict[str, float] | None
