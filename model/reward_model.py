@@ -75,6 +75,7 @@ class RewardModel:
             "head": self.head_name,
             "normalization": norm,
             "template": self.formatter.template_name,
+            "path": str(self.path),
         }
 
     def tokenize(self, item: Item | dict, index: int = 0) -> TokenizedItem:

@@ -1,22 +1,34 @@
 """Request and response bodies of the compatibility routes (API.md), shaped as their origins send them.
 
-Unlike the native routes, these accept and ignore fields they do not know, as OpenRLHF's reward
-server and vLLM do (trainers send extra fields such as ``prompts``, ``labels``, ``add_special_tokens``).
+Unlike the native routes, these accept and ignore fields they do not know, as OpenRLHF's reward server, vLLM,
+SGLang and slime do (trainers send extra fields such as ``prompts``, ``labels``, ``add_special_tokens``).
 
 Example::
 
     GetRewardRequest.model_validate({"query": ["<s>Q: 2+2? A: 4</s>"], "prompts": ["Q: 2+2?"], "labels": [""]})
     ClassifyRequest.model_validate({"model": "rm", "input": "<s>Q: 2+2? A: 4</s>", "use_activation": False})
     ClassifyRequest.model_validate({"input": [[1, 15043, 29892], [1, 3532]], "activation": False})   # token ids
+    EmbeddingsRequest.model_validate({"model": "/ckpt/rm", "input": "<s>Q: 2+2? A: 4</s>"})   # verl + SGLang
+    SlimeRewardRequest.model_validate({"prompt": "2+2?", "response": "4", "label": "4"})
+    CohereRerankRequest.model_validate({"query": "2+2?", "documents": ["4", {"text": "5"}], "top_n": 1})
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_serializer,
+)
 
-from rmserve.model.items import TextItem, TokensItem
+from rmserve.model.items import Prompt, TextItem, TokensItem
 
 # vLLM applies the classifier's activation (sigmoid for one label) unless told otherwise; so do we.
 DEFAULT_ACTIVATION = True
@@ -53,25 +65,21 @@ class GetRewardResponse(_Response):
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
 
-class ClassifyRequest(_CompatRequest):
-    """``{"model"?, "input": str | [str] | [int] | [[int]], "use_activation"?: bool, "activation"?: bool}``.
+_MODEL_HELP = (
+    "Optional; a served model's id, the path it was loaded from or a served_model_names entry, or an ensemble's "
+    "name. Absent: the first served model."
+)
 
-    As vLLM: ``input`` is one text, a list of texts, one list of token ids or a list of such lists (ids from the
-    reward model's own tokenizer). An empty list is answered with an empty ``data``.
-    """
 
-    model: StrictStr | None = Field(
-        None,
-        description="Optional; a served model's id, the path it was loaded from or a served_model_names entry, or "
-        "an ensemble's name. Absent: the first served model.",
-    )
+class _Inputs(_CompatRequest):
+    """``{"model"?, "input": str | [str] | [int] | [[int]]}``, as vLLM and SGLang take it: one text, a list of texts,
+    one list of token ids or a list of such lists (ids from the reward model's own tokenizer), each scored as
+    already formatted. An empty list is answered with an empty ``data``."""
+
+    model: StrictStr | None = Field(None, description=_MODEL_HELP)
     input: StrictStr | list[StrictStr] | TokenIds | list[TokenIds] = Field(
         description="One formatted text, a list of them, one list of token ids, or a list of such lists."
     )
-    use_activation: StrictBool | None = Field(
-        None, description="true: probs[0] = sigmoid(reward); false: the raw reward. Default: true, as vLLM."
-    )
-    activation: StrictBool | None = Field(None, description="Older name of use_activation (which wins if both).")
 
     def single(self) -> bool:
         """The caller sent one input (a text or one list of token ids), not a list of them."""
@@ -83,6 +91,15 @@ class ClassifyRequest(_CompatRequest):
         if self.single():
             return [TokensItem(input_ids=self.input)]
         return [TextItem(text=x) if isinstance(x, str) else TokensItem(input_ids=x) for x in self.input]
+
+
+class ClassifyRequest(_Inputs):
+    """``/classify``: ``_Inputs`` plus ``use_activation`` / ``activation``."""
+
+    use_activation: StrictBool | None = Field(
+        None, description="true: probs[0] = sigmoid(reward); false: the raw reward. Default: true, as vLLM."
+    )
+    activation: StrictBool | None = Field(None, description="Older name of use_activation (which wins if both).")
 
     def apply_activation(self) -> bool:
         if self.use_activation is not None:
@@ -110,3 +127,88 @@ class ClassifyResponse(_Response):
     model: str
     data: list[ClassificationData]
     usage: ClassifyUsage
+
+
+# -- SGLang-style embeddings (verl's reward loop with an SGLang backend): POST /v1/embeddings -----------------
+class EmbeddingsRequest(_Inputs):
+    """``{"model"?, "input": ...}``: the reward is the last element of each ``embedding``."""
+
+
+class EmbeddingData(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] = Field(description="[reward]: a reward model's one output (its last element is read).")
+
+
+class EmbeddingsUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(_Response):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingsUsage
+
+
+# -- slime's remote reward model (--rm-type remote_rm): one sample per request ---------------------------------
+class SlimeRewardRequest(_CompatRequest):
+    """``{"prompt": str | messages, "response": str, "label"?: any}``: one sample, as slime's ``remote_rm`` posts it."""
+
+    prompt: Prompt
+    response: StrictStr
+    label: Any = Field(None, description="Sent by slime (the sample's label); not used by a reward model.")
+
+
+class SlimeRewardResponse(_Response):
+    reward: float = Field(description="The raw reward (slime: --reward-key reward).")
+    model: str
+
+
+# -- Cohere / Jina rerank shape (what vLLM serves): POST /rerank, /v1/rerank, /v2/rerank --------------------------
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    text: StrictStr
+
+
+class CohereRerankRequest(_CompatRequest):
+    """``{"model"?, "query": str, "documents": [str | {"text": str}], "top_n"?: int}``: each document is scored as
+    the response to ``query`` (the reward model's chat template applied, as ``/v1/rerank`` does)."""
+
+    model: StrictStr | None = Field(None, description=_MODEL_HELP)
+    query: StrictStr
+    documents: list[StrictStr | RerankDocument]
+    top_n: StrictInt | None = Field(None, ge=1, description="Keep the best top_n results.")
+    return_documents: StrictBool = Field(True, description="Echo each document's text in its result.")
+    use_activation: StrictBool | None = Field(
+        None, description="true: relevance_score = sigmoid(reward); false: the raw reward. Default: true, as vLLM."
+    )
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class RerankResultEntry(_Response):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_document(self, handler: SerializerFunctionWrapHandler):  # no return type: keeps the schema
+        data = handler(self)
+        if data.get("document") is None:
+            data.pop("document", None)
+        return data
+
+
+class RerankUsage(_Response):
+    total_tokens: int
+
+
+class CohereRerankResponse(_Response):
+    id: str
+    model: str
+    results: list[RerankResultEntry] = Field(description="Best first (equal scores keep input order).")
+    usage: RerankUsage

@@ -81,16 +81,16 @@ class _Response(BaseModel):
 MemberRewards = dict[str, list[float]]
 
 
-class _EnsembleFields(_Response):
-    """A response whose ensemble-only fields (``ENSEMBLE_FIELDS``) are left out of the JSON when not set, so a
-    single model's body is exactly what it was before ensembles existed."""
+class _OmitsUnset(_Response):
+    """A response whose optional fields (``OMITTED_WHEN_UNSET``: an ensemble's, a model card's ``path``) are left out
+    of the JSON when not set, so a single model's body is exactly what it was before ensembles existed."""
 
-    ENSEMBLE_FIELDS: typing.ClassVar[tuple[str, ...]] = ()
+    OMITTED_WHEN_UNSET: typing.ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
-    def _drop_unset_ensemble_fields(self, handler: SerializerFunctionWrapHandler):  # no return type: keeps the schema
+    def _drop_unset_fields(self, handler: SerializerFunctionWrapHandler):  # no return type: keeps the schema
         data = handler(self)
-        for name in self.ENSEMBLE_FIELDS:
+        for name in self.OMITTED_WHEN_UNSET:
             if data.get(name) is None:
                 data.pop(name, None)
         return data
@@ -118,13 +118,16 @@ class Usage(_Response):
     input_tokens: int
 
 
-class ScoreResponse(_EnsembleFields):
-    ENSEMBLE_FIELDS = ("member_rewards", "spread")
+class ScoreResponse(_OmitsUnset):
+    OMITTED_WHEN_UNSET = ("member_rewards", "spread")
 
     model: str
     rewards: list[float]
     truncated: list[int] = Field(description="Indices of the items that were left-truncated.")
     usage: Usage
+    batch_invariant: bool = Field(
+        False, description="The model scores in batch-invariant mode: each reward is bitwise independent of its batch."
+    )
     member_rewards: MemberRewards | None = Field(
         None, description="Ensembles only: each member's normalised reward per item (member name -> list)."
     )
@@ -146,8 +149,8 @@ class PreferenceRequest(_NativeRequest):
     pairs: list[PreferencePair] = Field(min_length=1)
 
 
-class PreferenceResult(_EnsembleFields):
-    ENSEMBLE_FIELDS = ("member_rewards_a", "member_rewards_b", "spread_a", "spread_b")
+class PreferenceResult(_OmitsUnset):
+    OMITTED_WHEN_UNSET = ("member_rewards_a", "member_rewards_b", "spread_a", "spread_b")
 
     reward_a: float
     reward_b: float
@@ -162,6 +165,9 @@ class PreferenceResult(_EnsembleFields):
 class PreferenceResponse(_Response):
     model: str
     results: list[PreferenceResult]
+    batch_invariant: bool = Field(
+        False, description="The model scores in batch-invariant mode: each reward is bitwise independent of its batch."
+    )
 
 
 # -- /v1/rerank ---------------------------------------------------------------------------------
@@ -182,8 +188,8 @@ class RankedResponse(_Response):
     reward: float
 
 
-class RerankResult(_EnsembleFields):
-    ENSEMBLE_FIELDS = ("member_rewards", "spread")
+class RerankResult(_OmitsUnset):
+    OMITTED_WHEN_UNSET = ("member_rewards", "spread")
 
     ranking: list[RankedResponse]
     best_index: int
@@ -198,11 +204,14 @@ class RerankResult(_EnsembleFields):
 class RerankResponse(_Response):
     model: str
     results: list[RerankResult]
+    batch_invariant: bool = Field(
+        False, description="The model scores in batch-invariant mode: each reward is bitwise independent of its batch."
+    )
 
 
 # -- operational --------------------------------------------------------------------------------
-class ModelCard(_EnsembleFields):
-    ENSEMBLE_FIELDS = ("ensemble",)
+class ModelCard(_OmitsUnset):
+    OMITTED_WHEN_UNSET = ("ensemble", "path")
 
     id: str
     names: list[str] = Field(
@@ -216,6 +225,7 @@ class ModelCard(_EnsembleFields):
     head: str
     normalization: dict[str, float] | None
     template: str
+    path: str | None = Field(None, description="The checkpoint directory the model was loaded from.")
     ensemble: dict[str, Any] | None = Field(
         None,
         description="Ensembles only: {members: {name: weight}, combine, lambda} (see rmserve.serve.routing.ensemble).",
@@ -248,6 +258,7 @@ class ScoredItems:
     lengths: list[int] = field(default_factory=list)  # tokens of each item as scored (after truncation)
     member_rewards: dict[str, list[float]] | None = None  # ensembles: each member's normalised rewards
     spread: list[float] | None = None  # ensembles: the members' weighted spread per item
+    batch_invariant: bool = False  # the model (every member of an ensemble) scores in batch-invariant mode
 
     @property
     def shown(self) -> list[float]:

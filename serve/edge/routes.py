@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -28,21 +28,12 @@ from starlette.exceptions import HTTPException
 from rmserve.model.errors import InvalidRequestError, RequestTooLargeError, RMServeError
 from rmserve.serve.config.settings import ServerConfig
 from rmserve.serve.edge.auth import ApiKeyAuth
-from rmserve.serve.edge.compat import CompatService, classify_error
-from rmserve.serve.edge.compat_protocol import ClassifyRequest, ClassifyResponse, GetRewardRequest, GetRewardResponse
+from rmserve.serve.edge.compat import with_status
 from rmserve.serve.edge.drain import Drain
+from rmserve.serve.edge.endpoints import ENDPOINTS, endpoints_by_path
 from rmserve.serve.edge.errors import error_response
-from rmserve.serve.edge.protocol import (
-    HealthResponse,
-    ModelsResponse,
-    PreferenceRequest,
-    PreferenceResponse,
-    ReadyResponse,
-    RerankRequest,
-    RerankResponse,
-    ScoreRequest,
-    ScoreResponse,
-)
+from rmserve.serve.edge.pipeline import Context, Endpoint
+from rmserve.serve.edge.protocol import HealthResponse, ModelsResponse, ReadyResponse
 from rmserve.serve.edge.service import GatewayService
 from rmserve.serve.metrics.instrumentation import RequestMetricsMiddleware
 from rmserve.serve.metrics.store import LocalMetrics, ServedMetrics
@@ -136,13 +127,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-REQUEST_MODELS = (ScoreRequest, PreferenceRequest, RerankRequest, GetRewardRequest, ClassifyRequest)
+REQUEST_MODELS = tuple(dict.fromkeys(e.request for e in ENDPOINTS))
 
 
-def _json_body(model: type[BaseModel]) -> dict:
-    """OpenAPI request body of a route that reads its body itself (``_document_request_models`` adds the schema)."""
-    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+def _openapi_extra(path: str, rows: Sequence[Endpoint]) -> dict:
+    """OpenAPI request body (and path parameter) of a scoring route, which reads its body itself
+    (``_document_request_models`` adds the schemas)."""
+    refs = [{"$ref": f"#/components/schemas/{e.request.__name__}"} for e in rows]
+    schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
+    extra: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    if "{model" in path:
+        extra["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return extra
 
 
 def _document_request_models(app: FastAPI) -> None:
@@ -165,13 +161,11 @@ def create_http_app(
     service: GatewayService,
     config: ServerConfig,
     *,
-    compat: CompatService | None = None,
     metrics: ServedMetrics | None = None,
     drain: Drain | None = None,
 ) -> FastAPI:
     auth = ApiKeyAuth(config.api_key_values())
     limits = config.limits
-    compat = compat or CompatService(service, config)
     metrics = metrics or LocalMetrics()
     if service.telemetry is None:  # without a Gateway (tests): this process's answers, in this process's /metrics
         service.telemetry = RewardTelemetry(metrics.recorder, config.reward_window_items)
@@ -180,23 +174,19 @@ def create_http_app(
 
     async def respond(
         request: Request,
-        schema: type[BaseModel] | None,
-        action: Callable[..., Awaitable[BaseModel | Response]],
+        action: Callable[[], Awaitable[BaseModel | Response]],
         *,
         protected: bool = True,
         adapt_error: Callable[[RMServeError], RMServeError] | None = None,
         drains: bool = True,
     ) -> Response:
-        """Authenticate, read and validate the body, run ``action`` within the deadline, map errors. While the
-        server shuts down, a route that ``drains`` refuses new requests (503) and finishes the accepted ones."""
+        """Authenticate, run ``action`` within the deadline, map errors. While the server shuts down, a route that
+        ``drains`` refuses new requests (503) and finishes the accepted ones."""
 
         async def run() -> BaseModel | Response:
             if protected:
                 auth.check(request.headers)
-            if schema is None:
-                return await action()
-            body = parse_json(await read_body(request, limits.max_body_bytes))
-            return await action(schema.model_validate(body))
+            return await action()
 
         try:
             if drains:
@@ -215,6 +205,22 @@ def create_http_app(
             if drains:
                 drain.release()
 
+    def scoring_route(rows: Sequence[Endpoint]) -> Callable[[Request], Awaitable[Response]]:
+        """The route of one path: its body picks a row of the table (the last row answers what no row accepts)."""
+
+        async def handle(request: Request) -> Response:
+            chosen = [rows[-1]]
+
+            async def action() -> BaseModel:
+                body = parse_json(await read_body(request, limits.max_body_bytes))
+                endpoint = chosen[0] = next((row for row in rows if row.accepts(body)), rows[-1])
+                context = Context(service, request.path_params.get("model"), request.query_params)
+                return await service.run(endpoint, endpoint.request.model_validate(body), context)
+
+            return await respond(request, action, adapt_error=lambda err: with_status(chosen[0].invalid_status)(err))
+
+        return handle
+
     async def scrape() -> Response:
         return Response(await metrics.scrape(), media_type=metrics.content_type)
 
@@ -224,53 +230,26 @@ def create_http_app(
     _document_request_models(app)
     ops = config.protect_operational_routes
 
-    @app.post(
-        "/v1/score",
-        response_model=ScoreResponse,
-        responses=ERROR_RESPONSES,
-        openapi_extra=_json_body(ScoreRequest),
-        summary="Rewards for items",
-    )
-    async def score(request: Request) -> Response:
-        return await respond(request, ScoreRequest, service.score)
-
-    app.add_api_route(
-        "/score",
-        score,
-        methods=["POST"],
-        response_model=ScoreResponse,
-        responses=ERROR_RESPONSES,
-        openapi_extra=_json_body(ScoreRequest),
-        summary="Alias of /v1/score",
-    )
-
-    @app.post(
-        "/v1/preference",
-        response_model=PreferenceResponse,
-        responses=ERROR_RESPONSES,
-        openapi_extra=_json_body(PreferenceRequest),
-        summary="Which of two responses is preferred (Bradley–Terry)",
-    )
-    async def preference(request: Request) -> Response:
-        return await respond(request, PreferenceRequest, service.preference)
-
-    @app.post(
-        "/v1/rerank",
-        response_model=RerankResponse,
-        responses=ERROR_RESPONSES,
-        openapi_extra=_json_body(RerankRequest),
-        summary="Best-of-n: responses of each group ranked by reward",
-    )
-    async def rerank(request: Request) -> Response:
-        return await respond(request, RerankRequest, service.rerank)
+    for path, rows in endpoints_by_path().items():
+        responses = [row.response for row in rows]
+        app.add_api_route(
+            path,
+            scoring_route(rows),
+            methods=["POST"],
+            response_model=responses[0] if len(responses) == 1 else Union[tuple(responses)],  # noqa: UP007
+            responses=ERROR_RESPONSES,
+            openapi_extra=_openapi_extra(path, rows),
+            summary=" / ".join(row.summary for row in rows),
+            name=rows[0].name if len(rows) == 1 else "+".join(row.name for row in rows),
+        )
 
     @app.get("/health", response_model=HealthResponse, responses=ERROR_RESPONSES, summary="The process is up")
     async def health(request: Request) -> Response:
-        return await respond(request, None, _healthy, protected=ops, drains=False)
+        return await respond(request, _healthy, protected=ops, drains=False)
 
     @app.get("/ready", response_model=ReadyResponse, responses=ERROR_RESPONSES, summary="The model can score")
     async def ready(request: Request) -> Response:
-        return await respond(request, None, service.ready, protected=ops)
+        return await respond(request, service.ready, protected=ops)
 
     @app.get(
         "/v1/models",
@@ -279,7 +258,7 @@ def create_http_app(
         summary="The served models and ensembles",
     )
     async def models(request: Request) -> Response:
-        return await respond(request, None, service.models, protected=ops)
+        return await respond(request, service.models, protected=ops)
 
     @app.get(
         "/metrics",
@@ -288,38 +267,7 @@ def create_http_app(
         summary="Prometheus metrics: totals over all replicas",
     )
     async def prometheus_metrics(request: Request) -> Response:
-        return await respond(request, None, scrape, protected=ops, drains=False)
-
-    # -- compatibility routes (compat.py): extra fields are ignored, as their origins do ------------------
-    @app.post(
-        "/get_reward",
-        response_model=GetRewardResponse,
-        responses=ERROR_RESPONSES,
-        openapi_extra=_json_body(GetRewardRequest),
-        summary="OpenRLHF remote reward model",
-    )
-    async def get_reward(request: Request) -> Response:
-        return await respond(request, GetRewardRequest, compat.get_reward)
-
-    @app.post(
-        "/get_reward/{model:path}",
-        response_model=GetRewardResponse,
-        responses=ERROR_RESPONSES,
-        openapi_extra=_json_body(GetRewardRequest),
-        summary="OpenRLHF remote reward model, scored by the model or ensemble the path names",
-    )
-    async def get_reward_of_model(request: Request, model: str) -> Response:
-        return await respond(request, GetRewardRequest, lambda body: compat.get_reward(body, model))
-
-    @app.post(
-        "/classify",
-        response_model=ClassifyResponse,
-        responses=ERROR_RESPONSES,
-        openapi_extra=_json_body(ClassifyRequest),
-        summary="vLLM-style classify (verl's reward loop)",
-    )
-    async def classify(request: Request) -> Response:
-        return await respond(request, ClassifyRequest, compat.classify, adapt_error=classify_error)
+        return await respond(request, scrape, protected=ops, drains=False)
 
     return app
 

@@ -1,25 +1,27 @@
-"""What the HTTP routes do, without HTTP: validate → preprocess → run (one call to the model's scoring core) → build
-the response.
+"""The one pipeline every scoring endpoint runs, without HTTP: pre-process → find the model → score (one call to the
+model's scoring core) → post-process.
 
-Each native route turns its request into one flat list of items, finds the model its ``model`` names
-(``model_routing``), sends the items to that model's scoring core through its ``ScorerLink`` (in this process, or a
-Scorer deployment through Ray, where the Gateway merges the calls of concurrent requests, ``rayserve.coalescing``;
-the core's one queue batches them with everyone else's), and builds its response from the rewards. An ensemble sends
-one call to each member at once and combines their normalised rewards (``ensemble.combine_rewards``). The
-response-building steps are pure functions (``preference_result``, ``rank_group``).
+``GatewayService.run(endpoint, request, context)`` turns the request into one flat list of items with the endpoint's
+own step (``endpoint.call``: ``native.py``, ``compat.py``), finds the model its ``model`` names (``model_routing``),
+sends the items to that model's scoring core through its ``ScorerLink`` (in this process, or a Scorer deployment
+through Ray, where the Gateway merges the calls of concurrent requests, ``rayserve.coalescing``; the core's one queue
+batches them with everyone else's), and builds the response from the rewards (``endpoint.respond``). An ensemble
+sends one call to each member at once and combines their normalised rewards (``ensemble.combine_rewards``).
 
 Example::
 
     service = GatewayService([LocalLink(core)], config)       # or RayLink(scorer_handle, config)
-    await service.score(ScoreRequest(items=[{"prompt": "2+2?", "response": "4"}]))
+    await service.run(ENDPOINTS[0], ScoreRequest(items=[{"prompt": "2+2?", "response": "4"}]), Context(service))
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import inspect
 from collections import deque
 from collections.abc import Sequence
+
+from pydantic import BaseModel
 
 from rmserve.model.errors import (
     ModelNotFoundError,
@@ -28,51 +30,21 @@ from rmserve.model.errors import (
     RequestTooLargeError,
     RMServeError,
 )
-from rmserve.model.items import Item, PairItem
+from rmserve.model.items import Item
 from rmserve.serve.config.settings import ServerConfig
-from rmserve.serve.edge.locations import Locate, in_groups, in_items, in_pairs
+from rmserve.serve.edge.locations import Locate
+from rmserve.serve.edge.pipeline import Context, Endpoint
 from rmserve.serve.edge.protocol import (
     ModelCard,
     ModelsResponse,
-    PreferenceRequest,
-    PreferenceResponse,
-    PreferenceResult,
-    RankedResponse,
     ReadyResponse,
-    RerankRequest,
-    RerankResponse,
-    RerankResult,
     ScoredItems,
-    ScoreRequest,
-    ScoreResponse,
-    Usage,
 )
 from rmserve.serve.metrics.telemetry import RewardTelemetry
 from rmserve.serve.routing.ensemble import combine_rewards
 from rmserve.serve.routing.model_routing import EnsembleRoute, ModelLane, ModelRouter, ScorerLink
 
 READY_PROBE_TIMEOUT_S = 2.0  # at most; never more than half the request deadline
-
-
-def sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
-
-
-def preference_result(raw_a: float, raw_b: float, shown_a: float, shown_b: float) -> PreferenceResult:
-    """Bradley–Terry ``P(a ≻ b) = σ(r_a − r_b)`` from raw rewards; ties prefer ``a``."""
-    return PreferenceResult(
-        reward_a=shown_a, reward_b=shown_b, prob_a=sigmoid(raw_a - raw_b), preferred="a" if raw_a >= raw_b else "b"
-    )
-
-
-def rank_group(rewards: list[float], top_k: int | None) -> RerankResult:
-    """Indices by reward, best first; equal rewards keep input order (``sorted`` is stable)."""
-    order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
-    ranking = [RankedResponse(index=i, reward=rewards[i]) for i in order[:top_k]]
-    return RerankResult(ranking=ranking, best_index=order[0])
 
 
 class CapacitySignal:
@@ -108,7 +80,7 @@ class CapacitySignal:
 
 
 class GatewayService:
-    """The native routes' pipeline on top of each served model's ``ScorerLink``.
+    """The scoring pipeline (``run``) and the operational answers on top of each served model's ``ScorerLink``.
 
     ``links`` are in ``config.served_models()`` order (the first is the default model). ``telemetry`` sees every
     answer (``telemetry.py``).
@@ -120,49 +92,31 @@ class GatewayService:
         self.capacity = CapacitySignal()
         self.telemetry = telemetry
 
-    # -- routes -------------------------------------------------------------------------------------
-    async def score(self, request: ScoreRequest) -> ScoreResponse:
-        scored = await self.score_items(list(request.items), request.normalize, request.model, in_items)
-        return ScoreResponse(
-            model=scored.model,
-            rewards=scored.shown,
-            truncated=scored.truncated,
-            usage=Usage(input_tokens=scored.input_tokens),
-            member_rewards=scored.member_rewards,
-            spread=scored.spread,
-        )
+    # -- the pipeline ---------------------------------------------------------------------------------
+    async def run(self, endpoint: Endpoint, request: BaseModel, context: Context) -> BaseModel:
+        """One request of ``endpoint``, validated: its items scored by the model it names, its response built."""
+        call = endpoint.call(request, context)
+        if inspect.isawaitable(call):
+            call = await call
+        if not call.items:  # an empty list where a trainer may send one: the model is checked, nothing is scored
+            scored = ScoredItems(model=await self.check_model(call.model), rewards=[])
+        elif endpoint.when_full == "wait":
+            scored = await self._score_waiting_for_room(call.items, call.normalize, call.model, call.locate)
+        else:
+            scored = await self.score_items(call.items, call.normalize, call.model, call.locate)
+        return endpoint.respond(request, scored, call)
 
-    async def preference(self, request: PreferenceRequest) -> PreferenceResponse:
-        items = []
-        for pair in request.pairs:
-            items += [PairItem(prompt=pair.prompt, response=pair.response_a)]
-            items += [PairItem(prompt=pair.prompt, response=pair.response_b)]
-        scored = await self.score_items(items, request.normalize, request.model, in_pairs)
-        raw, shown = scored.rewards, scored.shown
-        results = [preference_result(raw[k], raw[k + 1], shown[k], shown[k + 1]) for k in range(0, len(raw), 2)]
-        if scored.member_rewards is not None and scored.spread is not None:
-            members, spread = scored.member_rewards, scored.spread
-            for n, result in enumerate(results):
-                result.member_rewards_a = {m: values[2 * n] for m, values in members.items()}
-                result.member_rewards_b = {m: values[2 * n + 1] for m, values in members.items()}
-                result.spread_a, result.spread_b = spread[2 * n], spread[2 * n + 1]
-        return PreferenceResponse(model=scored.model, results=results)
+    async def _score_waiting_for_room(
+        self, items: Sequence[Item], normalize: bool, model: str | None, locate: Locate
+    ) -> ScoredItems:
+        """``score_items``, where a full queue is waited out (up to the request's deadline), not answered 429."""
+        while True:
+            try:
+                return await self.score_items(items, normalize, model, locate)
+            except OverloadedError:
+                await self.capacity.wait(float(self.config.limits.retry_after_s))
 
-    async def rerank(self, request: RerankRequest) -> RerankResponse:
-        items = [PairItem(prompt=g.prompt, response=r) for g in request.groups for r in g.responses]
-        locate = in_groups([len(g.responses) for g in request.groups])
-        scored = await self.score_items(items, request.normalize, request.model, locate)
-        results, start = [], 0
-        for group in request.groups:
-            end = start + len(group.responses)
-            result = rank_group(scored.shown[start:end], request.top_k)
-            if scored.member_rewards is not None and scored.spread is not None:
-                result.member_rewards = {m: values[start:end] for m, values in scored.member_rewards.items()}
-                result.spread = scored.spread[start:end]
-            results.append(result)
-            start = end
-        return RerankResponse(model=scored.model, results=results)
-
+    # -- operational ------------------------------------------------------------------------------------
     async def models(self) -> ModelsResponse:
         cards = []
         for lane in self.router.lanes:
@@ -183,6 +137,10 @@ class GatewayService:
         for lane in self.router.unknown_lanes():  # a single unnamed model's id is its checkpoint's
             await self._probe(lane)
         target = self.router.find(model)
+        if target is None and model is not None and self.router.unprobed_lanes():
+            for lane in self.router.unprobed_lanes():  # a probe teaches a lane its resolved checkpoint directory
+                await self._probe(lane)
+            target = self.router.find(model)
         if target is None:
             raise ModelNotFoundError(
                 f"model {model!r} is not served here; use one of {self.router.all_names()}", param="model"
@@ -210,6 +168,8 @@ class GatewayService:
             scored = await self._score_ensemble(target, items, locate)
         else:
             scored = await self._score_lane(target, items, normalize, locate)
+        lanes = target.lanes if isinstance(target, EnsembleRoute) else [target]
+        scored.batch_invariant = all((lane.info or {}).get("batch_invariant", False) for lane in lanes)
         if self.telemetry is not None:
             self.telemetry.observe(scored.model, scored.rewards, scored.lengths, len(scored.truncated), scored.spread)
         return scored

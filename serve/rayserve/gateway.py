@@ -15,7 +15,6 @@ from fastapi import FastAPI
 from ray import serve
 
 from rmserve.serve.config.settings import ServerConfig
-from rmserve.serve.edge.compat import CompatService
 from rmserve.serve.edge.drain import Drain
 from rmserve.serve.edge.routes import create_http_app
 from rmserve.serve.edge.service import GatewayService
@@ -37,9 +36,8 @@ class Gateway:
         self.metrics.sources.append(telemetry.snapshot)
         links = [RayLink(handle, config) for handle in (scorer, *more_scorers)]
         self.service = GatewayService(links, config, telemetry=telemetry)
-        self.compat = CompatService(self.service, config)
         self.drain = Drain()
         self._shutdown_follower = start_following(self.drain)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_http_app(self.service, self.config, compat=self.compat, metrics=self.metrics, drain=self.drain)
+        return create_http_app(self.service, self.config, metrics=self.metrics, drain=self.drain)

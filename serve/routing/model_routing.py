@@ -26,13 +26,16 @@ from rmserve.serve.config.served_models import EnsembleConfig, ServedModel
 from rmserve.serve.config.settings import ServerConfig
 
 
-def model_names(served: ServedModel, model_id: str | None) -> list[str]:
+def model_names(served: ServedModel, model_id: str | None, loaded_from: str | None = None) -> list[str]:
     """Every name a request's ``model`` may use for ``served``: its id (when known), its ``served_model_names``, and
-    the path it was loaded from, as given and resolved (verl sends its path)."""
+    the path it was loaded from, as given and resolved (verl sends its path), and the checkpoint directory a replica
+    reports loading (``loaded_from``: what ``demo`` resolved to)."""
     path = served.path
     names = [*([model_id] if model_id else []), *served.served_model_names, path]
     if path != "demo":
         names.append(os.path.realpath(os.path.expanduser(path)))
+    if loaded_from:
+        names += [loaded_from, os.path.realpath(loaded_from)]
     return list(dict.fromkeys(names))
 
 
@@ -55,6 +58,15 @@ class ScorerLink(Protocol):
     async def special_tokens(self) -> dict:
         """The tokenizer's special tokens as text."""
 
+    async def sleep(self, level: int) -> None:
+        """Put every replica of the model to sleep at ``level`` (1 or 2); returns once all of them sleep."""
+
+    async def wake_up(self) -> None:
+        """Wake every replica of the model; returns once all of them score again."""
+
+    async def is_sleeping(self) -> bool:
+        """True when every replica of the model sleeps."""
+
 
 @dataclass(eq=False)
 class ModelLane:
@@ -68,10 +80,11 @@ class ModelLane:
     names: list[str] = field(default_factory=list)
 
     def learn(self, info: dict) -> None:
-        """Record the model card a replica answered with (its ``id`` completes the names)."""
+        """Record the model card a replica answered with (its ``id`` and the checkpoint directory it loaded, e.g.
+        the demo's, complete the names)."""
         self.info = info
         self.model_id = info["id"]
-        self.names = model_names(self.served, self.model_id)
+        self.names = model_names(self.served, self.model_id, info.get("path"))
 
 
 @dataclass(eq=False)
@@ -119,6 +132,10 @@ class ModelRouter:
     def unknown_lanes(self) -> list[ModelLane]:
         """Lanes whose id is not known yet (a single model without a configured name, before its first probe)."""
         return [lane for lane in self.lanes if lane.model_id is None]
+
+    def unprobed_lanes(self) -> list[ModelLane]:
+        """Lanes no replica has described yet (their names lack the checkpoint directory a replica loaded)."""
+        return [lane for lane in self.lanes if lane.info is None]
 
     def all_names(self) -> list[str]:
         names = [name for lane in self.lanes for name in lane.names]

@@ -77,7 +77,9 @@ async def test_score_equals_offline_reward_model(app: LiveApp, offline, form):
         )
     assert versioned.status_code == 200, versioned.text
     body = versioned.json()
-    assert set(body) == {"model", "rewards", "truncated", "usage"} and body["model"] == offline.model_id
+    assert set(body) == {"model", "rewards", "truncated", "usage", "batch_invariant"}
+    assert body["model"] == offline.model_id
+    assert body["batch_invariant"] is False
     assert body["rewards"] == pytest.approx(expected, abs=TOL)
     assert body["truncated"] == [i for i, t in enumerate(tokenized) if t.truncated]
     assert body["usage"] == {"input_tokens": sum(len(t) for t in tokenized)}

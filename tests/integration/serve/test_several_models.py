@@ -120,7 +120,7 @@ async def test_each_model_gets_exactly_its_own_offline_rewards(app, client, offl
         data = response.json()
         assert data["model"] == served
         assert data["rewards"] == pytest.approx(expected[served], abs=TOL), requested
-        assert set(data) == {"model", "rewards", "truncated", "usage"}  # no ensemble fields for a model
+        assert set(data) == {"model", "rewards", "truncated", "usage", "batch_invariant"}  # no ensemble fields
     normalized_safe = await client.post("/v1/score", json={"items": items, "model": "safe", "normalize": True})
     assert normalized_safe.json()["rewards"] == pytest.approx(list(normalized(offline, "safe", items)), abs=TOL)
 

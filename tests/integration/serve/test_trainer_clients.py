@@ -11,8 +11,14 @@ The request bodies and retry policies below are re-implemented from the trainers
   ``{"model": reward_model.model.path, "input": text, "activation": False}`` to ``/classify`` (lines 203-212) and
   reads ``data[-1].probs[-1]`` (line 213); ``_post_request`` tries 16 times (line 124), gives up at once on any
   4xx, 429 included (line 137), and retries 5xx and connection errors after ``min(2 ** attempt, 30)`` s (line 157).
+  With ``reward_model.rollout.name: sglang`` the same function posts ``{"model", "input"}`` to ``/v1/embeddings``
+  (lines 214-219) and reads ``data[-1].embedding[-1]`` (line 220).
+* slime, ``slime/rollout/rm_hub/__init__.py`` at commit 624b824a898a: ``remote_rm`` posts one sample's
+  ``{"prompt", "response", "label"}`` to ``--rm-url``, treats any exception, a non-2xx status included, as a failure,
+  and tries ten times with ``min(2 ** attempt, 30) + random()`` s between tries; the answer's ``[--reward-key]`` is the
+  reward.
 
-Both send one request per sample, all at once: a burst of 3 x ``max_queued_items`` single-sample requests must
+All send one request per sample, all at once: a burst of 3 x ``max_queued_items`` single-sample requests must
 give every sample its reward (the compatibility routes wait for room in the queue instead of answering 429).
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from dataclasses import dataclass
 
 import httpx
@@ -111,6 +118,22 @@ async def verl_post(client: httpx.AsyncClient, url: str, payload: dict, max_retr
     return Outcome(None, max_retries, statuses)
 
 
+async def slime_post(client: httpx.AsyncClient, url: str, payload: dict, max_retries: int = 10) -> Outcome:
+    """slime's ``remote_rm``: any failure retried after min(2**attempt, 30) + U(0, 1) s, ten tries in all."""
+    statuses = []
+    for attempt in range(max_retries):
+        try:
+            response = await client.post(url, json=payload)
+            statuses.append(response.status_code)
+            response.raise_for_status()
+            return Outcome(response.json(), attempt + 1, statuses)
+        except httpx.HTTPError:
+            if attempt + 1 >= max_retries:
+                return Outcome(None, attempt + 1, statuses)
+        await asyncio.sleep(min(2**attempt, 30) + random.random())
+    return Outcome(None, max_retries, statuses)
+
+
 async def openrlhf_rewards(client: httpx.AsyncClient, urls: list[str], queries: list[str]) -> list[Outcome]:
     """``_fetch_rewards_via_http``: the queries split over ``urls`` in shards of ceil(n / len(urls))."""
     size = (len(queries) + len(urls) - 1) // len(urls)
@@ -121,6 +144,34 @@ async def openrlhf_rewards(client: httpx.AsyncClient, urls: list[str], queries: 
 
 def verl_payload(model_path: str, text: str) -> dict:
     return {"model": model_path, "input": text, "activation": False}
+
+
+def samples_for(trainer: str, tokenizer, n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """``n`` samples as ``trainer`` sends them, and each one's item as ``/v1/score`` takes it."""
+    if trainer == "slime":
+        pairs = make_preference_pairs(n, seed=seed)[:n]
+        return [{"prompt": p["prompt"], "response": p["chosen"], "label": ""} for p in pairs], [
+            {"prompt": p["prompt"], "response": p["chosen"]} for p in pairs
+        ]
+    return [{"text": t} for t in texts(tokenizer, n, seed=seed)], [{"text": t} for t in texts(tokenizer, n, seed=seed)]
+
+
+async def trainer_reward(client: httpx.AsyncClient, trainer: str, model_path: str, sample: dict) -> tuple:
+    """One sample through ``trainer``'s own client: (its reward or None, the outcome)."""
+    if trainer == "openrlhf":
+        outcome = (await openrlhf_rewards(client, ["/get_reward"], [sample["text"]]))[0]
+        return (outcome.body["rewards"][0] if outcome.body else None), outcome
+    if trainer == "verl":
+        outcome = await verl_post(client, "/classify", verl_payload(model_path, sample["text"]))
+        return (outcome.body["data"][-1]["probs"][-1] if outcome.body else None), outcome
+    if trainer == "verl-sglang":
+        outcome = await verl_post(client, "/v1/embeddings", {"model": model_path, "input": sample["text"]})
+        return (outcome.body["data"][-1]["embedding"][-1] if outcome.body else None), outcome
+    outcome = await slime_post(client, "/slime/reward", sample)
+    return (outcome.body["reward"] if outcome.body else None), outcome
+
+
+TRAINERS = ["openrlhf", "verl", "verl-sglang", "slime"]
 
 
 # -- tests ------------------------------------------------------------------------------------------------
@@ -150,28 +201,31 @@ async def test_openrlhf_two_urls_with_one_sample_both_answer_200(app: LiveApp, c
     assert empty.status_code == 200 and empty.json()["data"] == []
 
 
-@pytest.mark.parametrize("trainer", ["openrlhf", "verl"])
+@pytest.mark.parametrize("trainer", TRAINERS)
+async def test_64_concurrent_samples_each_get_the_reward_v1_score_gives(app: LiveApp, client, checkpoint, trainer):
+    samples, items = samples_for(trainer, checkpoint[1], 64, seed=29)
+    results = await asyncio.gather(*(trainer_reward(client, trainer, str(checkpoint[0]), s) for s in samples))
+    chunks = [items[i : i + QUEUE] for i in range(0, len(items), QUEUE)]  # max_items_per_request is QUEUE here
+    native = [r for chunk in chunks for r in (await client.post("/v1/score", json={"items": chunk})).json()["rewards"]]
+    assert [reward for reward, _ in results] == pytest.approx(native, abs=TOL)
+    assert all(outcome.statuses == [200] for _, outcome in results)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
 async def test_a_burst_of_three_queues_of_single_samples_gets_every_reward(app: LiveApp, checkpoint, offline, trainer):
-    samples = texts(checkpoint[1], 3 * QUEUE, seed=17 if trainer == "verl" else 19)
-    expected = offline.score([{"text": t} for t in samples])
-    lengths = {len(offline.tokenize({"text": t})) for t in samples}
+    seed = {"openrlhf": 19, "verl": 17, "verl-sglang": 13, "slime": 11}[trainer]
+    samples, items = samples_for(trainer, checkpoint[1], 3 * QUEUE, seed=seed)
+    expected = offline.score(items)
+    lengths = {len(offline.tokenize(item)) for item in items}
     scorer = app.scorer()
     await scorer.set_faults.remote(delays=dict.fromkeys(lengths, HOLD_S))  # admitted requests hold their place
     rejected_before = (await app.stats())["rejected_requests"]
     try:
         async with async_client(app) as client:
-            if trainer == "openrlhf":
-                outcomes = await asyncio.gather(*(openrlhf_rewards(client, ["/get_reward"], [t]) for t in samples))
-                outcomes = [o[0] for o in outcomes]
-                rewards = [o.body["rewards"][0] if o.body else None for o in outcomes]
-            else:
-                path = str(checkpoint[0])
-                outcomes = await asyncio.gather(
-                    *(verl_post(client, "/classify", verl_payload(path, t)) for t in samples)
-                )
-                rewards = [o.body["data"][-1]["probs"][-1] if o.body else None for o in outcomes]
+            results = await asyncio.gather(*(trainer_reward(client, trainer, str(checkpoint[0]), s) for s in samples))
     finally:
         await scorer.set_faults.remote()
+    rewards, outcomes = [r for r, _ in results], [o for _, o in results]
     stats = await app.stats()
     retries = sum(o.attempts - 1 for o in outcomes)
     print(f"{trainer}: {len(samples)} requests, {retries} client retries, "

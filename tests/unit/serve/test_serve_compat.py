@@ -16,8 +16,9 @@ from rmserve.model.items import TextItem, TokensItem
 from rmserve.serve.cli.flags import add_config_flags, overrides_from_args
 from rmserve.serve.config.loading import ConfigError, load_config
 from rmserve.serve.config.settings import ServerConfig
-from rmserve.serve.edge.compat import classify_error, strip_padding
+from rmserve.serve.edge.compat import strip_padding, with_status
 from rmserve.serve.edge.compat_protocol import ClassifyRequest, GetRewardRequest
+from rmserve.serve.edge.endpoints import VLLM_INVALID_STATUS
 from rmserve.serve.edge.errors import validation_error
 from rmserve.serve.edge.locations import in_groups, in_items, in_list, in_pairs
 from rmserve.serve.metrics.instrumentation import RequestMetricsMiddleware
@@ -117,7 +118,7 @@ def test_item_errors_keep_their_location_across_processes():
 def test_classify_validation_errors_are_400_as_in_vllm():
     with pytest.raises(ValidationError) as info:
         ClassifyRequest.model_validate({"input": ["a", 2]})
-    err = classify_error(validation_error(info.value))
+    err = with_status(VLLM_INVALID_STATUS)(validation_error(info.value))
     assert err.status == 400 and err.type == "invalid_request" and err.param == "input[1]"
     with pytest.raises(ValidationError) as info:
         GetRewardRequest.model_validate({"query": ["a", 2]})

@@ -11,9 +11,9 @@ from pydantic import ValidationError
 from rmserve.model.errors import InvalidRequestError
 from rmserve.model.items import ConversationItem, PairItem, TokensItem
 from rmserve.serve.edge.errors import validation_error
+from rmserve.serve.edge.native import preference_result, rank_group, sigmoid
 from rmserve.serve.edge.protocol import PreferenceRequest, RerankRequest, ScoreRequest
 from rmserve.serve.edge.routes import parse_json
-from rmserve.serve.edge.service import preference_result, rank_group, sigmoid
 
 
 def rejection(model, body) -> tuple[int, str, str | None]:
