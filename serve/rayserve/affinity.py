@@ -15,7 +15,13 @@ for the compatibility routes' pre-formatted queries, where the prompt is not mar
 at least ``min_match`` of the call's text: a shared chat-template header alone does not tie unrelated prompts.
 
 ``withdraw`` calls (a Gateway taking back the requests of callers that left) go to the replica that holds those
-requests, so a Gateway can merge requests into one call whatever the number of replicas.
+requests, so a Gateway can merge requests into one call whatever the number of replicas; the Gateway's coalescer
+merges only requests that share a prefix (``prefix_clusters``), so a call's first text speaks for all of it.
+
+A call goes to its chosen replica alone the first time (a busy replica answers Serve's queue-length probe late, and
+the call should wait for it rather than go where the prompt is not); a call Serve routes again (that replica
+refused it or did not answer) is offered the other replicas after it, so a replica that stopped answering holds a
+call back one backoff, as Serve's own router would, not until the health check removes it.
 
 The policy (``AffinityPolicy``) is plain Python, testable without Ray::
 
@@ -28,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import os
 import threading
 from collections import OrderedDict
@@ -138,9 +143,8 @@ def _locked(method):
 class AffinityPolicy:
     """Chooses a replica per call: the longest shared prefix, within ``imbalance_items`` of the least-loaded.
 
-    One policy serves one Scorer deployment in one process: its router routes with it (``choose``), and the
-    Gateway's coalescer splits the requests it merges by the replica they will go to (``partition``). Serve runs
-    the router on its own event-loop thread, so every method holds the policy's lock.
+    One policy serves one Scorer deployment in one process: its router routes with it (``choose``). Serve runs the
+    router on its own event-loop thread, so every method holds the policy's lock.
     """
 
     def __init__(
@@ -176,6 +180,11 @@ class AffinityPolicy:
         return least, False
 
     @_locked
+    def routed_before(self, call: str) -> bool:
+        """Was ``call`` routed already (and is Serve routing it again because its replica refused it)?"""
+        return call in self._calls
+
+    @_locked
     def choose(
         self,
         replicas: Sequence[str],
@@ -202,24 +211,6 @@ class AffinityPolicy:
         for request_id in ids:
             self._holder[request_id] = chosen
         return chosen
-
-    @_locked
-    def partition(self, texts: Sequence[str], sizes: Sequence[int]) -> list[list[int]]:
-        """Indices of requests about to be merged, grouped by the replica each would be routed to (one group when
-        there is one replica): requests that share a prefix stay together and go where the prefix is."""
-        if len(self.replicas) <= 1 or len(texts) <= 1:
-            return [list(range(len(texts)))]
-        load = dict(self.load)
-        groups: dict[str, list[int]] = {}
-        for cluster in prefix_clusters(texts, self.min_match):
-            keys = self.table.keys(texts[cluster[0]])
-            replica, _ = self.pick(self.replicas, texts[cluster[0]], load, keys)
-            load[replica] = load.get(replica, 0) + sum(sizes[i] for i in cluster)
-            groups.setdefault(replica, []).extend(cluster)
-            # Remembered now, not when the router gets to the call: requests of the next flush that share this
-            # prefix must find it, and the router routes the call by its first text, to this replica.
-            self.table.insert(keys, replica)
-        return [sorted(group) for group in groups.values()]
 
     @_locked
     def holder(self, request_ids: Sequence[str], replicas: Sequence[str]) -> str | None:
@@ -260,14 +251,6 @@ def prefix_clusters(texts: Sequence[str], min_match: float = MIN_MATCH) -> list[
     return clusters
 
 
-_POLICIES: dict[tuple[str, str], AffinityPolicy] = {}
-
-
-def deployment_policy(app_name: str | None, deployment: str | None) -> AffinityPolicy | None:
-    """The policy of the affinity router this process runs for ``deployment`` (None until its first call)."""
-    return _POLICIES.get((app_name or "", deployment or ""))
-
-
 def _rendezvous(replica: str, keys: Sequence[bytes]) -> bytes:
     """Breaks load ties the same way in every router: a hash of the replica and the call's first block."""
     return hashlib.blake2b(replica.encode() + keys[0], digest_size=8).digest()
@@ -282,11 +265,7 @@ class PrefixAffinityRouter(RequestRouter):
 
     def initialize_state(self, imbalance_items: int = IMBALANCE_ITEMS, min_match: float = MIN_MATCH, **_: Any):
         self.policy = AffinityPolicy(imbalance_items=imbalance_items, min_match=min_match)
-        self.policy.replicas = [r.replica_id.unique_id for r in self._replicas_list]
-        # Registered in the module as imported, not in this function's globals: Serve ships the router class by
-        # value (cloudpickle), and the Gateway's coalescer looks the policy up in the imported module.
-        registry = importlib.import_module(__name__)._POLICIES
-        registry[(self._deployment_id.app_name, self._deployment_id.name)] = self.policy
+        self.policy.replicas = [replica_id.unique_id for replica_id in self.curr_replicas]
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -310,15 +289,20 @@ class PrefixAffinityRouter(RequestRouter):
         requests = call_requests(method, pending_request.args)
         if not requests:
             return [candidate_replicas]
+        call = pending_request.metadata.internal_request_id
+        again = self.policy.routed_before(call)
         chosen = self.policy.choose(
             list(by_id),
             texts=[item_text(items[0]) for items, _ in requests if len(items)],
             items=sum(len(items) for items, _ in requests),
-            call=pending_request.metadata.internal_request_id,
+            call=call,
             request_ids=[request_id for _, request_id in requests],
         )
-        # The chosen replica alone: if its queue-length probe is late (a busy replica answers it between forwards),
-        # Serve tries it again after a backoff rather than sending the call to a replica without the prompt.
+        # First try: the chosen replica alone (a late queue-length probe from a busy replica means a backoff, not a
+        # replica without the prompt). Routed again: the others after it, so a replica that stopped answering
+        # holds the call back one backoff, not until the health check removes it.
+        if again:
+            return [[by_id[chosen]], [r for r in candidate_replicas if r.replica_id.unique_id != chosen]]
         return [[by_id[chosen]]]
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
@@ -327,4 +311,4 @@ class PrefixAffinityRouter(RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self.policy.forget(replica_id.unique_id)
-        self.policy.replicas = [r.replica_id.unique_id for r in self._replicas_list]
+        self.policy.replicas = [replica.unique_id for replica in self.curr_replicas]

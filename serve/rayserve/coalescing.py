@@ -11,14 +11,14 @@ A request whose caller goes away (timeout, client disconnect) stops waiting at o
 Scorer in a ``withdraw`` call (the ids of one event-loop turn together): the replica takes that request's waiting
 items out of its queue, so they never reach a forward, and the other requests of the call keep their place.
 
-With several Scorer replicas, the requests of one flush are split by the replica the deployment's prefix-affinity
-router (``affinity.PrefixAffinityRouter``) will send them to, so requests that share a prompt stay together and go
-where that prompt was computed before; the router also sends each ``withdraw`` to the replica holding its requests
-(one withdraw call per merged call).
+With several Scorer replicas behind the prefix-affinity router (``split_by_prefix``), a flush is sent as one call per
+run of requests that share a prefix (``affinity.prefix_clusters``), so the router (``affinity.PrefixAffinityRouter``)
+sends each run where its prompt was computed before; requests that share nothing go as calls of their own. The
+router also sends each ``withdraw`` to the replica holding its requests (one withdraw call per merged call).
 
 Example::
 
-    coalescer = RequestCoalescer(scorer_handle, window_s=0.0, max_items=256)
+    coalescer = RequestCoalescer(scorer_handle, window_s=0.0, max_items=256, split_by_prefix=False)
     result = await coalescer.submit(items, normalize=False)   # ScoredItems | RMServeError
 """
 
@@ -34,11 +34,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rmserve.serve.rayserve.affinity import deployment_policy, item_text
+from rmserve.serve.config.served_models import ServedModel
+from rmserve.serve.config.settings import ServerConfig
+from rmserve.serve.rayserve.affinity import item_text, prefix_clusters
 
 log = logging.getLogger("rmserve.serve")
 
 MAX_REQUESTS_PER_CALL = 512  # keeps one call's size bounded
+
+
+def splits_by_prefix(config: ServerConfig, model: ServedModel) -> bool:
+    """Does a Gateway split its merged calls to ``model`` by prefix: when the prefix-affinity router may choose among
+    several of its Scorer replicas."""
+    several = model.replicas > 1 or (config.autoscaling is not None and config.autoscaling.max_replicas > 1)
+    return several and config.routing.policy == "prefix_affinity"
 
 
 @dataclass(eq=False)
@@ -57,10 +66,11 @@ class RequestCoalescer:
     """Sends the requests pending in one event-loop turn (plus ``window_s``) as one streamed
     ``score_requests_streamed`` call per target replica (one call with a single replica)."""
 
-    def __init__(self, scorer: Any, *, window_s: float = 0.0, max_items: int = 256):
+    def __init__(self, scorer: Any, *, window_s: float = 0.0, max_items: int = 256, split_by_prefix: bool = False):
         self.scorer = scorer
         self.window_s = window_s
         self.max_items = max_items
+        self.split_by_prefix = split_by_prefix
         self._calls = itertools.count()
         self._ids = (f"{secrets.token_hex(4)}:{n}" for n in itertools.count())  # unique across Gateway replicas
         self._pending: list[_Member] = []
@@ -114,18 +124,11 @@ class RequestCoalescer:
             asyncio.ensure_future(self._deliver(group, stream))
 
     def _split(self, members: list[_Member]) -> list[list[_Member]]:
-        """The merged calls: one, or one per replica the affinity router would choose (several replicas)."""
-        scorer = self.scorer
-        policy = deployment_policy(getattr(scorer, "app_name", None), getattr(scorer, "deployment_name", None))
-        if policy is None or len(members) <= 1:
+        """The merged calls: one, or (``split_by_prefix``) one per run of requests that share a prefix."""
+        if not self.split_by_prefix or len(members) <= 1:
             return [members] if members else []
         texts = [item_text(m.items[0]) if len(m.items) else "" for m in members]
-        try:
-            groups = policy.partition(texts, [len(m.items) for m in members])
-        except Exception:  # routing is an optimisation: never strand the requests
-            log.exception("affinity: cannot split a merged call; sending it whole")
-            return [members]
-        return [[members[i] for i in group] for group in groups]
+        return [[members[i] for i in run] for run in prefix_clusters(texts)]
 
     @staticmethod
     async def _deliver(members: list[_Member], stream: Any) -> None:

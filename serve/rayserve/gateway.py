@@ -19,6 +19,7 @@ from rmserve.serve.edge.drain import Drain
 from rmserve.serve.edge.routes import create_http_app
 from rmserve.serve.edge.service import GatewayService
 from rmserve.serve.metrics.telemetry import RewardTelemetry
+from rmserve.serve.rayserve.coalescing import splits_by_prefix
 from rmserve.serve.rayserve.lifecycle import start_following
 from rmserve.serve.rayserve.link import RayLink
 from rmserve.serve.rayserve.metrics_hub import ClusterMetrics, HubLink
@@ -34,7 +35,11 @@ class Gateway:
         self.metrics = ClusterMetrics(metrics_hub)
         telemetry = RewardTelemetry(self.metrics.recorder, config.reward_window_items)
         self.metrics.sources.append(telemetry.snapshot)
-        links = [RayLink(handle, config) for handle in (scorer, *more_scorers)]
+        handles = (scorer, *more_scorers)
+        links = [
+            RayLink(handle, config, split_by_prefix=splits_by_prefix(config, model))
+            for handle, model in zip(handles, config.served_models(), strict=True)
+        ]
         self.service = GatewayService(links, config, telemetry=telemetry)
         self.drain = Drain()
         self._shutdown_follower = start_following(self.drain)

@@ -41,10 +41,13 @@ def from_ray(exc: BaseException) -> BaseException:
 class RayLink:
     """One served model's Scorer deployment as the edge sees it (``routing.model_routing.ScorerLink``)."""
 
-    def __init__(self, scorer: Any, config: ServerConfig):
+    def __init__(self, scorer: Any, config: ServerConfig, *, split_by_prefix: bool = False):
         self.scorer = scorer
         self.coalescer = RequestCoalescer(
-            scorer, window_s=config.batching.gateway_window_s, max_items=config.batching.max_batch_items
+            scorer,
+            window_s=config.batching.gateway_window_s,
+            max_items=config.batching.max_batch_items,
+            split_by_prefix=split_by_prefix,
         )
 
     async def score(self, items: Sequence[Any], normalize: bool) -> Any:

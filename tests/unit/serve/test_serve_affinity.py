@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from rmserve.model.items import Message, PairItem
 from rmserve.serve.rayserve.affinity import (
     BLOCK_CHARS,
@@ -116,16 +114,13 @@ def test_a_call_routed_again_counts_once():
     assert sum(policy.load.values()) == 5
 
 
-@pytest.mark.parametrize("replicas", [["r1"], ["r1", "r2"]])
-def test_a_flush_is_split_by_the_replica_each_prompt_goes_to(replicas):
+def test_a_call_is_routed_again_only_after_it_was_routed_once():
     policy = AffinityPolicy()
-    policy.replicas = replicas
-    texts = [sample(prompt, k) for k in range(3) for prompt in (PROMPT_A, PROMPT_B)]
-    groups = policy.partition(texts, [1] * len(texts))
-    if len(replicas) == 1:
-        assert groups == [list(range(6))]
-    else:
-        assert sorted(groups) == [[0, 2, 4], [1, 3, 5]]  # one call per prompt, each to its own replica
+    assert not policy.routed_before("c0")
+    policy.choose(["r1", "r2"], [sample(PROMPT_A, 0)], items=1, call="c0")
+    assert policy.routed_before("c0")  # Serve routes it again: the router offers the other replicas too
+    policy.finished("c0")
+    assert not policy.routed_before("c0")
 
 
 def test_prefix_clusters_join_texts_that_share_a_long_prefix():

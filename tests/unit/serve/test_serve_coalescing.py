@@ -12,7 +12,8 @@ import asyncio
 
 import pytest
 
-from rmserve.serve.rayserve.coalescing import RequestCoalescer
+from rmserve.serve.config.settings import ServerConfig
+from rmserve.serve.rayserve.coalescing import RequestCoalescer, splits_by_prefix
 
 
 class _Response:
@@ -143,20 +144,13 @@ async def test_requests_that_leave_together_are_withdrawn_in_one_call():
     assert handle.cancelled == 0 and len(handle.calls) == 1
 
 
-async def test_with_several_replicas_a_flush_splits_by_the_replica_each_prompt_goes_to(monkeypatch):
-    # The affinity router of this deployment knows two replicas and where prompt A was computed: the requests of
-    # prompt A go in one call (to its replica), prompt B's in another; leaving withdraws within each call.
-    from rmserve.serve.rayserve import affinity
-
+async def test_with_several_replicas_a_flush_splits_into_one_call_per_shared_prefix():
+    # Behind the affinity router (several replicas), the requests of prompt A go in one call and prompt B's in
+    # another, so the router can send each where its prompt is; a request sharing nothing goes alone; leaving
+    # withdraws within each call.
     handle = LocalHandle(delay_s=0.2)
-    handle.app_name, handle.deployment_name = "app", "Scorer"
-    policy = affinity.AffinityPolicy()
-    policy.replicas = ["r1", "r2"]
+    coalescer = RequestCoalescer(handle, split_by_prefix=True)
     prompt_a, prompt_b = "a" * 300, "b" * 300
-    policy.choose(["r1", "r2"], [affinity.item_text({"prompt": prompt_a, "response": "x"})], items=1, call="c0")
-    policy.finished("c0")
-    monkeypatch.setitem(affinity._POLICIES, ("app", "Scorer"), policy)
-    coalescer = RequestCoalescer(handle)
 
     def item(prompt, k):
         return {"prompt": prompt, "response": f"answer {k}"}
@@ -164,12 +158,25 @@ async def test_with_several_replicas_a_flush_splits_by_the_replica_each_prompt_g
     tasks = [
         asyncio.ensure_future(coalescer.submit([item(p, k)], False)) for k in range(3) for p in (prompt_a, prompt_b)
     ]
+    tasks.append(asyncio.ensure_future(coalescer.submit([item("c" * 300, 0)], False)))
     await asyncio.sleep(0.02)
     tasks[0].cancel(), tasks[1].cancel()  # one request of each prompt leaves
     await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.sleep(0)
-    assert sorted(sorted(items[0]["prompt"][0] for items, _ in call) for call in handle.calls) == [["a"] * 3, ["b"] * 3]
+    prompts = sorted(sorted(items[0]["prompt"][0] for items, _ in call) for call in handle.calls)
+    assert prompts == [["a"] * 3, ["b"] * 3, ["c"]]
     assert len(handle.withdrawn) == 2 and all(len(ids) == 1 for ids in handle.withdrawn)
+
+
+def test_only_a_model_behind_the_affinity_router_with_several_replicas_splits_by_prefix():
+    def splits(**settings) -> bool:
+        config = ServerConfig(**settings)
+        return splits_by_prefix(config, config.served_models()[0])
+
+    assert not splits()
+    assert splits(replicas=2)
+    assert splits(autoscaling={"max_replicas": 3})
+    assert not splits(replicas=2, routing={"policy": "power_of_two"})
 
 
 async def test_a_failed_call_fails_each_request_in_it():
