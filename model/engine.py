@@ -138,6 +138,20 @@ class ScoringEngine:
             self.reward_cache = RewardCache(reward_cache_items)
             self._generation += 1
 
+    def drop_caches(self) -> None:
+        """Empty the prefix and reward caches, keeping their sizes (sleep: their memory goes back; a plan made before
+        is stale)."""
+        with self._lock:
+            self.prefix_cache.clear()
+            self.reward_cache.clear()
+            self._generation += 1
+
+    def use_weights(self, backbone: torch.nn.Module, head: torch.nn.Linear) -> None:
+        """Score with these modules from now on (a wake from sleep level 2 reloads them from the checkpoint)."""
+        with self._lock:
+            self.runner.backbone = backbone
+            self.runner.head = head.float()
+
     def calibrate(self, max_tokens: int = 2048, repeats: int = 5) -> float:
         """Measure the per-forward overhead in tokens on this machine and use it from now on; returns it.
 

@@ -118,6 +118,20 @@ class NotReadyError(RMServeError):
     type = "not_ready"
 
 
+class SleepingError(RMServeError):
+    """The model sleeps (``POST /sleep``) or is between sleeping and awake; ``retry_after`` is the advised wait.
+
+    503 with ``Retry-After``: scoring resumes once someone calls ``POST /wake_up``. Nothing of the request was
+    scored (it was refused before admission)."""
+
+    status = 503
+    type = "sleeping"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, param: str | None = None):
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
+
+
 class RequestTimeoutError(RMServeError):
     status = 504
     type = "timeout"

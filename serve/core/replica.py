@@ -65,3 +65,12 @@ class LocalLink:
 
     async def special_tokens(self) -> dict:
         return self.core.special_tokens()
+
+    async def sleep(self, level: int) -> None:
+        await self.core.sleep(level)
+
+    async def wake_up(self) -> None:
+        await self.core.wake_up()
+
+    async def is_sleeping(self) -> bool:
+        return self.core.is_sleeping()

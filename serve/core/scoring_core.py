@@ -7,6 +7,11 @@ budget planned and priced by ``ScoringEngine.plan``, runs that very plan (``Scor
 its outcome back on the caller's event loop. One forward runs at a time; items that arrive meanwhile wait for the
 next one.
 
+Sleep and wake (``sleep(level)``, ``wake_up()``): from the moment a sleep starts, new requests are refused with 503
+``sleeping`` (``Retry-After``); the requests already admitted are scored to the end, then the weights move or go
+(``model.residency``). Until a wake up has brought them back, every request gets that 503; none is lost or half
+scored. Transitions run one at a time and finish even when their caller stops waiting; both are idempotent.
+
 A caller that goes away (its task cancelled, or ``withdraw(request_id)`` from a Gateway that merged it with other
 requests into one call) has its waiting items taken out of the queue: they never reach a forward, and nobody else's
 items move. If a whole batch fails (not one item's error, an exception), its items are rescored one by one, so only
@@ -18,6 +23,7 @@ Example::
     await core.score_request([{"prompt": "2+2?", "response": "4"}])                  # ScoredItems | RMServeError
     await core.score_requests([(items_a, False, "gw1:1"), (items_b, True, "gw1:2")])  # one Gateway call, two requests
     core.withdraw(["gw1:2"])                                                       # its caller left
+    await core.sleep(2); await core.wake_up()                                      # between reward phases
 """
 
 from __future__ import annotations
@@ -28,14 +34,23 @@ import dataclasses
 import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rmserve.model import EngineStats, RewardModel, TokenizedItem
-from rmserve.model.errors import InternalError, OverloadedError, RequestTooLargeError, RMServeError, item_error
+from rmserve.model.errors import (
+    InternalError,
+    OverloadedError,
+    RequestTooLargeError,
+    RMServeError,
+    SleepingError,
+    item_error,
+)
 from rmserve.model.items import Item, payload_size
+from rmserve.model.residency import WeightResidency, check_level
 from rmserve.serve.config.settings import BatchingConfig, LimitsConfig
 from rmserve.serve.core.batching import Batch, BatchQueue, QueuedItem, Ticket
 from rmserve.serve.core.faults import FaultPlan
@@ -50,6 +65,9 @@ Outcome = float | RMServeError
 LARGE_REQUEST_SIZE = 100_000
 # Withdrawals that arrived before their request (both are calls from a Gateway); the oldest are forgotten.
 EARLY_WITHDRAWALS = 4096
+# What a scoring request meets besides "awake": how the 503 ``sleeping`` names the state.
+FALLING_ASLEEP, ASLEEP, WAKING = "falling asleep", "asleep", "waking up"
+AWAKE = "awake"
 
 
 class ScoringCore:
@@ -65,6 +83,11 @@ class ScoringCore:
         self.retry_after_s = limits.retry_after_s
         self.max_queued_items = limits.max_queued_items
         self.queued_items = 0  # admitted and not answered yet (event-loop thread only)
+        self.residency = WeightResidency(model)
+        self.sleep_state = AWAKE  # requests are admitted only while awake
+        self.sleep_level = 0  # 0 awake, else the level the weights sleep at (set once they are out of the way)
+        self._transition = asyncio.Lock()  # one sleep or wake at a time
+        self._drained = asyncio.Event()  # set when queued_items falls to 0
         engine = model.engine
         self.queue = BatchQueue(engine.plan, lambda: engine.max_batch_tokens)
         self.configure(batching, limits.max_queued_items)
@@ -142,6 +165,8 @@ class ScoringCore:
             self.model.normalize([])  # raises InvalidRequestError when the model has no normalisation
         if not items:
             return ScoredItems(model=self.model.model_id, rewards=[], normalized=[] if normalize else None)
+        if self.sleep_state != AWAKE:
+            raise self._sleeping()
         self._admit(len(items))
         loop = asyncio.get_running_loop()
         ticket = Ticket(len(items), context=(loop, loop.create_future()))
@@ -167,6 +192,8 @@ class ScoringCore:
             raise
         finally:
             self.queued_items -= len(items)
+            if self.queued_items == 0:
+                self._drained.set()
             if request_id is not None:
                 self._by_id.pop(request_id, None)
         if outcomes is None:
@@ -251,6 +278,72 @@ class ScoringCore:
             except Exception as exc:
                 outcomes.append(internal_error(exc, "scoring one item"))
         return outcomes
+
+    # -- sleep and wake -----------------------------------------------------------------------------------------
+    async def sleep(self, level: int = 1) -> int:
+        """Stop admitting requests, let the admitted ones finish, then release the model's memory at ``level`` (see
+        ``model.residency``); returns the level it sleeps at. Asleep already: nothing changes (to sleep at another
+        level, wake up first)."""
+        check_level(level)
+        return await self._run_transition(self._fall_asleep(level))
+
+    async def wake_up(self) -> None:
+        """Bring the weights back and admit requests again; awake already: nothing changes."""
+        await self._run_transition(self._wake())
+
+    def is_sleeping(self) -> bool:
+        """True from the moment the weights are out of the way until they are back."""
+        return self.sleep_level > 0
+
+    async def _run_transition(self, step: Any) -> Any:
+        """Run ``step`` after any transition under way; it finishes even when this caller stops waiting (a half-done
+        transition would leave the weights in between)."""
+
+        async def serialized() -> Any:
+            async with self._transition:
+                return await step
+
+        return await asyncio.shield(asyncio.ensure_future(serialized()))
+
+    async def _fall_asleep(self, level: int) -> int:
+        if self.sleep_level:
+            return self.sleep_level
+        started = time.perf_counter()
+        self.sleep_state = FALLING_ASLEEP
+        try:
+            while self.queued_items > 0:  # the admitted requests finish first: none is lost or half scored
+                self._drained.clear()
+                await self._drained.wait()
+            await asyncio.to_thread(self.residency.sleep, level)
+        except BaseException:
+            self.sleep_state = AWAKE
+            raise
+        self.sleep_level, self.sleep_state = level, ASLEEP
+        self.metrics.on_sleep_transition("sleep", level, time.perf_counter() - started)
+        log.info("model %s asleep (level %d)", self.model.model_id, level)
+        return level
+
+    async def _wake(self) -> None:
+        if not self.sleep_level:
+            return
+        started, level = time.perf_counter(), self.sleep_level
+        self.sleep_state = WAKING
+        try:
+            await asyncio.to_thread(self.residency.wake)
+        except BaseException:
+            self.sleep_state = ASLEEP
+            raise
+        self.sleep_level, self.sleep_state = 0, AWAKE
+        self.metrics.on_sleep_transition("wake", level, time.perf_counter() - started)
+        log.info("model %s awake (was asleep at level %d)", self.model.model_id, level)
+
+    def _sleeping(self) -> SleepingError:
+        state = self.sleep_state + (f" (level {self.sleep_level})" if self.sleep_state == ASLEEP else "")
+        return SleepingError(
+            f"model {self.model.model_id} is {state}: it scores again after POST /wake_up; retry after "
+            f"{self.retry_after_s} s",
+            retry_after=self.retry_after_s,
+        )
 
     # -- the model ----------------------------------------------------------------------------------------------
     def info(self) -> dict:

@@ -33,6 +33,7 @@ from rmserve.model.errors import (
     OverloadedError,
     RequestTimeoutError,
     RMServeError,
+    SleepingError,
     UnauthorizedError,
     field_path,
 )
@@ -80,7 +81,7 @@ def validation_error(exc: ValidationError) -> InvalidRequestError:
 
 
 def error_headers(err: RMServeError) -> dict[str, str] | None:
-    if isinstance(err, OverloadedError):
+    if isinstance(err, OverloadedError | SleepingError):
         return {"Retry-After": str(max(1, math.ceil(err.retry_after)))}
     if isinstance(err, UnauthorizedError):
         return {"WWW-Authenticate": "Bearer"}

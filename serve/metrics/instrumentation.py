@@ -51,6 +51,8 @@ class ScorerMetrics:
             quantization=model_info["quantization"],
         )
         self.recorder.set("scorer_replicas", 1)
+        self.model_id = model_info["id"]
+        self.recorder.set("sleep_level", 0, model=self.model_id)
         self._lock = threading.Lock()  # the forward thread and the event loop both count
         self._recent_batches: deque[int] = deque(maxlen=RECENT_BATCHES)
         self._rescored_batches = 0  # batches that failed as a whole and were rescored item by item
@@ -84,6 +86,13 @@ class ScorerMetrics:
         """Items dropped before their forward pass because their caller went away."""
         if items:
             self.recorder.inc("client_gone_items", items)
+
+    def on_sleep_transition(self, transition: str, level: int, seconds: float) -> None:
+        """The replica fell asleep at ``level`` (``transition`` ``sleep``) or woke up from it (``wake``)."""
+        self.recorder.set("sleep_level", level if transition == "sleep" else 0, model=self.model_id)
+        self.recorder.observe(
+            "sleep_transition_seconds", seconds, model=self.model_id, transition=transition, level=str(level)
+        )
 
     def on_rescored_batch(self) -> None:
         with self._lock:

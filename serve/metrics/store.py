@@ -34,6 +34,8 @@ PREFIX = "rmserve_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Sleep and wake: milliseconds (level 1 on a CPU) to minutes (reloading a large checkpoint).
+TRANSITION_SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ITEMS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 TOKENS = tuple(2**k for k in range(6, 21))  # 64 .. 1,048,576
 # Rewards: symmetric around 0, fine near the normalised range and coarse out to raw rewards of typical RMs.
@@ -54,6 +56,8 @@ class MetricSpec:
     help: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    # How replicas' values of a gauge combine: their sum, or the lowest (a state every replica has reached).
+    combine: Literal["sum", "min"] = "sum"
 
 
 CATALOGUE = (
@@ -94,6 +98,23 @@ CATALOGUE = (
     MetricSpec("reward_cache_hits", "counter", "Items answered without a forward (an exact duplicate's reward)."),
     MetricSpec("reward_cache_misses", "counter", "Items not found in the reward cache."),
     MetricSpec("reward_cache_items", "gauge", "Rewards held by the reward caches, summed over Scorer replicas."),
+    # -- Scorer: sleep and wake (POST /sleep, /wake_up) --------------------------------------------
+    MetricSpec(
+        "sleep_level",
+        "gauge",
+        "Sleep level of a served model: 0 awake, 1 weights in host memory, 2 weights dropped; the lowest over its "
+        "Scorer replicas (1 or 2 only once every replica sleeps at least that deep).",
+        ("model",),
+        combine="min",
+    ),
+    MetricSpec(
+        "sleep_transition_seconds",
+        "histogram",
+        "Time one replica took to fall asleep (waiting for the work it had admitted included) or to wake up, by "
+        "model, transition (sleep, wake) and level.",
+        ("model", "transition", "level"),
+        TRANSITION_SECONDS,
+    ),
     # -- Deployment -------------------------------------------------------------------------------
     MetricSpec("model_info", "info", "The served model (value 1).", ("model", "dtype", "quantization")),
     MetricSpec("scorer_replicas", "gauge", "Scorer replicas whose numbers this scrape includes."),
@@ -209,10 +230,14 @@ class Snapshot:
         self.values[_key(name, labels)] = float(value)
 
     def add(self, other: Snapshot) -> None:
-        """Add ``other`` into this one: counters and histograms sum, gauges sum, info series are set to 1."""
+        """Add ``other`` into this one: counters and histograms sum, gauges sum (those whose spec says ``min``: the
+        lowest value), info series are set to 1."""
         for key, value in other.values.items():
-            if SPECS[key[0]].kind == "info":
+            spec = SPECS[key[0]]
+            if spec.kind == "info":
                 self.values[key] = 1.0
+            elif spec.combine == "min":
+                self.values[key] = min(self.values.get(key, value), value)
             else:
                 self.values[key] = self.values.get(key, 0.0) + value
         for key, hist in other.histograms.items():

@@ -5,6 +5,9 @@ handle call: a Ray call costs far more CPU than scoring one short item). Ray's o
 here, so nothing past this module knows Ray: a task error is unwrapped to the ``RMServeError`` it carries, back
 pressure is 429 ``overloaded``, and a replica that is gone is 503 ``not_ready`` (retryable).
 
+Sleep and wake reach every replica of the deployment, not one: they go to the application's ``MetricsHub``, whose
+``SleepBoard`` every Scorer replica watches (``sleep_board.py``), and return once each live replica acknowledged.
+
 Example::
 
     link = RayLink(serve.get_deployment_handle("Scorer", app_name="rmserve"), config)
@@ -20,9 +23,10 @@ from typing import Any
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from rmserve.model.errors import NotReadyError, OverloadedError, RMServeError
+from rmserve.model.errors import InternalError, NotReadyError, OverloadedError, RequestTimeoutError, RMServeError
 from rmserve.serve.config.settings import ServerConfig
 from rmserve.serve.rayserve.coalescing import RequestCoalescer
+from rmserve.serve.rayserve.metrics_hub import HUB_DEPLOYMENT
 
 
 def from_ray(exc: BaseException) -> BaseException:
@@ -43,6 +47,8 @@ class RayLink:
 
     def __init__(self, scorer: Any, config: ServerConfig, *, split_by_prefix: bool = False):
         self.scorer = scorer
+        self.sleep_timeout_s = config.limits.request_timeout_s  # the most a sleep or wake waits for the replicas
+        self._hub: Any = None
         self.coalescer = RequestCoalescer(
             scorer,
             window_s=config.batching.gateway_window_s,
@@ -63,9 +69,42 @@ class RayLink:
     async def special_tokens(self) -> dict:
         return await self._call("special_tokens")
 
-    async def _call(self, method: str) -> Any:
-        """One handle call; when the caller stops waiting (its timeout), the call is cancelled in the replica too."""
-        response = getattr(self.scorer, method).remote()
+    async def sleep(self, level: int) -> None:
+        await self._set_sleep_level(level, "fall asleep")
+
+    async def wake_up(self) -> None:
+        await self._set_sleep_level(0, "wake up")
+
+    async def is_sleeping(self) -> bool:
+        levels = await self._call("sleep_levels", self.scorer.deployment_name, target=self._sleep_board())
+        return bool(levels) and all(levels)
+
+    async def _set_sleep_level(self, level: int, verb: str) -> None:
+        deployment = self.scorer.deployment_name
+        answer = await self._call(
+            "set_sleep_level", deployment, level, self.sleep_timeout_s, target=self._sleep_board()
+        )
+        replicas, acknowledged, errors = answer["replicas"], answer["acknowledged"], answer["errors"]
+        if errors:
+            raise InternalError(f"{len(errors)} of {replicas} replicas of {deployment} did not {verb}: {errors[0]}")
+        if not replicas or acknowledged < replicas:
+            raise RequestTimeoutError(
+                f"{acknowledged} of {replicas} replicas of {deployment} acknowledged within {self.sleep_timeout_s} s; "
+                "the others follow when they can (GET /is_sleeping tells when all sleep)"
+            )
+
+    def _sleep_board(self) -> Any:
+        """The application's ``MetricsHub`` (it holds the ``SleepBoard``), found by name in the Scorer's application."""
+        if self._hub is None:
+            from ray import serve
+
+            self._hub = serve.get_deployment_handle(HUB_DEPLOYMENT, app_name=self.scorer.app_name)
+        return self._hub
+
+    async def _call(self, method: str, *args: Any, target: Any = None) -> Any:
+        """One handle call (to the Scorer, or ``target``); when the caller stops waiting (its timeout), the call is
+        cancelled in the replica too."""
+        response = getattr(target if target is not None else self.scorer, method).remote(*args)
         try:
             return await response
         except asyncio.CancelledError:

@@ -20,6 +20,10 @@ cannot carry its old counters into the new totals. Serve restarts a hub replica 
 same build: live replicas report their cumulative numbers to it again, and only the counters of
 replicas that had already gone are lost (a counter reset, which Prometheus' ``rate()`` handles).
 
+The same long-poll pattern carries sleep and wake to every Scorer replica: the hub holds a ``SleepBoard``
+(``sleep_board.py``) with the desired sleep level of each Scorer deployment, which each replica watches and
+acknowledges.
+
 Its logic is plain asyncio, testable without Ray: ``hub = MetricsHub("b1"); await hub.collect(0.1)``.
 """
 
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rmserve.serve.metrics.store import CONTENT_TYPE, MetricsRecorder, Snapshot, merge, render
+from rmserve.serve.rayserve.sleep_board import Posted, SleepBoard
 
 log = logging.getLogger("rmserve.serve")
 
@@ -71,6 +76,8 @@ class MetricsHub:
         self._departed: dict[str, tuple[float, Snapshot]] = {}  # member -> (when, its counters and histograms)
         self._folded = Snapshot()
         self._changed = asyncio.Condition()
+        # Every Scorer replica watches the hub anyway: it also carries sleep and wake to all of them (sleep_board.py).
+        self.sleep_board = SleepBoard(poll_wait_s, stale_after_s)
 
     async def poll(self, member: str, kind: str, answered: int, snapshot: Snapshot, build: str) -> int:
         """Store ``snapshot`` (answering scrape ``answered``), then wait for the next scrape; returns its generation.
@@ -107,6 +114,22 @@ class MetricsHub:
             self._retire(target)
             members = {m: (x.kind, x.snapshot, x.answered >= target) for m, x in self._members.items()}
             return {"members": members, "departed": merge([self._folded, *(s for _, s in self._departed.values())])}
+
+    async def watch_sleep(
+        self, member: str, deployment: str, applied: int, level: int, error: str | None, build: str
+    ) -> Posted | int | None:
+        """``SleepBoard.watch`` for a Scorer replica of this build (another build's gets ``OTHER_BUILD``)."""
+        if build != self.build:
+            return OTHER_BUILD
+        return await self.sleep_board.watch(member, deployment, applied, level, error)
+
+    async def set_sleep_level(self, deployment: str, level: int, timeout_s: float) -> dict[str, Any]:
+        """``SleepBoard.set_level``: every replica of ``deployment`` to ``level`` (0 wakes them)."""
+        return await self.sleep_board.set_level(deployment, level, timeout_s)
+
+    def sleep_levels(self, deployment: str) -> list[int]:
+        """``SleepBoard.levels``: the sleep level of each live replica of ``deployment``."""
+        return self.sleep_board.levels(deployment)
 
     def _retire(self, target: int) -> None:
         now = time.monotonic()

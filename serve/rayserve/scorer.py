@@ -29,6 +29,7 @@ from rmserve.serve.edge.protocol import ScoredItems
 from rmserve.serve.metrics.store import Snapshot
 from rmserve.serve.rayserve.autoscaling import QUEUED_ITEMS
 from rmserve.serve.rayserve.metrics_hub import HubLink, start_reporting
+from rmserve.serve.rayserve.sleep_board import start_following
 
 log = logging.getLogger("rmserve.serve")
 
@@ -49,7 +50,8 @@ class Scorer:
     Methods callable through a ``DeploymentHandle``: ``score(items, normalize=False) -> list[float]``,
     ``score_request(items, normalize) -> ScoredItems``, ``score_requests`` / ``score_requests_streamed`` (a Gateway's
     merged calls, see ``rayserve.coalescing``) and ``withdraw`` (their callers that left), ``info()``,
-    ``special_tokens()``, ``stats()``, ``metrics_snapshot()``, ``reconfigure``, ``set_faults``.
+    ``special_tokens()``, ``stats()``, ``metrics_snapshot()``, ``reconfigure``, ``set_faults``. Sleep and wake are not
+    handle methods: a handle call reaches one replica, and they must reach all (``RayLink.sleep``, ``sleep_board``).
     """
 
     def __init__(self, config: ServerConfig, model_index: int, metrics_hub: HubLink):
@@ -57,6 +59,8 @@ class Scorer:
         self.core = load_scoring_core(config, model_index)
         self.model: RewardModel = self.core.model
         self._metrics_reporter = start_reporting(metrics_hub, "scorer", self.core.metrics_snapshot)
+        # Sleep and wake reach every replica through the hub's board (the Gateway's RayLink posts them there).
+        self._sleep_follower = start_following(metrics_hub, self.core)
 
     # -- handle API -------------------------------------------------------------------------------
     async def score(self, items: Sequence[Item | dict], normalize: bool = False) -> list[float]:
