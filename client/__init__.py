@@ -11,7 +11,8 @@ Usage::
 
 With asyncio, ``AsyncRewardClient`` has the same methods (``await client.score(...)``, ``async with``).
 Long lists are chunked and sent concurrently; connection errors, 408, 429 and 5xx are retried with
-backoff; other failures raise a ``RewardServerError`` subclass (see ``rmserve.client.errors``).
+backoff (503 ``sleeping`` too: a server put to sleep with ``client.sleep()`` answers it until ``client.wake_up()``);
+other failures raise a ``RewardServerError`` subclass (see ``rmserve.client.errors``).
 Importing this package never imports torch, transformers or ray.
 """
 
@@ -31,6 +32,7 @@ from .errors import (
     OverloadedError,
     RequestTooLargeError,
     RewardServerError,
+    SleepingError,
     UnauthorizedError,
 )
 from .types import ModelInfo, PreferenceResult, RankedResponse, RerankResult, ScoreResult, Usage
@@ -59,6 +61,7 @@ __all__ = [
     "RewardClient",
     "RewardServerError",
     "ScoreResult",
+    "SleepingError",
     "UnauthorizedError",
     "Usage",
 ]

@@ -279,6 +279,29 @@ def models_call() -> Call[list[ModelInfo]]:
     return Call("GET", "/v1/models", [Chunk(0, 0, None)], lambda _, bodies: _validate(_ModelList, bodies[0]).data)
 
 
+class _SleepState(BaseModel):
+    is_sleeping: bool
+
+
+def _is_sleeping(_: list[Chunk], bodies: list[Any]) -> bool:
+    return _validate(_SleepState, bodies[0]).is_sleeping
+
+
+def sleep_call(level: int) -> Call[bool]:
+    """``POST /sleep?level=``: 1 (weights to host memory, caches dropped) or 2 (weights dropped)."""
+    if isinstance(level, bool) or level not in (1, 2):
+        raise ValueError(f"level must be 1 or 2, got {level!r}")
+    return Call("POST", f"/sleep?level={level}", [Chunk(0, 0, None)], _is_sleeping)
+
+
+def wake_up_call() -> Call[bool]:
+    return Call("POST", "/wake_up", [Chunk(0, 0, None)], _is_sleeping)
+
+
+def is_sleeping_call() -> Call[bool]:
+    return Call("GET", "/is_sleeping", [Chunk(0, 0, None)], _is_sleeping)
+
+
 def probe_call(path: str) -> Call[bool]:
     """``/health`` or ``/ready``: any 2xx is a yes, whatever the body."""
     return Call("GET", path, [Chunk(0, 0, None)], lambda _, __: True)

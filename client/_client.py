@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ._calls import Call, Chunk, models_call, probe_call
+from ._calls import Call, Chunk, is_sleeping_call, models_call, probe_call, sleep_call, wake_up_call
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, MAX_CONCURRENCY, MAX_ITEMS_PER_REQUEST
 from ._core import PROBE_FAILURES, BaseRewardClient, Timeout
 from .types import Item, ModelInfo, PreferenceResult, Prompt, RerankResult, ScoreResult
@@ -145,6 +145,21 @@ class RewardClient(BaseRewardClient):
     def models(self, *, timeout: Timeout = None, max_retries: int | None = None) -> list[ModelInfo]:
         """The served model(s), as ``GET /v1/models`` describes them."""
         return self._execute(models_call(), timeout, max_retries)
+
+    def sleep(self, level: int = 1, *, timeout: Timeout = None, max_retries: int | None = None) -> bool:
+        """Put every served model (every replica) to sleep between reward phases: ``level`` 1 moves the weights to
+        host memory and drops the caches, 2 drops the weights (reloaded from the checkpoint on wake). Returns once
+        all of them sleep (``True``); scoring calls meanwhile get 503 ``sleeping`` (``SleepingError``). Idempotent."""
+        return self._execute(sleep_call(level), timeout, max_retries)
+
+    def wake_up(self, *, timeout: Timeout = None, max_retries: int | None = None) -> bool:
+        """Bring the weights back; returns once every model scores again (``False``: not sleeping). Idempotent. A
+        level-2 wake reloads the checkpoint: give a large one a longer ``timeout``."""
+        return self._execute(wake_up_call(), timeout, max_retries)
+
+    def is_sleeping(self, *, timeout: Timeout = None, max_retries: int | None = None) -> bool:
+        """``True`` when every replica of every served model sleeps (``GET /is_sleeping``)."""
+        return self._execute(is_sleeping_call(), timeout, max_retries)
 
     def health(self, *, timeout: Timeout = None) -> bool:
         """``True`` if the server process answers ``/health``; ``False`` on any error. Never retried."""

@@ -44,6 +44,7 @@ from .errors import (
     OverloadedError,
     RequestTooLargeError,
     RewardServerError,
+    SleepingError,
     UnauthorizedError,
 )
 from .types import Item, PreferenceResult, Prompt, RerankResult, ScoreResult
@@ -62,6 +63,7 @@ _BY_TYPE: dict[str, type[APIStatusError]] = {
     "request_too_large": RequestTooLargeError,
     "overloaded": OverloadedError,
     "not_ready": NotReadyError,
+    "sleeping": SleepingError,
     "timeout": GatewayTimeoutError,
     "internal": InternalServerError,
 }

@@ -13,6 +13,7 @@
         ├── RequestTooLargeError        413  request_too_large
         ├── OverloadedError             429  overloaded (``retry_after`` in seconds, when sent)
         ├── NotReadyError               503  not_ready
+        ├── SleepingError               503  sleeping (the models sleep until ``wake_up``; ``retry_after``)
         ├── GatewayTimeoutError         504  timeout
         └── InternalServerError         500 and other 5xx  internal
 
@@ -45,6 +46,7 @@ __all__ = [
     "OverloadedError",
     "RequestTooLargeError",
     "RewardServerError",
+    "SleepingError",
     "UnauthorizedError",
 ]
 
@@ -143,6 +145,14 @@ class OverloadedError(APIStatusError):
 
 class NotReadyError(APIStatusError):
     """503 ``not_ready``: the model is still loading or warming up."""
+
+
+class SleepingError(APIStatusError):
+    """503 ``sleeping``: the server's models sleep (``sleep()``, ``POST /sleep``) until someone calls ``wake_up()``.
+
+    Scoring calls retry it like any 503, waiting the ``Retry-After`` the server sends, so a call that races a
+    ``wake_up`` succeeds; a server left asleep raises this once the retries are spent (``max_retries=0``: at once).
+    """
 
 
 class GatewayTimeoutError(APIStatusError):
