@@ -69,12 +69,16 @@ def fixed_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if rows < MATMUL_ROWS:
         padded = flat.new_zeros((MATMUL_ROWS, flat.shape[1]))
         padded[:rows] = flat
-        return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], -1)
+        return fixed_rows_linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], -1)
     flat = flat.contiguous()
     out = flat.new_empty((rows, weight.shape[0]))
     for first in range(0, rows, MATMUL_ROWS):
         first = min(first, rows - MATMUL_ROWS)  # the last call overlaps the one before: same rows, same results
-        out[first : first + MATMUL_ROWS] = F.linear(flat[first : first + MATMUL_ROWS], weight, bias)
+        chunk, into = flat[first : first + MATMUL_ROWS], out[first : first + MATMUL_ROWS]
+        if bias is None:
+            torch.mm(chunk, weight.t(), out=into)
+        else:
+            torch.addmm(bias, chunk, weight.t(), out=into)
     return out.reshape(*x.shape[:-1], -1)
 
 
@@ -93,9 +97,13 @@ def fixed_elementwise(fn, x: torch.Tensor) -> torch.Tensor:
     size = GRAIN * torch.get_num_threads() if n >= GRAIN * torch.get_num_threads() else GRAIN
     flat = flat.contiguous()
     out = torch.empty_like(flat)
+    writes_out = fn in (torch.exp, torch.cos, torch.sin)  # these write into the output slice, no copy
     for first in range(0, n, size):
         first = min(first, n - size)
-        out[first : first + size] = fn(flat[first : first + size])
+        if writes_out:
+            fn(flat[first : first + size], out=out[first : first + size])
+        else:
+            out[first : first + size] = fn(flat[first : first + size])
     return out.view(x.shape)
 
 
@@ -222,36 +230,43 @@ def block_attention(
     scale = dim**-0.5 if scaling is None else scaling
     f32 = torch.float32
     # Keys and values at their sequence positions, in fp32: [rows, kv_heads, key blocks x BLOCK, dim].
+    # The values carry a column of ones: the same matmul that sums weights x values sums the weights.
     k_seq = key.new_zeros((rows, kv_heads, lay.key_width, dim), dtype=f32)
-    v_seq = torch.zeros_like(k_seq)
+    v_seq = key.new_ones((rows, kv_heads, lay.key_width, dim + 1), dtype=f32)
     k_seq[lay.key_row, :, lay.key_pos] = key[lay.key_row, :, lay.key_col].to(f32)
-    v_seq[lay.key_row, :, lay.key_pos] = value[lay.key_row, :, lay.key_col].to(f32)
+    v_seq[lay.key_row, :, lay.key_pos, :dim] = value[lay.key_row, :, lay.key_col].to(f32)
     # Queries in blocks, the heads that share a kv head stacked: [blocks, kv_heads, group x BLOCK, dim].
     n_blocks = lay.block_row.shape[0]
     q = query.new_zeros((n_blocks, heads, BLOCK, dim), dtype=f32)
     q[lay.query_block, :, lay.query_offset] = query[lay.query_row, :, lay.query_col].to(f32)
     q = q.view(n_blocks, kv_heads, group * BLOCK, dim)
 
+    q.mul_(scale)
+
+    # Only diagonal blocks (query block == key block) need the causal mask, unless a sliding window hides more.
+    windowed = sliding_window is not None and sliding_window < lay.key_width
     offsets = torch.arange(BLOCK, device=query.device)
     q_pos = (lay.block_start[:, None] + offsets).repeat(1, group)  # [blocks, group x BLOCK]
+    future = (offsets[None, :] > offsets[:, None]).repeat(group, 1)  # [group x BLOCK, BLOCK]: key after query
     peak = torch.full((n_blocks, kv_heads, group * BLOCK, 1), -math.inf, dtype=f32, device=query.device)
-    total = torch.zeros_like(peak)
-    acc = torch.zeros_like(q)
+    acc = q.new_zeros((n_blocks, kv_heads, group * BLOCK, dim + 1))  # weighted values, then the weights' sum
     for kb, n in enumerate(lay.blocks_from):
         keys = k_seq[lay.block_row[:n], :, kb * BLOCK : (kb + 1) * BLOCK]
         values = v_seq[lay.block_row[:n], :, kb * BLOCK : (kb + 1) * BLOCK]
-        scores = torch.matmul(q[:n], keys.transpose(-1, -2)) * scale
-        delta = q_pos[:n, :, None] - (kb * BLOCK + offsets)  # query position - key position
-        hidden = delta < 0 if sliding_window is None else (delta < 0) | (delta >= sliding_window)
-        scores = scores.masked_fill(hidden[:, None], -math.inf)
+        scores = torch.matmul(q[:n], keys.transpose(-1, -2))
+        if windowed:
+            delta = q_pos[:n, :, None] - (kb * BLOCK + offsets)  # query position - key position
+            scores.masked_fill_(((delta < 0) | (delta >= sliding_window))[:, None], -math.inf)
+        else:  # blocks are ordered by number, descending: those with number kb are the last of the n
+            diagonal = lay.blocks_from[kb + 1] if kb + 1 < len(lay.blocks_from) else 0
+            scores[diagonal:].masked_fill_(future, -math.inf)
         new_peak = torch.maximum(peak[:n], scores.amax(dim=-1, keepdim=True))  # max is exact in any order
         shift = torch.where(new_peak == -math.inf, 0.0, new_peak)
-        weights = fixed_elementwise(torch.exp, scores - shift)
+        weights = fixed_elementwise(torch.exp, scores.sub_(shift))
         rescale = fixed_elementwise(torch.exp, peak[:n] - shift)
-        total[:n] = total[:n] * rescale + fixed_order_sum(weights)[..., None]
-        acc[:n] = acc[:n] * rescale + torch.matmul(weights, values)
+        acc[:n].mul_(rescale).add_(torch.matmul(weights, values))
         peak[:n] = new_peak
-    out = (acc / total).view(n_blocks, heads, BLOCK, dim)
+    out = (acc[..., :dim] / acc[..., dim:]).view(n_blocks, heads, BLOCK, dim)
     result = query.new_zeros((rows, new, heads, dim))
     result[lay.query_row, lay.query_col] = out[lay.query_block, :, lay.query_offset].to(query.dtype)
     return result, None
