@@ -80,7 +80,7 @@ class WeightResidency:
             _move(engine.backbone, engine.head, engine.device, pin=False)
         elif self.level == 2:
             spec = self.model.spec.model_copy(update={"forward_overhead_tokens": engine.overhead_tokens})
-            with _weights_in_own_mappings():
+            with weights_in_own_mappings():
                 fresh = load_checkpoint(self.model.path, spec).engine  # the start-up path: the same bits
             engine.use_weights(fresh.backbone, fresh.head)
             del fresh
@@ -155,21 +155,24 @@ def _malloc_trim():
     return _libc_function("malloc_trim")
 
 
-# glibc's mallopt parameter, and the bounds of its dynamic rule (malloc(3)): a block above the threshold gets a mapping
-# of its own, returned to the system the moment it is freed; the rule raises the threshold to the size of every such
-# block freed, up to 32 MiB on 64-bit systems.
-M_MMAP_THRESHOLD = -3
+# glibc's mallopt parameters, and the bounds of its dynamic rule (malloc(3)): a block above the mmap threshold gets a
+# mapping of its own, returned to the system the moment it is freed; the rule raises the threshold to the size of every
+# such block freed, up to 32 MiB on 64-bit systems, and the heap's trim threshold to twice that.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_START = 128 * 1024
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 
 
 @contextlib.contextmanager
-def _weights_in_own_mappings() -> Iterator[None]:
-    """Allocate what is loaded inside the block (the weights) in mappings of their own, as at start-up.
+def weights_in_own_mappings() -> Iterator[None]:
+    """Allocate what is loaded inside the block (the weights) in mappings of their own, so that dropping them (sleep
+    level 2) gives all of their memory back. Wrap every load of a model that may sleep: at start-up and on wake.
 
-    Freeing the weights at sleep raised glibc's threshold, so a reload would put them in the heap, among small
-    allocations that outlive them: the next sleep could then give back only part of them. The threshold goes back to
-    start-up's value for the load, then to the most the dynamic rule would have reached (fixed from then on)."""
+    Without it, glibc's dynamic rule raises its threshold as soon as the load frees a large temporary (a checkpoint's
+    bf16 tensor converted to fp32), and the weights allocated after it go to the heap, among small allocations that
+    outlive them: a sleep could give back only part of them. The threshold is the start value during the load, then
+    what the dynamic rule reaches at most (fixed from then on, with the trim threshold it goes with); no-op without
+    glibc."""
     mallopt = _libc_function("mallopt")
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_START)
@@ -178,3 +181,4 @@ def _weights_in_own_mappings() -> Iterator[None]:
     finally:
         if mallopt is not None:
             mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+            mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_MAX)

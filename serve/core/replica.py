@@ -16,6 +16,7 @@ from typing import Any
 
 from rmserve.model import load_reward_model
 from rmserve.model.errors import ModelLoadError
+from rmserve.model.residency import weights_in_own_mappings
 from rmserve.serve.config.resources import use_cores
 from rmserve.serve.config.settings import ServerConfig
 from rmserve.serve.core.scoring_core import ScoringCore
@@ -30,7 +31,8 @@ def load_scoring_core(config: ServerConfig, model_index: int) -> ScoringCore:
         time.sleep(config.testing.scorer_start_delay_s)
     served = config.served_models()[model_index]
     threads = use_cores(served.num_cpus)
-    model = load_reward_model(served.spec(config.batching.max_batch_tokens))
+    with weights_in_own_mappings():  # so that sleep level 2 gives all of their memory back
+        model = load_reward_model(served.spec(config.batching.max_batch_tokens))
     if served.name is not None:
         model.model_id = served.name  # requests and responses name it as the operator did
     if config.compat.normalize and model.normalization is None:
@@ -44,7 +46,7 @@ def load_scoring_core(config: ServerConfig, model_index: int) -> ScoringCore:
                 f"model {model.model_id!r} is a member of ensemble {ensemble.name!r} but has no normalisation "
                 "statistics; set its reward_mean and reward_std, or add mean/std to its config.json"
             )
-    model.score([{"text": "warm-up"}])  # one real forward before the model reports ready
+    model.warm_up()  # one real forward before the model reports ready
     core = ScoringCore(model, config.batching, config.limits)  # after the warm-up: it is not traffic
     log.info("scorer ready (%d torch threads): %s", threads, model.info())
     return core

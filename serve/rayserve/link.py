@@ -47,7 +47,8 @@ class RayLink:
 
     def __init__(self, scorer: Any, config: ServerConfig, *, split_by_prefix: bool = False):
         self.scorer = scorer
-        self.sleep_timeout_s = config.limits.request_timeout_s  # the most a sleep or wake waits for the replicas
+        # The most a sleep or wake waits for the replicas: inside the HTTP deadline, so its answer says who is late.
+        self.sleep_timeout_s = 0.9 * config.limits.request_timeout_s
         self._hub: Any = None
         self.coalescer = RequestCoalescer(
             scorer,
