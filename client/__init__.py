@@ -35,7 +35,7 @@ from .errors import (
     SleepingError,
     UnauthorizedError,
 )
-from .types import ModelInfo, PreferenceResult, RankedResponse, RerankResult, ScoreResult, Usage
+from .types import ModelInfo, PreferenceResult, RankedResponse, RerankResult, ScoreResult, StepResult, Usage
 
 __all__ = [
     "DEFAULT_MAX_RETRIES",
@@ -58,6 +58,7 @@ __all__ = [
     "RankedResponse",
     "RequestTooLargeError",
     "RerankResult",
+    "StepResult",
     "RewardClient",
     "RewardServerError",
     "ScoreResult",

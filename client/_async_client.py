@@ -11,7 +11,7 @@ import httpx
 from ._calls import Call, Chunk, is_sleeping_call, models_call, probe_call, sleep_call, wake_up_call
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, MAX_CONCURRENCY, MAX_ITEMS_PER_REQUEST
 from ._core import PROBE_FAILURES, BaseRewardClient, Timeout
-from .types import Item, ModelInfo, PreferenceResult, Prompt, RerankResult, ScoreResult
+from .types import Item, ModelInfo, PreferenceResult, Prompt, RerankResult, ScoreResult, StepResult
 
 T = TypeVar("T")
 
@@ -133,6 +133,21 @@ class AsyncRewardClient(BaseRewardClient):
     ) -> list[RerankResult]:
         """Best-of-n: per prompt, its responses ranked by reward (best first, cut to ``top_k``)."""
         call = self._rerank_call(prompts, groups_of_responses, top_k, normalize, model)
+        return await self._execute(call, timeout, max_retries)
+
+    async def steps(
+        self,
+        prompts: Iterable[Prompt],
+        solutions: Iterable[Iterable[str]],
+        *,
+        aggregate: str = "min",
+        model: str | None = None,
+        timeout: Timeout = None,
+        max_retries: int | None = None,
+    ) -> list[StepResult]:
+        """A process reward model's step rewards: per prompt, its solution's steps each get a reward (the server
+        places the step separators), and ``reward`` aggregates them (``min``, ``prod``, ``last`` or ``mean``)."""
+        call = self._steps_call(prompts, solutions, aggregate, model)
         return await self._execute(call, timeout, max_retries)
 
     async def models(self, *, timeout: Timeout = None, max_retries: int | None = None) -> list[ModelInfo]:

@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from .errors import APIResponseValidationError, APIStatusError
-from .types import Item, ModelInfo, PreferenceResult, Prompt, RerankResult, ScoreResult, Usage
+from .types import Item, ModelInfo, PreferenceResult, Prompt, RerankResult, ScoreResult, StepResult, Usage
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -266,6 +266,39 @@ def rerank_call(
     weights = [max(len(g), 1) for g in groups]
     chunks = _chunks("groups", bodies, weights, max_items, _options(normalize, model, top_k=top_k))
     return Call("POST", "/v1/rerank", chunks, _merge_rerank, "groups")
+
+
+# --- /v1/steps
+
+
+class _StepsResponse(BaseModel):
+    results: list[StepResult]
+
+
+def _merge_steps(chunks: list[Chunk], bodies: list[Any]) -> list[StepResult]:
+    results: list[StepResult] = []
+    for chunk, body in zip(chunks, bodies, strict=True):
+        part = _validate(_StepsResponse, body).results
+        _check_count("results", len(part), chunk, body)
+        results.extend(part)
+    return results
+
+
+def steps_call(
+    prompts: Iterable[Prompt],
+    solutions: Iterable[Iterable[str]],
+    *,
+    aggregate: str,
+    model: str | None,
+    max_items: int,
+) -> Call[list[StepResult]]:
+    prompts = _as_list("prompts", prompts)
+    solutions = [_as_list("each solution's steps", s) for s in _as_list("solutions", solutions)]
+    _same_length(prompts=prompts, solutions=solutions)
+    items = [{"prompt": _prompt(p), "steps": s} for p, s in zip(prompts, solutions, strict=True)]
+    extra = {"aggregate": aggregate, **({"model": model} if model is not None else {})}
+    chunks = _chunks("items", items, [1] * len(items), max_items, extra)
+    return Call("POST", "/v1/steps", chunks, _merge_steps, "items")
 
 
 # --- operational routes

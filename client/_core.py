@@ -47,7 +47,7 @@ from .errors import (
     SleepingError,
     UnauthorizedError,
 )
-from .types import Item, PreferenceResult, Prompt, RerankResult, ScoreResult
+from .types import Item, PreferenceResult, Prompt, RerankResult, ScoreResult, StepResult
 
 # A probe (health/ready) answers "no" rather than raising for these.
 PROBE_FAILURES = (APIStatusError, APIConnectionError)
@@ -252,6 +252,13 @@ class BaseRewardClient:
             normalize=normalize,
             model=self._model_for(model),
             max_items=self.max_items_per_request,
+        )
+
+    def _steps_call(
+        self, prompts: Iterable[Prompt], solutions: Iterable[Iterable[str]], aggregate: str, model: str | None
+    ) -> Call[list[StepResult]]:
+        return _calls.steps_call(
+            prompts, solutions, aggregate=aggregate, model=self._model_for(model), max_items=self.max_items_per_request
         )
 
     # --- retry decisions

@@ -29,6 +29,7 @@ __all__ = [
     "Prompt",
     "RankedResponse",
     "RerankResult",
+    "StepResult",
     "ScoreResult",
     "Usage",
 ]
@@ -108,6 +109,18 @@ class RerankResult(_Result):
     """Ensembles only: each member's normalised reward per response, in the group's input order (not ranked)."""
     spread: list[float] | None = None
     """Ensembles only: the members' spread per response, in the group's input order."""
+
+
+class StepResult(_Result):
+    """One item of ``/v1/steps``: a reward per step (``None`` where left truncation cut the step's separator) and
+    their aggregate (``min``, ``prod``, ``last`` or ``mean`` of the non-null ones).
+
+    Example: ``StepResult(step_rewards=[0.91, 0.42], reward=0.42, steps_truncated=0)``.
+    """
+
+    step_rewards: list[float | None]
+    reward: float | None
+    steps_truncated: int = 0
 
 
 class ModelInfo(_Result):

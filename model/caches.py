@@ -8,8 +8,9 @@ shared by every request, are computed once. The tree is bounded by bytes: after 
 dropped least recently used first until it fits. Two sequences meet in the tree only where their token ids
 are equal, so a tokenizer that merges across the prompt/response boundary can cost a hit, never a reward.
 
-``RewardCache`` answers an exact duplicate (the same token ids, hence the same reward) without a forward; it
-keeps a digest of the ids, not the ids, and the most recently used ``max_items``.
+``RewardCache`` answers an exact duplicate (the same token ids, hence the same reward; for ``StepIds`` the same ids
+and readouts, hence the same step rewards) without a forward; it keeps a digest of the ids, not the ids, and the
+most recently used ``max_items``.
 
 Example::
 
@@ -28,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from .planning import Reward, StepIds
 
 SEQ_DIM = 3  # the token dimension of a node's [layers, 2, kv_heads, tokens, head_dim] tensor
 
@@ -192,8 +195,12 @@ def _common_length(tokens: tuple[int, ...], ids: Sequence[int], pos: int, limit:
 
 
 def token_digest(ids: Sequence[int]) -> bytes:
-    """A 128-bit digest of a token-id sequence (the reward cache's key)."""
-    return hashlib.blake2b(array("q", ids).tobytes(), digest_size=16).digest()
+    """A 128-bit digest of a token-id sequence (the reward cache's key); a ``StepIds``'s readouts are part of it."""
+    digest = hashlib.blake2b(array("q", ids).tobytes(), digest_size=16)
+    if isinstance(ids, StepIds):
+        digest.update(b"readouts")
+        digest.update(array("q", ids.readouts).tobytes())
+    return digest.digest()
 
 
 class RewardCache:
@@ -201,18 +208,18 @@ class RewardCache:
 
     def __init__(self, max_items: int):
         self.max_items = max_items
-        self._rewards: OrderedDict[bytes, float] = OrderedDict()
+        self._rewards: OrderedDict[bytes, Reward] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._rewards)
 
-    def get(self, key: bytes) -> float | None:
+    def get(self, key: bytes) -> Reward | None:
         reward = self._rewards.get(key)
         if reward is not None:
             self._rewards.move_to_end(key)
         return reward
 
-    def peek(self, key: bytes) -> float | None:
+    def peek(self, key: bytes) -> Reward | None:
         """The reward cached for ``key``, without touching recency (for plans and cost estimates)."""
         return self._rewards.get(key)
 
@@ -220,7 +227,7 @@ class RewardCache:
         """Whether ``key`` is cached, without touching recency (for cost estimates)."""
         return key in self._rewards
 
-    def put(self, key: bytes, reward: float) -> None:
+    def put(self, key: bytes, reward: Reward) -> None:
         if self.max_items <= 0:
             return
         self._rewards[key] = reward

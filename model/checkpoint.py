@@ -16,8 +16,9 @@ import torch
 from .engine import ScoringEngine
 from .errors import ModelLoadError
 from .formatting import ItemFormatter
-from .heads import find_reward_head, weight_files
+from .heads import find_reward_head, has_score_mlp, label_token_head, weight_files
 from .quiet import quiet_transformers
+from .reward_formats import detect_format, separator_id
 from .reward_model import Normalization, RewardModel
 from .spec import ModelSpec
 
@@ -138,17 +139,31 @@ def load_checkpoint(model_dir: Path, spec: ModelSpec) -> RewardModel:
     hidden = getattr(config, "hidden_size", None)
     if hidden is None:
         raise ModelLoadError(f"config of {model_dir} has no hidden_size; not a decoder checkpoint rmserve knows")
-    head = find_reward_head(model_dir, hidden, requested=spec.head, head_file=spec.head_file)
-    backbone = load_backbone(model_dir, spec, device, DTYPES[dtype_name])
+    raw_config = json.loads((model_dir / "config.json").read_text())
+    reward_format = detect_format(raw_config, spec, has_score_mlp(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=spec.trust_remote_code)
+    step_separator_id = None
+    if reward_format.step_separator is not None:
+        step_separator_id = separator_id(tokenizer, reward_format.step_separator)
+    if reward_format.label_tokens is not None:
+        labels = tuple(separator_id(tokenizer, token) for token in reward_format.label_tokens)
+        head = label_token_head(model_dir, hidden, labels)
+    else:
+        head = find_reward_head(
+            model_dir, hidden, requested=spec.head, head_file=spec.head_file, outputs=reward_format.outputs
+        )
+    head = head.reading(reward_format.readout, reward_format.label)
+    backbone = load_backbone(model_dir, spec, device, DTYPES[dtype_name])
 
     context = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH_CAP
     max_length = spec.max_length or min(context, DEFAULT_MAX_LENGTH_CAP)
     # Valid ids are those the embedding table has rows for.
-    formatter = ItemFormatter(tokenizer, spec, max_length=max_length, vocab_size=config.vocab_size)
+    formatter = ItemFormatter(
+        tokenizer, spec, max_length=max_length, vocab_size=config.vocab_size, step_separator_id=step_separator_id
+    )
     engine = ScoringEngine(
         backbone,
-        head.to_linear(device),
+        head.to_module(device),
         max_batch_tokens=spec.max_batch_tokens,
         padding_side=spec.padding_side,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
@@ -163,7 +178,15 @@ def load_checkpoint(model_dir: Path, spec: ModelSpec) -> RewardModel:
     else:
         engine.calibrate()
     model_id = "rmserve-demo" if spec.path == "demo" else model_dir.name
-    log.info("loaded reward model %s (%s, head %s from %s) on %s", model_id, dtype_name, head.name, head.source, device)
+    log.info(
+        "loaded reward model %s (%s, %s, head %s from %s) on %s",
+        model_id,
+        reward_format.name,
+        dtype_name,
+        head.name,
+        head.source,
+        device,
+    )
     return RewardModel(
         spec=spec,
         model_id=model_id,
@@ -173,4 +196,5 @@ def load_checkpoint(model_dir: Path, spec: ModelSpec) -> RewardModel:
         head_name=head.name,
         normalization=read_normalization(model_dir, spec),
         path=model_dir,
+        reward_format=reward_format,
     )

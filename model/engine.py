@@ -13,6 +13,11 @@ The engine owns the pieces and ties them: ``planning`` decides what a batch does
    micro-batch that runs out of memory is split in half and retried (the one deviation from the plan, counted in
    ``stats.oom_splits``); a row that fails (out of memory alone, non-finite states) fails the items that share it.
 
+**Step rewards.** A ``StepIds`` sequence (a process reward model's item: the ids, and the positions of its step
+separators) is read at each separator instead of at its last token: its outcome is one reward per separator. The
+planner lets a row start from cached states only up to its first separator, so a GRPO group's shared prompt is
+computed once while each sample computes its own steps; the reward cache keys it by ids and separator positions.
+
 The prefix cache outlives the batch (bounded by bytes, least recently used out), so group members that arrive in
 later batches reuse the prompt too. Rewards do not depend on any of this (fp32: within 1e-5 of the item scored
 alone). ``prefix_sharing=False`` runs every item whole; ``prefix_cache_bytes=0`` keeps states only within a batch;
@@ -24,6 +29,7 @@ Example::
     engine.score_batch([[1, 5, 9], [1, 5, 7]])   # -> [0.31, -1.2]; [1, 5] computed once
     plan = engine.plan([[1, 5, 9], [1, 5, 7]])   # the same, in two steps: plan.cost is its price
     engine.run(plan)
+    engine.score_batch([StepIds([1, 5, 2, 9, 2], readouts=(2, 4))])   # -> [[0.8, 0.3]]: one reward per separator
 """
 
 from __future__ import annotations
@@ -45,17 +51,18 @@ DEFAULT_OVERHEAD_TOKENS = 64
 __all__ = ["BatchPlan", "EngineStats", "ScoringEngine", "last_token_index", "padded_tokens", "plan_microbatches"]
 
 
-Outcome = float | RMServeError
+Outcome = float | list[float] | RMServeError  # a list: one reward per readout of a ``StepIds`` sequence
 MicrobatchObserver = Callable[[int, int, int, float], None]  # rows, padded tokens, real tokens, seconds
 
 
 class ScoringEngine:
-    """Scores token-id sequences with a backbone and a ``Linear(hidden, 1)`` head (applied in fp32)."""
+    """Scores token-id sequences with a backbone and a head (``Linear(hidden, 1)`` or a ``heads.ScoreHead``, applied
+    in fp32): one reward per sequence at its last token, or one per readout of a ``StepIds`` (step rewards)."""
 
     def __init__(
         self,
         backbone: torch.nn.Module,
-        head: torch.nn.Linear,
+        head: torch.nn.Module,
         *,
         max_batch_tokens: int = 16384,
         padding_side: str = "right",
@@ -180,7 +187,7 @@ class ScoringEngine:
         return self.runner.backbone
 
     @property
-    def head(self) -> torch.nn.Linear:
+    def head(self) -> torch.nn.Module:
         return self.runner.head
 
     @property
@@ -246,7 +253,7 @@ class ScoringEngine:
                 self.prefix_cache.clear()
         for k, seq in enumerate(plan.computed):
             outcome = results[k]
-            if isinstance(outcome, float) and self.reward_cache.max_items > 0:
+            if isinstance(outcome, float | list) and self.reward_cache.max_items > 0:
                 self.reward_cache.put(token_digest(seq), outcome)
             for i in plan.places[k]:
                 outcomes[i] = outcome

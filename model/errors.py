@@ -82,6 +82,13 @@ class ContextLengthExceededError(InvalidRequestError):
     type = "context_length_exceeded"
 
 
+class WrongModelKindError(InvalidRequestError):
+    """The route does not fit the model's kind: an outcome route (``/v1/score``, ``/classify`` ...) on a process
+    reward model, or ``/v1/steps`` (``/pooling``) on an outcome reward model. 400; the message names the model."""
+
+    status = 400
+
+
 class ItemTooLargeForMemoryError(ContextLengthExceededError):
     """A single item ran out of accelerator memory even in a micro-batch of its own."""
 

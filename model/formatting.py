@@ -5,13 +5,19 @@ The rules that keep rewards right:
 * a chat template is rendered exactly once, and a BOS token is never duplicated (templates that
   write ``<s>`` themselves plus a tokenizer that adds one are a classic silent reward shift);
 * over-long items are truncated from the **left** (oldest prompt tokens first), keeping a leading
-  BOS and the whole end of the response, and flagged; policy ``error`` rejects them instead.
+  BOS and the whole end of the response, and flagged; policy ``error`` rejects them instead;
+* a process reward model's steps (``StepsItem``) are tokenized one by one, each followed by the step separator
+  **as its token id** (never as text that could merge with its neighbours), and the separators' positions go
+  with the ids (``StepIds``); a step whose own text tokenizes into the separator is rejected; left truncation
+  keeps the last steps (the separators it cuts have no reward).
 
 Example::
 
     fmt = ItemFormatter(tokenizer, spec, max_length=2048, vocab_size=32000)
     tok = fmt.encode({"prompt": "Hi", "response": "Hello!"}, index=0)
     tok.input_ids, tok.truncated
+    prm = ItemFormatter(tokenizer, spec, max_length=2048, vocab_size=32000, step_separator_id=151651)
+    prm.encode({"prompt": "2+2?", "steps": ["2+2=4.", "The answer is 4."]}).input_ids.readouts   # two separators
 """
 
 from __future__ import annotations
@@ -19,14 +25,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ContextLengthExceededError, InvalidRequestError, item_error
-from .items import ConversationItem, Item, Message, PairItem, TextItem, TokensItem, parse_item
+from .errors import ContextLengthExceededError, InvalidRequestError, WrongModelKindError, item_error
+from .items import ConversationItem, Item, Message, PairItem, StepsItem, TextItem, TokensItem, parse_item
+from .planning import StepIds
 from .spec import ModelSpec
+
+# Stands for the assistant's turn while a chat template renders a steps item (cut there; the steps follow as ids).
+STEPS_MARKER = "\u2063rmserve-steps\u2063"
 
 
 @dataclass(frozen=True, slots=True)
 class TokenizedItem:
-    """One item ready for the engine."""
+    """One item ready for the engine (``StepIds`` for a process reward model: the ids and its separators)."""
 
     input_ids: tuple[int, ...]
     truncated: bool = False
@@ -47,8 +57,11 @@ def left_truncate(ids: list[int], max_length: int, bos_id: int | None) -> list[i
 class ItemFormatter:
     """Formats and tokenizes items for one tokenizer and one ``ModelSpec``."""
 
-    def __init__(self, tokenizer: Any, spec: ModelSpec, *, max_length: int, vocab_size: int):
+    def __init__(
+        self, tokenizer: Any, spec: ModelSpec, *, max_length: int, vocab_size: int, step_separator_id: int | None = None
+    ):
         self.tokenizer = tokenizer
+        self.step_separator_id = step_separator_id  # set for a process reward model
         self.spec = spec
         self.max_length = max_length
         self.vocab_size = vocab_size
@@ -67,9 +80,19 @@ class ItemFormatter:
         return "chat" if self.use_template else "raw"
 
     # -- public -----------------------------------------------------------------------------
-    def encode(self, item: Item | dict, index: int = 0) -> TokenizedItem:
-        """Validate, render, tokenize and truncate one item; errors name ``index``."""
+    def encode(self, item: Item | StepsItem | dict, index: int = 0) -> TokenizedItem:
+        """Validate, render, tokenize and truncate one item; errors name ``index``.
+
+        A process reward model takes steps items, and text or token items whose separators are already in them (its
+        rewards are read at each separator); an outcome model takes the four item forms."""
         item = parse_item(item, index)
+        process = self.step_separator_id is not None
+        if isinstance(item, StepsItem):
+            if not process:
+                raise WrongModelKindError("this model is an outcome reward model: it scores items, not steps")
+            return self._encode_steps(item, index)
+        if process and not isinstance(item, TextItem | TokensItem):
+            raise WrongModelKindError("this model is a process reward model: it scores steps (POST /v1/steps)")
         if isinstance(item, TokensItem):
             ids = self._check_token_ids(item.input_ids, index)
         elif isinstance(item, TextItem):
@@ -81,7 +104,63 @@ class ItemFormatter:
             ids = self._apply_eos(self._render(messages))
         if not ids:
             raise item_error(InvalidRequestError, index, "item has no tokens")
+        if process:  # separators already in the text (vLLM's /pooling): a reward at each
+            return self._truncate_steps(ids, [p for p, t in enumerate(ids) if t == self.step_separator_id], index)
         return self._truncate(ids, index)
+
+    # -- process reward models ----------------------------------------------------------------
+    def _encode_steps(self, item: StepsItem, index: int) -> TokenizedItem:
+        """The prompt's ids (templated: the assistant turn's start), then each step's ids and the separator id."""
+        separator = self.step_separator_id
+        ids = self._steps_prefix(item)
+        readouts = []
+        for j, step in enumerate(item.steps):
+            if not step:
+                raise item_error(InvalidRequestError, index, "step is empty", field=f"steps[{j}]")
+            step_ids = list(self.tokenizer(step, add_special_tokens=False)["input_ids"])
+            if separator in step_ids:
+                text = self.tokenizer.convert_ids_to_tokens(separator)
+                raise item_error(
+                    InvalidRequestError,
+                    index,
+                    f"the step's text tokenizes into the step separator {text!r} (id {separator}); the server places "
+                    "separators itself, so remove it from the step",
+                    field=f"steps[{j}]",
+                )
+            ids += step_ids
+            readouts.append(len(ids))
+            ids.append(separator)
+        return self._truncate_steps(ids, readouts, index)
+
+    def _steps_prefix(self, item: StepsItem) -> list[int]:
+        prompt = item.prompt if isinstance(item.prompt, list) else [Message(role="user", content=item.prompt)]
+        if not self.use_template:
+            return self._tokenize_text(self.spec.separator.join(m.content for m in prompt))
+        messages = [*prompt, Message(role="assistant", content=STEPS_MARKER)]
+        text = self.tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=False
+        )
+        if STEPS_MARKER not in text:
+            raise InvalidRequestError("the chat template does not render the assistant's turn; use template 'raw'")
+        return self._tokenize_text(text[: text.index(STEPS_MARKER)])
+
+    def _truncate_steps(self, ids: list[int], readouts: list[int], index: int) -> TokenizedItem:
+        """Left truncation that keeps the last steps: the separators it cuts lose their readout (the item reports how
+        many by the rewards it gets back)."""
+        if not readouts:
+            raise item_error(InvalidRequestError, index, "the text holds no step separator: no step to score")
+        if len(ids) <= self.max_length:
+            return TokenizedItem(StepIds(ids, readouts), False)
+        if self.spec.truncation == "error":
+            raise item_error(
+                ContextLengthExceededError,
+                index,
+                f"{len(ids)} tokens exceed max_length={self.max_length} (truncation policy 'error')",
+            )
+        kept = left_truncate(ids, self.max_length, self.bos_id)
+        lead = 1 if self.bos_id is not None and ids[0] == self.bos_id else 0  # the BOS it keeps in front
+        cut = len(ids) - (len(kept) - lead)  # ids[cut:] are kept, after the lead
+        return TokenizedItem(StepIds(kept, [p - cut + lead for p in readouts if p >= cut]), True)
 
     # -- steps ------------------------------------------------------------------------------
     def _messages(self, item: PairItem | ConversationItem, index: int) -> list[Message]:

@@ -1,13 +1,24 @@
-"""Find a checkpoint's reward head among its safetensors tensors.
+"""Find a checkpoint's reward head among its safetensors tensors, and build it as the fp32 module the engine runs.
 
-Accepted layouts: ``score`` (``*ForSequenceClassification``, TRL, OpenRLHF exports), ``reward_head``
-(``LlamaRewardModel``: a causal LM + ``Linear(hidden, 1, bias=False)``), ``v_head`` (DeepSpeed-Chat),
-``value_head`` (OpenRLHF ``value_head_prefix``) — in the model's own weight files or in a separate
-``<name>.safetensors`` file (or ``head_file``) holding ``weight`` / ``bias`` or ``<name>.weight``.
+Accepted layouts: ``score`` (``*ForSequenceClassification``, TRL, OpenRLHF exports; ``*ForTokenClassification``
+with two labels), ``reward_head`` (``LlamaRewardModel``: a causal LM + ``Linear(hidden, 1, bias=False)``), ``v_head``
+(DeepSpeed-Chat), ``value_head`` (OpenRLHF ``value_head_prefix``) — in the model's own weight files or in a separate
+``<name>.safetensors`` file (or ``head_file``) holding ``weight`` / ``bias`` or ``<name>.weight``; the two-layer
+``score`` MLP of Qwen2.5-Math-RM / -PRM (``score.0`` → ReLU → ``score.2``); and for a causal-LM process reward model
+the rows of ``lm_head`` (or the tied embeddings) that give its label tokens' logits.
+
+How the head's outputs become one number (``readout``): ``raw`` (its one output), ``sigmoid`` (of its one output) or
+``softmax`` (the probability of output ``label`` over its two outputs). ``reward_formats.py`` decides which.
+
+Example::
+
+    head = find_reward_head(model_dir, hidden_size=4096)       # RewardHead(name="score", layers=((w, b),), ...)
+    module = head.to_module("cuda")                             # nn.Linear for one linear layer, else ScoreHead
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,26 +27,84 @@ import torch
 from safetensors import safe_open
 
 from .errors import ModelLoadError
+from .invariant import fixed_elementwise, fixed_rows_linear, head_rewards
 
 HEAD_NAMES = ("score", "reward_head", "v_head", "value_head")
+READOUTS = ("raw", "sigmoid", "softmax")
+
+Layer = tuple[torch.Tensor, "torch.Tensor | None"]  # a Linear's weight (out, in) and bias
 
 
 @dataclass(frozen=True)
 class RewardHead:
+    """A head's weights as read from the checkpoint: linear layers with a ReLU between them, and its readout."""
+
     name: str
     source: str  # file the weights came from
-    weight: torch.Tensor  # (1, hidden)
-    bias: torch.Tensor | None
+    layers: tuple[Layer, ...]
+    readout: str = "raw"
+    label: int = 0  # softmax: which output's probability is the reward
 
-    def to_linear(self, device: torch.device | str) -> torch.nn.Linear:
-        """The head as an fp32 ``nn.Linear`` (never quantised)."""
-        hidden = self.weight.shape[-1]
-        linear = torch.nn.Linear(hidden, 1, bias=self.bias is not None, dtype=torch.float32)
-        with torch.no_grad():
-            linear.weight.copy_(self.weight.reshape(1, hidden).float())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias.reshape(1).float())
-        return linear.to(device).eval()
+    @property
+    def outputs(self) -> int:
+        return int(self.layers[-1][0].shape[0])
+
+    def reading(self, readout: str, label: int = 0) -> RewardHead:
+        """The same weights, read another way."""
+        return dataclasses.replace(self, readout=readout, label=label)
+
+    def to_module(self, device: torch.device | str) -> torch.nn.Module:
+        """The head in fp32 (never quantised): a plain ``nn.Linear(hidden, 1)`` for one linear layer read raw (the
+        common case), else a ``ScoreHead``. Either maps ``[n, hidden]`` to ``[n, 1]``."""
+        linears = []
+        for weight, bias in self.layers:
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=torch.float32)
+            with torch.no_grad():
+                linear.weight.copy_(weight.float())
+                if bias is not None:
+                    linear.bias.copy_(bias.reshape(-1).float())
+            linears.append(linear)
+        if len(linears) == 1 and self.readout == "raw":
+            return linears[0].to(device).eval()
+        return ScoreHead(linears, self.readout, self.label).to(device).eval()
+
+
+class ScoreHead(torch.nn.Module):
+    """Linear layers with ReLU between them, then the readout: ``[n, hidden]`` → ``[n, 1]`` rewards (fp32)."""
+
+    def __init__(self, linears: list[torch.nn.Linear], readout: str, label: int = 0):
+        super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"unknown readout {readout!r}")
+        parts: list[torch.nn.Module] = []
+        for k, linear in enumerate(linears):
+            parts += [linear] if k == 0 else [torch.nn.ReLU(), linear]
+        self.layers = torch.nn.Sequential(*parts)
+        self.readout = readout
+        self.label = label
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._read(self.layers(hidden), torch.sigmoid)
+
+    def forward_invariant(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``forward`` with each row computed independently of the others (batch-invariant mode)."""
+        x = hidden.float()
+        for module in self.layers:
+            if isinstance(module, torch.nn.Linear) and module.out_features == 1:
+                x = head_rewards(module, x)[:, None]
+            elif isinstance(module, torch.nn.Linear):
+                x = fixed_rows_linear(x, module.weight, module.bias)
+            else:
+                x = module(x)  # ReLU: exact, elementwise
+        return self._read(x, lambda t: fixed_elementwise(torch.sigmoid, t))
+
+    def _read(self, out: torch.Tensor, sigmoid) -> torch.Tensor:
+        if self.readout == "raw":
+            return out
+        if self.readout == "sigmoid":
+            return sigmoid(out)
+        # Two classes: softmax(out)[label] = sigmoid(out[label] - out[other]).
+        return sigmoid(out[:, self.label : self.label + 1] - out[:, 1 - self.label : 2 - self.label])
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -57,6 +126,12 @@ def tensor_names(files: list[Path]) -> dict[str, Path]:
     return names
 
 
+def has_score_mlp(model_dir: Path) -> bool:
+    """Whether the weights hold Qwen2.5-Math-RM/-PRM's two-layer ``score`` head (``score.0`` and ``score.2``)."""
+    names = tensor_names(weight_files(model_dir))
+    return "score.0.weight" in names and "score.2.weight" in names
+
+
 def _match(names: dict[str, Path], head: str) -> str | None:
     """The weight key of ``head``: ``<head>.weight`` at top level, or under one prefix (``model.v_head``)."""
     exact = f"{head}.weight"
@@ -66,23 +141,59 @@ def _match(names: dict[str, Path], head: str) -> str | None:
     return nested[0] if len(nested) == 1 else None
 
 
-def _load(file: Path, weight_key: str, name: str, hidden_size: int) -> RewardHead:
+def _read(file: Path, weight_key: str) -> Layer:
     bias_key = weight_key[: -len("weight")] + "bias"
     with safe_open(str(file), framework="pt") as handle:
         weight = handle.get_tensor(weight_key)
         bias = handle.get_tensor(bias_key) if bias_key in handle.keys() else None  # noqa: SIM118
-    if weight.numel() != hidden_size or (weight.dim() == 2 and weight.shape[0] != 1):
+    return weight, bias
+
+
+def _load(file: Path, weight_key: str, name: str, hidden_size: int, outputs: int) -> RewardHead:
+    weight, bias = _read(file, weight_key)
+    if weight.numel() != outputs * hidden_size or (weight.dim() == 2 and weight.shape[0] != outputs):
         raise ModelLoadError(
             f"reward head '{weight_key}' in {file.name} has shape {tuple(weight.shape)}; "
-            f"expected (1, {hidden_size}) — is this a reward model with one output?"
+            f"expected ({outputs}, {hidden_size}) — is this a reward model with {outputs} output(s)?"
         )
-    return RewardHead(name=name, source=file.name, weight=weight, bias=bias)
+    return RewardHead(name=name, source=file.name, layers=((weight.reshape(outputs, hidden_size), bias),))
+
+
+def _load_mlp(names: dict[str, Path], hidden_size: int, outputs: int) -> RewardHead:
+    """``score.0`` (hidden → hidden') → ReLU → ``score.2`` (hidden' → outputs)."""
+    first = _read(names["score.0.weight"], "score.0.weight")
+    second = _read(names["score.2.weight"], "score.2.weight")
+    if first[0].shape[1] != hidden_size or second[0].shape != (outputs, first[0].shape[0]):
+        raise ModelLoadError(
+            f"the two-layer score head has shapes {tuple(first[0].shape)} and {tuple(second[0].shape)}; expected "
+            f"(d, {hidden_size}) and ({outputs}, d)"
+        )
+    return RewardHead(name="score_mlp", source=names["score.2.weight"].name, layers=(first, second))
+
+
+def label_token_head(model_dir: Path, hidden_size: int, token_ids: tuple[int, ...]) -> RewardHead:
+    """A causal LM's logits for ``token_ids`` only: those rows of ``lm_head`` (or of the tied input embeddings)."""
+    names = tensor_names(weight_files(model_dir))
+    key = "lm_head.weight" if "lm_head.weight" in names else None
+    if key is None:
+        tied = [k for k in names if k.endswith("embed_tokens.weight")]
+        key = tied[0] if len(tied) == 1 else None
+    if key is None:
+        raise ModelLoadError(f"no lm_head.weight (nor tied embed_tokens.weight) in {model_dir} to read label logits")
+    with safe_open(str(names[key]), framework="pt") as handle:
+        matrix = handle.get_slice(key)
+        rows = [matrix[t : t + 1] for t in token_ids]
+    weight = torch.cat(rows)
+    if weight.shape[1] != hidden_size:
+        raise ModelLoadError(f"{key} has shape {tuple(weight.shape)}; expected (vocab, {hidden_size})")
+    return RewardHead(name="lm_head_labels", source=names[key].name, layers=((weight, None),))
 
 
 def find_reward_head(
-    model_dir: Path, hidden_size: int, *, requested: str = "auto", head_file: str | None = None
+    model_dir: Path, hidden_size: int, *, requested: str = "auto", head_file: str | None = None, outputs: int = 1
 ) -> RewardHead:
-    """Locate and load the reward head, or raise ``ModelLoadError`` naming the tensors that were found."""
+    """Locate and load the reward head with ``outputs`` outputs, or raise ``ModelLoadError`` naming the tensors that
+    were found."""
     candidates = HEAD_NAMES if requested == "auto" else (requested,)
     extra_files: list[Path] = []
     if head_file:
@@ -97,16 +208,18 @@ def find_reward_head(
         for head in candidates:
             key = _match(names, head)
             if key:
-                return _load(f, key, head, hidden_size)
+                return _load(f, key, head, hidden_size, outputs)
         if "weight" in names:
             stem = f.stem if f.stem in HEAD_NAMES else (requested if requested != "auto" else f.stem)
-            return _load(f, "weight", stem, hidden_size)
+            return _load(f, "weight", stem, hidden_size, outputs)
 
     names = tensor_names(weight_files(model_dir))
+    if requested in ("auto", "score") and "score.0.weight" in names and "score.2.weight" in names:
+        return _load_mlp(names, hidden_size, outputs)
     for head in candidates:
         key = _match(names, head)
         if key:
-            return _load(names[key], key, head, hidden_size)
+            return _load(names[key], key, head, hidden_size, outputs)
 
     non_layer = sorted(k for k in names if ".layers." not in k)
     raise ModelLoadError(

@@ -1,4 +1,5 @@
-"""The four item forms of API.md, as strict pydantic models, and ``parse_item`` to tell them apart.
+"""The four item forms of API.md, as strict pydantic models, and ``parse_item`` to tell them apart; and the steps item
+of ``POST /v1/steps`` (a prompt and a solution's steps, for process reward models).
 
 The models hold every check an item needs without the model's tokenizer (roles known, a prompt's message list not
 empty, a conversation ending with the assistant's turn), so an item the HTTP edge validated is known good; what
@@ -87,14 +88,28 @@ class TokensItem(_Strict):
     input_ids: list[StrictInt] = Field(min_length=1)
 
 
+class StepsItem(_Strict):
+    """A prompt and a solution as its steps, for a process reward model (``POST /v1/steps``): one reward per step."""
+
+    prompt: Prompt
+    steps: list[StrictStr] = Field(min_length=1)
+
+
 Item = PairItem | ConversationItem | TextItem | TokensItem
 _FORMS: dict[frozenset[str], type[BaseModel]] = {
     frozenset({"prompt", "response"}): PairItem,
     frozenset({"messages"}): ConversationItem,
     frozenset({"text"}): TextItem,
     frozenset({"input_ids"}): TokensItem,
+    frozenset({"prompt", "steps"}): StepsItem,
 }
-FORM_NAMES = {PairItem: "pair", ConversationItem: "conversation", TextItem: "text", TokensItem: "tokens"}
+FORM_NAMES = {
+    PairItem: "pair",
+    ConversationItem: "conversation",
+    TextItem: "text",
+    TokensItem: "tokens",
+    StepsItem: "steps",
+}
 
 
 def item_form(item: Item) -> str:
@@ -115,9 +130,9 @@ def payload_size(obj: Any) -> int:
     return 1
 
 
-def parse_item(obj: Any, index: int = 0) -> Item:
-    """Validate one item (a dict or an item model); errors name the item index."""
-    if isinstance(obj, PairItem | ConversationItem | TextItem | TokensItem):
+def parse_item(obj: Any, index: int = 0) -> Item | StepsItem:
+    """Validate one item (a dict or an item model; ``{prompt, steps}`` too); errors name the item index."""
+    if isinstance(obj, PairItem | ConversationItem | TextItem | TokensItem | StepsItem):
         item = obj
     else:
         if not isinstance(obj, dict):

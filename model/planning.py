@@ -34,12 +34,56 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class StepIds(tuple):
+    """Token ids scored at several positions: the hidden state at each of ``readouts`` (ascending; a process reward
+    model's step separators) feeds the head, instead of the last token's alone. Its outcome is one reward per
+    readout. Equal only to ``StepIds`` with the same ids and the same readouts (slices are plain tuples).
+
+    Example::
+
+        StepIds([1, 5, 9, 2, 7, 2], readouts=(3, 5))   # rewards at the two separators (id 2)
+    """
+
+    readouts: tuple[int, ...]
+
+    def __new__(cls, ids, readouts):
+        seq = super().__new__(cls, ids)
+        seq.readouts = tuple(readouts)
+        ok = seq.readouts and list(seq.readouts) == sorted(set(seq.readouts))
+        if not ok or not 0 <= seq.readouts[0] <= seq.readouts[-1] < len(seq):
+            raise ValueError(f"readouts {seq.readouts} must be ascending positions of the {len(seq)} ids")
+        return seq
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StepIds) and tuple.__eq__(self, other) and self.readouts == other.readouts
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash((tuple(self), self.readouts))
+
+    def __reduce__(self):
+        return (StepIds, (tuple(self), self.readouts))
+
+
+def first_readout(seq: Sequence[int]) -> int:
+    """The first position whose hidden state a sequence needs: its first readout, or its last token. A row that
+    scores it must compute from there on (the tokens before may come from the prefix cache)."""
+    return seq.readouts[0] if isinstance(seq, StepIds) else len(seq) - 1
+
+
+def sequence_key(seq: Sequence[int]) -> tuple[int, ...]:
+    """What identifies a sequence's outcome: its ids, and its readouts when it has some."""
+    return seq if isinstance(seq, StepIds) else tuple(seq)
+
+
 @dataclass(eq=False)
 class Row:
     """One row of a forward: tokens ``seq[start:end]`` computed on top of the cached ``seq[:start]``.
 
-    ``item`` is the index of the sequence it scores (its last token's hidden state feeds the head), or None
-    for a shared prefix whose keys and values are stored for the next level.
+    ``item`` is the index of the sequence it scores (its last token's hidden state feeds the head, or those at its
+    readouts, ``StepIds``), or None for a shared prefix whose keys and values are stored for the next level.
     """
 
     seq: Sequence[int]
@@ -64,6 +108,7 @@ class Row:
 CACHED_TOKEN_SHARE = 0.25
 
 Known = Callable[[Sequence[int], int], int]  # (ids, limit) -> how many leading tokens are cached
+Reward = float | list[float]  # a sequence's outcome: one reward, or one per readout (``StepIds``)
 
 
 def plan_levels(
@@ -76,11 +121,12 @@ def plan_levels(
     if n == 0:
         return []
     order = sorted(range(n), key=lambda i: tuple(seqs[i]))
-    # shared[k]: tokens sequences order[k-1] and order[k] share, leaving each at least its last token to compute
+    # shared[k]: tokens sequences order[k-1] and order[k] share, leaving each its first readout (the last token, or
+    # its first step separator) and what follows to compute
     shared = [0] * n
     for k in range(1, n):
         a, b = seqs[order[k - 1]], seqs[order[k]]
-        shared[k] = min(common_prefix_length(a, b), len(a) - 1, len(b) - 1)
+        shared[k] = min(common_prefix_length(a, b), first_readout(a), first_readout(b))
     levels: list[list[Row]] = []
 
     def add(level: int, row: Row) -> Row:
@@ -96,7 +142,7 @@ def plan_levels(
         lo, hi, base, level, parent = stack.pop()
         if hi - lo == 1:
             seq = seqs[order[lo]]
-            cached = known(seq, len(seq) - 1)
+            cached = known(seq, first_readout(seq))
             start, by = (base, parent) if base > cached else (cached, None)
             add(level, Row(seq, len(seq), start, order[lo], by, store_items))
             continue
@@ -213,7 +259,7 @@ class BatchPlan:
     received_tokens: int  # their tokens
     computed: list[tuple[int, ...]]
     places: list[list[int]]
-    answered: list[tuple[tuple[int, ...], float, list[int]]]
+    answered: list[tuple[tuple[int, ...], Reward, list[int]]]
     empty: list[int]
     microbatches: list[list[list[Row]]]
     overhead_tokens: float
@@ -253,7 +299,7 @@ def plan_batch(
     sequences: Sequence[Sequence[int]],
     *,
     known: Known | None,
-    cached_reward: Callable[[tuple[int, ...]], float | None] | None,
+    cached_reward: Callable[[tuple[int, ...]], Reward | None] | None,
     store_items: bool,
     max_batch_tokens: int,
     overhead_tokens: float,
@@ -265,11 +311,11 @@ def plan_batch(
     empty: list[int] = []
     for i, seq in enumerate(sequences):
         if len(seq):
-            places.setdefault(tuple(seq), []).append(i)
+            places.setdefault(sequence_key(seq), []).append(i)
         else:
             empty.append(i)
     computed: list[tuple[int, ...]] = []
-    answered: list[tuple[tuple[int, ...], float, list[int]]] = []
+    answered: list[tuple[tuple[int, ...], Reward, list[int]]] = []
     for seq, where in places.items():
         reward = cached_reward(seq) if cached_reward is not None else None
         if reward is None:

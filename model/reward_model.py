@@ -10,6 +10,7 @@ from .engine import ScoringEngine
 from .errors import InvalidRequestError, RMServeError
 from .formatting import ItemFormatter, TokenizedItem
 from .items import Item
+from .reward_formats import RewardFormat
 from .spec import ModelSpec
 
 
@@ -45,6 +46,7 @@ class RewardModel:
         head_name: str,
         normalization: Normalization | None,
         path: Path,
+        reward_format: RewardFormat | None = None,
     ):
         self.spec = spec
         self.model_id = model_id
@@ -54,6 +56,7 @@ class RewardModel:
         self.head_name = head_name
         self.normalization = normalization
         self.path = path
+        self.reward_format = reward_format or RewardFormat("outcome", False, 1, "raw")
 
     @property
     def tokenizer(self):
@@ -76,6 +79,11 @@ class RewardModel:
             "normalization": norm,
             "template": self.formatter.template_name,
             "path": str(self.path),
+            "kind": self.reward_format.kind,
+            "step_separator": self.reward_format.step_separator,
+            # vLLM's STEP pooling returns the head's probabilities per step: how many, and which is the reward
+            "step_outputs": self.reward_format.outputs if self.reward_format.process else None,
+            "step_label": self.reward_format.label if self.reward_format.process else None,
         }
 
     def tokenize(self, item: Item | dict, index: int = 0) -> TokenizedItem:
@@ -90,11 +98,19 @@ class RewardModel:
                 raise outcome
         return outcomes  # type: ignore[return-value]
 
-    def score(self, items: Sequence[Item | dict], *, normalize: bool = False) -> list[float]:
-        """Rewards for items in any of the four forms, in input order."""
+    def score(self, items: Sequence[Item | dict], *, normalize: bool = False) -> list:
+        """Rewards for items in any of the four forms, in input order (a process reward model: steps items, each
+        getting its list of step rewards)."""
         tokenized = [self.tokenize(item, i) for i, item in enumerate(items)]
         rewards = self.score_tokenized(tokenized)
         return self.normalize(rewards) if normalize else rewards
+
+    def warm_up(self) -> None:
+        """One real forward before the model reports ready (a process reward model's: one step)."""
+        if self.reward_format.process:
+            self.score([{"prompt": "warm-up", "steps": ["warm-up"]}])
+        else:
+            self.score([{"text": "warm-up"}])
 
     def normalize(self, rewards: Sequence[float]) -> list[float]:
         if self.normalization is None:

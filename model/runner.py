@@ -3,8 +3,9 @@
 What one forward does: each row computes ``seq[start:end]`` (its start was fixed by the plan), padded on the
 ``padding_side`` to the longest; the cached states of ``seq[:start]`` are stacked, left-aligned, into the model's
 key/value cache; positions count real tokens only, so every row sees the positions it would see alone. The hidden
-state of each item's last real token comes **from the attention mask**, and the reward head runs in fp32 on those
-rows only. Rows the plan marks ``store`` put their new states into the prefix cache, unless they are not finite.
+state of each item's last real token comes **from the attention mask** (a ``StepIds`` item's: those at its readouts,
+its step separators), and the reward head runs in fp32 on those positions only. Rows the plan marks ``store`` put
+their new states into the prefix cache, unless they are not finite.
 
 A micro-batch that runs out of accelerator memory is split in half and retried (``run``); a row that does not fit
 even alone gets a typed error and the others are unaffected. Rewards do not depend on padding, neighbours or
@@ -28,11 +29,12 @@ import torch
 
 from .caches import PrefixKVCache
 from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError
+from .heads import ScoreHead
 from .invariant import BlockLayout, head_rewards, make_batch_invariant
-from .planning import Row
+from .planning import Row, StepIds
 
-# An item's reward or error; a prefix row's None (its states are stored) or error.
-RowOutcome = float | RMServeError | None
+# An item's reward (one per readout for ``StepIds``) or error; a prefix row's None (its states are stored) or error.
+RowOutcome = float | list[float] | RMServeError | None
 
 
 class Meter(Protocol):
@@ -57,12 +59,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class ForwardRunner:
-    """Runs rows through a backbone and a ``Linear(hidden, 1)`` head (applied in fp32)."""
+    """Runs rows through a backbone and a head mapping ``[n, hidden]`` to ``[n, 1]`` (applied in fp32)."""
 
     def __init__(
         self,
         backbone: torch.nn.Module,
-        head: torch.nn.Linear,
+        head: torch.nn.Module,
         *,
         padding_side: str = "right",
         pad_id: int = 0,
@@ -132,12 +134,14 @@ class ForwardRunner:
                 input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=kv is not None, **kwargs
             )
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            new_mask = mask[:, cached_width:]
-            last = hidden[torch.arange(count, device=hidden.device), last_token_index(new_mask).to(hidden.device)]
+            last_col = last_token_index(mask[:, cached_width:])
+            last = hidden[torch.arange(count, device=hidden.device), last_col.to(hidden.device)]
             scored = [r for r, row in enumerate(rows) if row.item is not None]
-            rewards: list[float] = []
-            if scored:
-                rewards = self._head(last[torch.tensor(scored, device=hidden.device)].float()).tolist()
+            values: list[float] = []
+            if scored:  # the head runs once, on every position any scored row reads
+                at_row, at_col, counts = self._readout_columns(rows, scored, width, last_col.tolist())
+                picked = hidden[torch.tensor(at_row, device=hidden.device), torch.tensor(at_col, device=hidden.device)]
+                values = self._head(picked.float()).tolist()
             # A NaN or inf anywhere in a row's keys or values reaches its last token (even a masked-out NaN does:
             # 0 x NaN is NaN), so a finite last hidden state vouches for the whole row.
             finite = torch.isfinite(last).all(dim=1).tolist() if store else [True] * count
@@ -151,9 +155,15 @@ class ForwardRunner:
             for row, ok in zip(rows, finite, strict=True)
             if row.item is None
         }
-        for r, reward in zip(scored, rewards, strict=True):
-            ok = math.isfinite(reward)
-            outcomes[rows[r]] = reward if ok else InternalError(f"the model produced a non-finite reward ({reward})")
+        first = 0
+        for r in scored:
+            row, n = rows[r], counts[r]
+            row_values, first = values[first : first + n], first + n
+            bad = [v for v in row_values if not math.isfinite(v)]
+            if bad:
+                outcomes[row] = InternalError(f"the model produced a non-finite reward ({bad[0]})")
+            else:
+                outcomes[row] = row_values if isinstance(row.seq, StepIds) else row_values[0]
         return outcomes
 
     def time_forward(self, tokens: int) -> float:
@@ -166,9 +176,35 @@ class ForwardRunner:
         return int(getattr(getattr(self.backbone, "config", None), "max_position_embeddings", None) or 2048)
 
     # -- internals ----------------------------------------------------------------------------------
-    def _head(self, last: torch.Tensor) -> torch.Tensor:
-        """The reward head on the scored rows' last hidden states (fp32); row-independent in batch-invariant mode."""
-        return head_rewards(self.head, last) if self.batch_invariant else self.head(last).squeeze(-1)
+    def _head(self, picked: torch.Tensor) -> torch.Tensor:
+        """The reward head on the hidden states it reads (fp32); row-independent in batch-invariant mode."""
+        if not self.batch_invariant:
+            return self.head(picked).squeeze(-1)
+        if isinstance(self.head, ScoreHead):
+            return self.head.forward_invariant(picked).squeeze(-1)
+        return head_rewards(self.head, picked)
+
+    def _readout_columns(
+        self, rows: list[Row], scored: list[int], width: int, last_col: list[int]
+    ) -> tuple[list[int], list[int], dict[int, int]]:
+        """Batch rows and columns (among the new tokens) whose hidden states the head reads, scored row after scored
+        row: a row's last token, or each of its ``StepIds`` readouts; and how many each row reads."""
+        at_row: list[int] = []
+        at_col: list[int] = []
+        counts: dict[int, int] = {}
+        for r in scored:
+            row = rows[r]
+            if isinstance(row.seq, StepIds):
+                if row.seq.readouts[0] < row.start:  # the plan keeps readouts out of cached prefixes; a bug if not
+                    raise RuntimeError(f"a row starting at {row.start} cannot read position {row.seq.readouts[0]}")
+                first = 0 if self.padding_side == "right" else width - row.new_tokens
+                cols = [first + p - row.start for p in row.seq.readouts]
+            else:
+                cols = [last_col[r]]
+            at_row += [r] * len(cols)
+            at_col += cols
+            counts[r] = len(cols)
+        return at_row, at_col, counts
 
     def _layout(self, rows: list[Row], cached_width: int, width: int) -> BlockLayout:
         starts, ends = [r.start for r in rows], [r.end for r in rows]

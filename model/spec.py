@@ -98,6 +98,27 @@ class ModelSpec(BaseModel):
         "micro-batch split, prefix- and reward-cache hits (fixed-shape matmuls and attention over fixed key blocks; "
         "costs some throughput, see the README). Not with quantization.",
     )
+    reward_kind: Literal["auto", "outcome", "process"] = Field(
+        "auto",
+        description="'process': a reward per step (POST /v1/steps only); 'outcome': one reward per item; 'auto' "
+        "reads it from the checkpoint (*ForProcessRewardModel, *ForTokenClassification with 2 labels, "
+        "step_label_tokens or step_separator set: process). A one-output head served as 'process' is a value-head "
+        "PRM (sigmoid at each separator).",
+    )
+    step_separator: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="A process reward model's step separator: the text of one token, placed as its token id after "
+        "each step. Default by format: '<extra_0>' (*ForProcessRewardModel), '\\n' (*ForTokenClassification with 2 "
+        "labels, value-head PRMs), 'ки' (causal-LM PRMs).",
+    )
+    step_label_tokens: str | None = Field(
+        None,
+        pattern=r"^[^,]+,[^,]+$",
+        description="A causal-LM process reward model's good and bad label tokens, 'good,bad' (Math-Shepherd: '+,-'): "
+        "the step reward is P(good) over the two at each separator. Setting it serves the checkpoint as a PRM.",
+    )
     trust_remote_code: bool = Field(False, description="Allow checkpoint code to run (off unless you trust it).")
 
     @model_validator(mode="after")

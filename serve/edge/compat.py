@@ -8,7 +8,9 @@ and a BOS the text already starts with is not doubled (the model's formatter col
 ``POST /slime/reward`` (slime's ``remote_rm``) scores one ``{prompt, response}`` sample as ``/v1/score`` does (the
 reward model's chat template applied); with ``?templated=true`` its prompt is already chat-templated text (slime's
 ``--apply-chat-template``) and prompt + response are scored as one formatted text. The Cohere/Jina rerank shape
-(``/rerank``, ``/v1/rerank``, ``/v2/rerank``) scores each document as the response to the query.
+(``/rerank``, ``/v1/rerank``, ``/v2/rerank``) scores each document as the response to the query. ``POST /pooling``
+(vLLM's route for process reward models, STEP pooling) scores each text, whose step separators are already in it, at
+every separator token, and answers vLLM's ``data[].data``: per separator, the head's class probabilities.
 
 * ``/get_reward`` strips leading and trailing repeats of the tokenizer's pad token from each query, as
   OpenRLHF's own server does (its trainer decodes left-padded prompts with special tokens), when the
@@ -61,6 +63,9 @@ from rmserve.serve.edge.compat_protocol import (
     EmbeddingsUsage,
     GetRewardRequest,
     GetRewardResponse,
+    PoolingData,
+    PoolingRequest,
+    PoolingResponse,
     RerankDocument,
     RerankResultEntry,
     RerankUsage,
@@ -71,6 +76,7 @@ from rmserve.serve.edge.locations import in_list
 from rmserve.serve.edge.native import best_first, sigmoid
 from rmserve.serve.edge.pipeline import Call, Context
 from rmserve.serve.edge.protocol import ScoredItems
+from rmserve.serve.routing.model_routing import EnsembleRoute
 
 
 def strip_padding(text: str, pad_token: str | None) -> str:
@@ -203,4 +209,38 @@ def cohere_rerank_response(request: CohereRerankRequest, scored: ScoredItems, _c
         model=scored.model,
         results=results,
         usage=RerankUsage(total_tokens=scored.input_tokens),
+    )
+
+
+# -- vLLM's PRM route: POST /pooling -----------------------------------------------------------------------------
+async def pooling_call(request: PoolingRequest, context: Context) -> Call:
+    """The texts as items (their separators already in them); the model's card says how a step's probabilities are
+    laid out."""
+    target = await context.service.resolve(request.model)
+    card = None if isinstance(target, EnsembleRoute) else target.info
+    return Call(request.items(), in_list("input", single=request.single()), request.model, model_card=card)
+
+
+def step_probabilities(reward: float, card: dict | None) -> list[float]:
+    """A step's vector as vLLM's STEP pooling returns it: a two-class head's probabilities in the checkpoint's order
+    (the reward is class ``step_label``'s), a one-output head's sigmoid alone."""
+    card = card or {}
+    if card.get("step_outputs", 2) == 1:
+        return [reward]
+    return [1.0 - reward, reward] if card.get("step_label", 1) == 1 else [reward, 1.0 - reward]
+
+
+def pooling_response(_request: PoolingRequest, scored: ScoredItems, call: Call) -> PoolingResponse:
+    card = dict(call.model_card or {})
+    data = [
+        PoolingData(index=i, data=[step_probabilities(r, card) for r in steps])  # type: ignore[union-attr]
+        for i, steps in enumerate(scored.rewards)
+    ]
+    tokens = scored.input_tokens
+    return PoolingResponse(
+        id=f"pool-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=scored.model,
+        data=data,
+        usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens),
     )

@@ -129,6 +129,29 @@ class ClassifyResponse(_Response):
     usage: ClassifyUsage
 
 
+# -- vLLM's PRM route (STEP pooling): POST /pooling -----------------------------------------------------
+class PoolingRequest(_Inputs):
+    """``{"model"?, "input": ...}`` with the step separators already in each text (vLLM's ``/pooling``)."""
+
+
+class PoolingData(_Response):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    data: list[list[float]] = Field(
+        description="Per step separator, the head's probabilities (two-class heads: [bad, good] as the checkpoint "
+        "orders them; one-output heads: [sigmoid])."
+    )
+
+
+class PoolingResponse(_Response):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[PoolingData]
+    usage: ClassifyUsage
+
+
 # -- SGLang-style embeddings (verl's reward loop with an SGLang backend): POST /v1/embeddings -----------------
 class EmbeddingsRequest(_Inputs):
     """``{"model"?, "input": ...}``: the reward is the last element of each ``embedding``."""

@@ -22,6 +22,8 @@ from rmserve.serve.edge.compat_protocol import (
     EmbeddingsResponse,
     GetRewardRequest,
     GetRewardResponse,
+    PoolingRequest,
+    PoolingResponse,
     SlimeRewardRequest,
     SlimeRewardResponse,
 )
@@ -33,6 +35,8 @@ from rmserve.serve.edge.protocol import (
     RerankResponse,
     ScoreRequest,
     ScoreResponse,
+    StepsRequest,
+    StepsResponse,
 )
 
 VLLM_INVALID_STATUS = 400  # vLLM and SGLang answer a malformed body with 400 (native routes: 422)
@@ -77,6 +81,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         call=native.rerank_call,
         respond=native.rerank_response,
     ),
+    Endpoint(
+        "steps",
+        ("/v1/steps",),
+        StepsRequest,
+        StepsResponse,
+        "Step rewards of a process reward model: one per step, and their aggregate",
+        call=native.steps_call,
+        respond=native.steps_response,
+        kind="process",
+    ),
     # -- trainers' protocols (compat.py) ---------------------------------------------------------------
     Endpoint(
         "get_reward",
@@ -109,6 +123,18 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         respond=compat.embeddings_response,
         invalid_status=VLLM_INVALID_STATUS,
         when_full="wait",
+    ),
+    Endpoint(
+        "pooling",
+        ("/pooling",),
+        PoolingRequest,
+        PoolingResponse,
+        "vLLM's process reward model route (STEP pooling): per step separator in each text, the head's probabilities",
+        call=compat.pooling_call,
+        respond=compat.pooling_response,
+        invalid_status=VLLM_INVALID_STATUS,
+        when_full="wait",
+        kind="process",
     ),
     Endpoint(
         "slime",

@@ -1,6 +1,10 @@
 """The native endpoints' own steps (API.md): each request into one flat list of items (``Call``), and the rewards of
 those items back into its response. ``endpoints.py`` puts them in the table the pipeline runs.
 
+``/v1/steps`` sends each ``{prompt, steps}`` item as it is: the process reward model's formatter places the step
+separators as token ids and reads a reward at each; left truncation may cut the first separators, so an item gets back
+its last ``k`` step rewards, and the response puts ``null`` in front for the ``len(steps) - k`` it lost.
+
 Example::
 
     call = score_call(ScoreRequest(items=[{"prompt": "2+2?", "response": "4"}]), context)
@@ -25,6 +29,9 @@ from rmserve.serve.edge.protocol import (
     ScoredItems,
     ScoreRequest,
     ScoreResponse,
+    StepResult,
+    StepsRequest,
+    StepsResponse,
     Usage,
 )
 
@@ -110,3 +117,37 @@ def rerank_response(request: RerankRequest, scored: ScoredItems, _call: Call) ->
         results.append(result)
         start = end
     return RerankResponse(model=scored.model, results=results, batch_invariant=scored.batch_invariant)
+
+
+# -- /v1/steps: one item per {prompt, steps}; its step rewards, one per separator left truncation kept ------------
+def aggregate_steps(rewards: list[float], how: str) -> float | None:
+    """An item's reward from its (non-null) step rewards: ``min``, ``prod``, ``last`` or ``mean``; None when none."""
+    if not rewards:
+        return None
+    if how == "min":
+        return min(rewards)
+    if how == "last":
+        return rewards[-1]
+    if how == "mean":
+        return math.fsum(rewards) / len(rewards)
+    return math.prod(rewards)
+
+
+def steps_call(request: StepsRequest, _context: Context) -> Call:
+    return Call(list(request.items), in_items, request.model)
+
+
+def steps_response(request: StepsRequest, scored: ScoredItems, _call: Call) -> StepsResponse:
+    results = []
+    for item, kept in zip(request.items, scored.rewards, strict=True):
+        cut = len(item.steps) - len(kept)  # type: ignore[arg-type]
+        step_rewards = [None] * cut + list(kept)  # type: ignore[call-overload]
+        results.append(
+            StepResult(step_rewards=step_rewards, reward=aggregate_steps(kept, request.aggregate), steps_truncated=cut)
+        )
+    return StepsResponse(
+        model=scored.model,
+        results=results,
+        usage=Usage(input_tokens=scored.input_tokens),
+        batch_invariant=scored.batch_invariant,
+    )

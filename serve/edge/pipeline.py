@@ -37,6 +37,8 @@ class Call:
     locate: Locate
     model: str | None
     normalize: bool = False
+    # The model's card (``GET /v1/models``), where the post-processing needs it (``/pooling``: the step format).
+    model_card: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,6 @@ class Endpoint:
     # "shed": a full queue answers 429 with Retry-After. "wait": the request waits for room up to its deadline
     # (trainers' clients that cannot take a 429; see compat.py).
     when_full: Literal["shed", "wait"] = "shed"
+    # Which models answer it: outcome reward models (one reward per item) or process reward models (step rewards);
+    # the other kind gets a 400 naming the model (``GatewayService.run``).
+    kind: Literal["outcome", "process"] = "outcome"

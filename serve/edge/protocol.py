@@ -34,6 +34,7 @@ from rmserve.model.items import (
     Item,
     PairItem,
     Prompt,
+    StepsItem,
     TextItem,
     TokensItem,
     item_form,
@@ -209,9 +210,44 @@ class RerankResponse(_Response):
     )
 
 
+# -- /v1/steps -----------------------------------------------------------------------------------
+Aggregate = Literal["min", "prod", "last", "mean"]
+
+
+class StepsRequest(BaseModel):
+    """``{"items": [{"prompt", "steps": [str, ...]}, ...], "aggregate": "min"}`` for a process reward model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[StepsItem] = Field(min_length=1, description="A prompt and a solution's steps per item.")
+    aggregate: Aggregate = Field(
+        "min", description="How an item's step rewards make its reward: min, prod, last or mean (of the non-null)."
+    )
+    model: StrictStr | None = Field(
+        None, description="Optional; a served process reward model's id, path or served_model_names entry."
+    )
+
+
+class StepResult(_Response):
+    step_rewards: list[float | None] = Field(
+        description="One per step, in order; null where left truncation cut the step's separator."
+    )
+    reward: float | None = Field(description="The aggregate of the non-null step rewards.")
+    steps_truncated: int = Field(description="How many leading steps lost their separator to left truncation.")
+
+
+class StepsResponse(_Response):
+    model: str
+    results: list[StepResult]
+    usage: Usage
+    batch_invariant: bool = Field(
+        False, description="The model scores in batch-invariant mode: each reward is bitwise independent of its batch."
+    )
+
+
 # -- operational --------------------------------------------------------------------------------
 class ModelCard(_OmitsUnset):
-    OMITTED_WHEN_UNSET = ("ensemble", "path")
+    OMITTED_WHEN_UNSET = ("ensemble", "path", "step_separator", "step_outputs", "step_label")
 
     id: str
     names: list[str] = Field(
@@ -226,6 +262,12 @@ class ModelCard(_OmitsUnset):
     normalization: dict[str, float] | None
     template: str
     path: str | None = Field(None, description="The checkpoint directory the model was loaded from.")
+    kind: Literal["outcome", "process"] = Field(
+        "outcome", description="'process': a process reward model, scored per step on POST /v1/steps only."
+    )
+    step_separator: str | None = Field(None, description="A process reward model's step separator token.")
+    step_outputs: int | None = Field(None, description="A process reward model's outputs per step (1 or 2).")
+    step_label: int | None = Field(None, description="Which of them is the step reward's probability.")
     ensemble: dict[str, Any] | None = Field(
         None,
         description="Ensembles only: {members: {name: weight}, combine, lambda} (see rmserve.serve.routing.ensemble).",
@@ -251,7 +293,7 @@ class ScoredItems:
     """What ``Scorer.score_request`` returns for one request's items, in input order."""
 
     model: str
-    rewards: list[float]  # raw
+    rewards: list[float]  # raw (process reward models: a list of step rewards per item, one per separator kept)
     normalized: list[float] | None = None  # when asked for
     truncated: list[int] = field(default_factory=list)
     input_tokens: int = 0
@@ -282,6 +324,9 @@ __all__ = [
     "ScoreRequest",
     "ScoreResponse",
     "ScoredItems",
+    "StepResult",
+    "StepsRequest",
+    "StepsResponse",
     "HealthResponse",
     "ReadyResponse",
     "Usage",

@@ -29,6 +29,7 @@ from rmserve.model.errors import (
     OverloadedError,
     RequestTooLargeError,
     RMServeError,
+    WrongModelKindError,
 )
 from rmserve.model.items import Item
 from rmserve.serve.config.settings import ServerConfig
@@ -98,6 +99,7 @@ class GatewayService:
         call = endpoint.call(request, context)
         if inspect.isawaitable(call):
             call = await call
+        await self.check_kind(endpoint, call.model)
         if not call.items:  # an empty list where a trainer may send one: the model is checked, nothing is scored
             scored = ScoredItems(model=await self.check_model(call.model), rewards=[])
         elif endpoint.when_full == "wait":
@@ -155,6 +157,22 @@ class GatewayService:
         target = await self.resolve(model)
         return target.name if isinstance(target, EnsembleRoute) else str(target.model_id)
 
+    async def check_kind(self, endpoint: Endpoint, model: str | None) -> None:
+        """A 400 (``param="model"``) when the model ``model`` names is not of the kind ``endpoint`` serves: an outcome
+        route on a process reward model, or a step route on an outcome reward model."""
+        target = await self.resolve(model)
+        lanes = target.lanes if isinstance(target, EnsembleRoute) else [target]
+        for lane in lanes:
+            kind = (lane.info or {}).get("kind", "outcome")
+            if kind == endpoint.kind:
+                continue
+            name = target.name if isinstance(target, EnsembleRoute) else lane.model_id
+            if kind == "process":
+                message = f"model {name!r} is a process reward model: it answers POST /v1/steps and /pooling only"
+            else:
+                message = f"model {name!r} is an outcome reward model: {endpoint.paths[0]} needs a process reward model"
+            raise WrongModelKindError(message, param="model")
+
     async def score_items(
         self, items: Sequence[Item], normalize: bool, model: str | None, locate: Locate
     ) -> ScoredItems:
@@ -170,8 +188,9 @@ class GatewayService:
             scored = await self._score_lane(target, items, normalize, locate)
         lanes = target.lanes if isinstance(target, EnsembleRoute) else [target]
         scored.batch_invariant = all((lane.info or {}).get("batch_invariant", False) for lane in lanes)
-        if self.telemetry is not None:
-            self.telemetry.observe(scored.model, scored.rewards, scored.lengths, len(scored.truncated), scored.spread)
+        if self.telemetry is not None:  # a process reward model's item counts with its last step's reward
+            rewards = [r[-1] if isinstance(r, list) else r for r in scored.rewards]
+            self.telemetry.observe(scored.model, rewards, scored.lengths, len(scored.truncated), scored.spread)
         return scored
 
     async def special_tokens(self, model: str | None) -> dict:

@@ -1,0 +1,92 @@
+"""Which kind of reward model a checkpoint is, read from its ``config.json``, its weights' names and the model's
+settings (never from its code: ``trust_remote_code`` stays off).
+
+An **outcome** reward model gives an item one reward, read at its last token. A **process** reward model (PRM) gives
+one reward per step of a solution, read at the step separator that follows each step (``POST /v1/steps``):
+
+* sequence classification, value head (outcome; the default): ``Linear(h, 1)``, raw, at the last token;
+* Qwen2.5-Math-RM (``Qwen2ForRewardModel``, outcome; ``score.0`` + ``score.2`` weights): ``Linear → ReLU →
+  Linear(·, 1)``, raw, at the last token;
+* Qwen2.5-Math-PRM (``*ForProcessRewardModel``): ``Linear → ReLU → Linear(·, 2)``, softmax[1], separator
+  ``<extra_0>``;
+* TRL ``PRMTrainer`` (``*ForTokenClassification`` with 2 labels): ``Linear(h, 2)``, softmax[1], separator ``\\n``
+  (TRL labels each step's last token, the separator it appends);
+* Math-Shepherd (a causal LM; ``step_label_tokens`` set, e.g. ``+,-``): the ``lm_head`` rows of the good and bad
+  label tokens, P(good) over the two, separator ``ки``;
+* a value-head PRM (``reward_kind: process``, or ``step_separator`` set, on a one-output head): ``Linear(h, 1)``,
+  sigmoid, separator ``\\n``.
+
+Example::
+
+    fmt = detect_format(json.loads((model_dir / "config.json").read_text()), spec, has_score_mlp(model_dir))
+    fmt.process, fmt.step_separator      # True, "<extra_0>"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ModelLoadError
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class RewardFormat:
+    """How a checkpoint's head turns hidden states into rewards, and whether it scores steps."""
+
+    name: str
+    process: bool
+    outputs: int  # outputs of the head's last layer
+    readout: str  # heads.READOUTS: raw, sigmoid, softmax
+    label: int = 0  # softmax: the output whose probability is the reward
+    step_separator: str | None = None
+    label_tokens: tuple[str, str] | None = None  # causal-LM PRM: good, bad
+
+    @property
+    def kind(self) -> str:
+        return "process" if self.process else "outcome"
+
+
+def detect_format(config: dict[str, Any], spec: ModelSpec, has_score_mlp: bool) -> RewardFormat:
+    """The format of a checkpoint whose ``config.json`` is ``config``; ``has_score_mlp``: its weights hold the
+    two-layer ``score`` head. ``spec.reward_kind`` forces outcome or process where both could be meant."""
+    architectures = [str(a) for a in config.get("architectures") or []]
+    # transformers writes neither num_labels nor id2label when they are its default, two labels
+    labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
+    named_prm = any(a.endswith("ForProcessRewardModel") for a in architectures)
+    token_classifier = any(a.endswith("ForTokenClassification") for a in architectures) and labels == 2
+    wants_process = spec.reward_kind == "process" or (
+        spec.reward_kind == "auto" and (spec.step_label_tokens is not None or spec.step_separator is not None)
+    )
+    if spec.reward_kind == "outcome" and (named_prm or token_classifier or spec.step_label_tokens is not None):
+        raise ModelLoadError(f"reward_kind 'outcome' but the checkpoint is a process reward model ({architectures})")
+
+    def prm(name: str, outputs: int, readout: str, separator: str, label: int = 0, tokens=None) -> RewardFormat:
+        return RewardFormat(name, True, outputs, readout, label, spec.step_separator or separator, tokens)
+
+    if spec.step_label_tokens is not None:
+        good, bad = spec.step_label_tokens.split(",")
+        return prm("causal-lm-prm", 2, "softmax", "ки", label=0, tokens=(good, bad))
+    if named_prm:
+        if not has_score_mlp:
+            raise ModelLoadError(f"{architectures[0]} without the two-layer score head (score.0, score.2)")
+        return prm("process-reward-model", 2, "softmax", "<extra_0>", label=1)
+    if token_classifier:
+        return prm("token-classification-prm", 2, "softmax", "\n", label=1)
+    if wants_process:
+        return prm("value-head-prm", 1, "sigmoid", "\n")
+    if has_score_mlp:
+        return RewardFormat("reward-model-mlp", False, 1, "raw")
+    return RewardFormat("outcome", False, 1, "raw")
+
+
+def separator_id(tokenizer: Any, text: str) -> int:
+    """The one token id of ``text`` in ``tokenizer`` (an added token, or text that tokenizes to one token)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1:
+        return int(ids[0])
+    vocab_id = tokenizer.convert_tokens_to_ids(text)
+    if isinstance(vocab_id, int) and vocab_id != tokenizer.unk_token_id and vocab_id is not None:
+        return vocab_id
+    raise ModelLoadError(f"{text!r} is not one token of this tokenizer ({ids}); set a one-token value")
