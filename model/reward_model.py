@@ -69,7 +69,7 @@ class RewardModel:
     def info(self) -> dict:
         """What ``GET /v1/models`` reports for this model."""
         norm = None if self.normalization is None else {"mean": self.normalization.mean, "std": self.normalization.std}
-        return {
+        info = {
             "id": self.model_id,
             "dtype": self.dtype,
             "quantization": self.spec.quantization,
@@ -80,11 +80,11 @@ class RewardModel:
             "template": self.formatter.template_name,
             "path": str(self.path),
             "kind": self.reward_format.kind,
-            "step_separator": self.reward_format.step_separator,
-            # vLLM's STEP pooling returns the head's probabilities per step: how many, and which is the reward
-            "step_outputs": self.reward_format.outputs if self.reward_format.process else None,
-            "step_label": self.reward_format.label if self.reward_format.process else None,
         }
+        if self.reward_format.process:  # vLLM's STEP pooling gives the head's probabilities: how many, which is ours
+            fmt = self.reward_format
+            info.update(step_separator=fmt.step_separator, step_outputs=fmt.outputs, step_label=fmt.label)
+        return info
 
     def tokenize(self, item: Item | dict, index: int = 0) -> TokenizedItem:
         """Validate, format and tokenize one item (raises a typed error that names ``index``)."""
