@@ -54,7 +54,8 @@ _REQUESTS_METHODS = frozenset({"score_requests", "score_requests_streamed"})
 
 
 def item_text(item: Any) -> str:
-    """The text an item's prefix is read from: prompt then response, chat turns, formatted text or token ids."""
+    """The text an item's prefix is read from: prompt then response (or steps), chat turns, formatted text or token
+    ids."""
     fields = item.__dict__ if hasattr(item, "__dict__") and not isinstance(item, dict) else item
     if not isinstance(fields, dict):
         return ""
@@ -66,6 +67,8 @@ def item_text(item: Any) -> str:
     if isinstance(turns, list):
         turns = "".join(f"<{_field(t, 'role')}>{_field(t, 'content')}" for t in turns)
     response = fields.get("response")
+    if response is None and fields.get("steps") is not None:  # a process reward model's item: its steps
+        response = "<step>".join(fields["steps"])
     return (f"{turns}<response>{response}" if response is not None else str(turns))[:_TEXT_CHARS]
 
 
