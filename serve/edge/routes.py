@@ -35,6 +35,7 @@ from rmserve.serve.edge.errors import error_response
 from rmserve.serve.edge.pipeline import Context, Endpoint
 from rmserve.serve.edge.protocol import HealthResponse, ModelsResponse, ReadyResponse
 from rmserve.serve.edge.service import GatewayService
+from rmserve.serve.edge.sleep import SleepService, add_sleep_routes
 from rmserve.serve.metrics.instrumentation import RequestMetricsMiddleware
 from rmserve.serve.metrics.store import LocalMetrics, ServedMetrics
 from rmserve.serve.metrics.telemetry import RewardTelemetry
@@ -269,6 +270,7 @@ def create_http_app(
     async def prometheus_metrics(request: Request) -> Response:
         return await respond(request, scrape, protected=ops, drains=False)
 
+    add_sleep_routes(app, SleepService(service.router.lanes), respond, protected=ops)
     return app
 
 
