@@ -12,9 +12,14 @@ touched).
 Two checkpoints of the ``bench-20M`` shape (LLaMA 512 x 6, vocab 32,000: 35.4M parameters, 135 MiB in fp32): as
 written in fp32 (mapped from the file) and written in bf16 (converted to fp32 on load, so in the heap).
 
+On a GPU (``--device cuda``, a checkpoint of your own in the dtype it should be served in) the table adds the memory
+torch holds on the device (``torch.cuda.memory_reserved``) awake, asleep and awake again.
+
 Example::
 
     python -m rmserve.benchmarks.sleep_wake --rounds 3      # prints a markdown table
+    python -m rmserve.benchmarks.models 8B-shape --out /scratch/rm-8b --dtype bf16
+    python -m rmserve.benchmarks.sleep_wake --device cuda --dtype bf16 --checkpoint /scratch/rm-8b
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ ITEMS = [
 
 
 def resident_mib() -> dict[str, float]:
-    """``VmRSS``, ``RssAnon`` and ``RssFile`` of this process, in MiB."""
-    values = {}
+    """``VmRSS``, ``RssAnon`` and ``RssFile`` of this process, and what torch reserves on the GPU, in MiB."""
+    import torch
+
+    values = {"GPU": torch.cuda.memory_reserved() / 2**20 if torch.cuda.is_available() else 0.0}
     with open("/proc/self/status") as status:
         for line in status:
             key, _, rest = line.partition(":")
@@ -49,11 +56,13 @@ def weights_mib(model) -> float:
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 2**20
 
 
-async def measure(path: Path, levels: tuple[int, ...], rounds: int) -> list[dict]:
+async def measure(
+    path: Path, levels: tuple[int, ...], rounds: int, device: str = "cpu", dtype: str = "fp32"
+) -> list[dict]:
     from rmserve.serve.config.loading import load_config
     from rmserve.serve.core.replica import load_scoring_core
 
-    spec = {"path": str(path), "dtype": "fp32", "device": "cpu", "forward_overhead_tokens": 64, "prefix_sharing": "off"}
+    spec = {"path": str(path), "dtype": dtype, "device": device, "forward_overhead_tokens": 64, "prefix_sharing": "off"}
     core = load_scoring_core(load_config(base={"model": spec}), 0)
     model = core.model
     try:
@@ -98,10 +107,12 @@ def bench_checkpoints(workdir: Path) -> dict[str, Path]:
     }
 
 
-def table(results: dict[str, list[dict]]) -> str:
+def table(results: dict[str, list[dict]], gpu: bool = False) -> str:
+    extra = " GPU reserved MiB |" if gpu else ""
     lines = [
-        "| checkpoint | level | weights MiB | sleep s | wake s | RSS awake → asleep → awake MiB | RssAnon | RssFile |",
-        "|---|---|---|---|---|---|---|---|",
+        "| checkpoint | level | weights MiB | sleep s | wake s | RSS awake → asleep → awake MiB | RssAnon | RssFile |"
+        + extra,
+        "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for name, rows in results.items():
         for row in rows:
@@ -112,7 +123,7 @@ def table(results: dict[str, list[dict]]) -> str:
 
             lines.append(
                 f"| {name} | {row['level']} | {row['weights_mib']:.0f} | {row['sleep_s']:.3f} | {row['wake_s']:.3f} "
-                f"| {trio('VmRSS')} | {trio('RssAnon')} | {trio('RssFile')} |"
+                f"| {trio('VmRSS')} | {trio('RssAnon')} | {trio('RssFile')} |" + (f" {trio('GPU')} |" if gpu else "")
             )
     return "\n".join(lines)
 
@@ -121,11 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="sleep/wake rounds per level (the median is shown)")
     parser.add_argument("--checkpoint", default=None, help="measure this checkpoint directory only")
+    parser.add_argument("--device", default="cpu", help="where the model is served (cpu, cuda)")
+    parser.add_argument("--dtype", default="fp32", help="the dtype it is served in (fp32, bf16, fp16)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rmserve-sleep-") as tmp:
         checkpoints = {args.checkpoint: Path(args.checkpoint)} if args.checkpoint else bench_checkpoints(Path(tmp))
-        results = {name: asyncio.run(measure(path, (1, 2), args.rounds)) for name, path in checkpoints.items()}
-    print(table(results))
+        results = {
+            name: asyncio.run(measure(path, (1, 2), args.rounds, args.device, args.dtype))
+            for name, path in checkpoints.items()
+        }
+    print(table(results, gpu=args.device.startswith("cuda")))
 
 
 if __name__ == "__main__":

@@ -109,6 +109,24 @@ def test_level_2_drops_the_weights_and_reloads_the_same_bits(model):
     assert model.score(ITEMS) == before
 
 
+def test_level_1_moves_the_weights_to_pinned_host_memory_and_back(demo_model_dir, device):
+    if not device.startswith("cuda"):
+        pytest.skip("needs an accelerator (RMSERVE_TEST_DEVICE=cuda)")
+    model = load_reward_model(str(demo_model_dir), dtype="fp32", device=device, forward_overhead_tokens=64)
+    before, weights = model.score(ITEMS), weights_of(model)
+    torch.cuda.synchronize()
+    awake = torch.cuda.memory_allocated()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.engine.backbone.parameters())
+    residency = WeightResidency(model)
+    residency.sleep(1)
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in model.engine.backbone.parameters())
+    assert torch.cuda.memory_allocated() <= awake - weight_bytes
+    residency.wake()
+    assert all(p.device.type == "cuda" for p in model.engine.backbone.parameters())
+    assert all(torch.equal(p.detach().cpu(), weights[n].cpu()) for n, p in model.engine.backbone.named_parameters())
+    assert model.score(ITEMS) == before
+
+
 @pytest.mark.parametrize("level", [0, 3, True, "1", None])
 def test_only_levels_1_and_2_exist(level):
     with pytest.raises(InvalidRequestError) as info:
