@@ -87,6 +87,8 @@ class RayLink:
         )
         replicas, acknowledged, errors = answer["replicas"], answer["acknowledged"], answer["errors"]
         if errors:
+            if isinstance(errors[0], dict):  # the replica's own 4xx (e.g. a level it cannot sleep at), as it answered
+                raise _from_body(errors[0])
             raise InternalError(f"{len(errors)} of {replicas} replicas of {deployment} did not {verb}: {errors[0]}")
         if not replicas or acknowledged < replicas:
             raise RequestTimeoutError(
@@ -113,3 +115,10 @@ class RayLink:
             raise
         except Exception as exc:
             raise from_ray(exc) from None
+
+
+def _from_body(body: dict) -> RMServeError:
+    """The error a replica answered, rebuilt from its API body (``{"message", "type", "code", "param"}``)."""
+    err = RMServeError(body["message"], param=body.get("param"))
+    err.status, err.type = body["code"], body["type"]
+    return err

@@ -116,7 +116,7 @@ class MetricsHub:
             return {"members": members, "departed": merge([self._folded, *(s for _, s in self._departed.values())])}
 
     async def watch_sleep(
-        self, member: str, deployment: str, applied: int, level: int, error: str | None, build: str
+        self, member: str, deployment: str, applied: int, level: int, error: Any, build: str
     ) -> Posted | int | None:
         """``SleepBoard.watch`` for a Scorer replica of this build (another build's gets ``OTHER_BUILD``)."""
         if build != self.build:

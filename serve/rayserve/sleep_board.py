@@ -41,7 +41,7 @@ class _Replica:
     deployment: str
     applied: int  # the latest desired version it applied
     level: int  # its sleep level now (0 awake)
-    error: str | None  # why applying that version failed, if it did
+    error: Any  # why applying that version failed, if it did: a 4xx's error body (a dict), or a description
     seen: float  # monotonic time of its latest poll
 
 
@@ -65,7 +65,7 @@ class SleepBoard:
         self._replicas: dict[str, _Replica] = {}
         self._changed = asyncio.Condition()
 
-    async def watch(self, member: str, deployment: str, applied: int, level: int, error: str | None) -> Posted | None:
+    async def watch(self, member: str, deployment: str, applied: int, level: int, error: Any) -> Posted | None:
         """A replica reports its state, then waits for a desired state newer than ``applied``; returns the desired
         state (None when none was posted yet)."""
         async with self._changed:
@@ -154,8 +154,13 @@ async def follow_sleep_board(hub: Any, build: str, member: str, deployment: str,
                 await core.wake_up()
             error = None
         except Exception as exc:  # reported on the next poll; the Gateway's answer names it
-            log.error("sleep board: applying level %d failed: %r", posted.level, exc, exc_info=exc)
-            error = f"{type(exc).__name__}: {exc}"
+            if isinstance(getattr(exc, "status", None), int) and exc.status < 500:  # type: ignore[attr-defined]
+                # The caller's mistake (e.g. level 1 of a quantized model): its API error body, as plain data (the
+                # hub never imports the model's modules).
+                error = exc.to_dict()["error"]  # type: ignore[attr-defined]
+            else:
+                log.error("sleep board: applying level %d failed: %r", posted.level, exc, exc_info=exc)
+                error = f"{type(exc).__name__}: {exc}"
         applied = posted.version
 
 

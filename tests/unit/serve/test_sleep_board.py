@@ -68,3 +68,12 @@ async def test_the_hub_answers_only_its_own_build():
     assert await hub.watch_sleep("Scorer#a", "Scorer", 0, 0, None, "build-0") == OTHER_BUILD
     assert await hub.watch_sleep("Scorer#a", "Scorer", 0, 0, None, "build-1") is None  # a heartbeat: nothing posted
     assert hub.sleep_levels("Scorer") == [0]
+
+
+def test_a_replicas_4xx_reaches_the_caller_as_it_answered():
+    from rmserve.serve.edge.errors import error_response
+    from rmserve.serve.rayserve.link import _from_body
+
+    body = {"message": "sleep level 1 cannot move quantized weights", "type": "invalid_request", "code": 422}
+    response = error_response(_from_body({**body, "param": "level"}))
+    assert response.status_code == 422 and response.body.startswith(b'{"error":{"message":"sleep level 1')
