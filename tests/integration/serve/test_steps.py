@@ -181,3 +181,26 @@ def test_sdk_steps_sync_and_async(app, offline):
 
     (again,) = asyncio.run(run())
     assert again.step_rewards == pytest.approx(want, abs=TOL) and again.reward == pytest.approx(min(want))
+
+
+async def test_hostile_bodies_get_a_4xx_with_the_error_body(app):
+    huge = "clips " * 200_000  # far over max_length: truncated, its separators cut but the last
+    bodies = [
+        ("/v1/steps", {"model": "prm", "items": []}),
+        ("/v1/steps", {"model": "prm", "items": [{"prompt": PROMPT, "steps": [1, 2]}]}),
+        ("/v1/steps", {"model": "prm", "items": [{"prompt": PROMPT, "steps": ["ok"], "response": "x"}]}),
+        ("/v1/steps", {"model": "prm", "items": [{"prompt": [], "steps": ["ok"]}]}),
+        ("/v1/steps", {"model": "prm", "items": [{"prompt": PROMPT, "steps": [""]}]}),
+        ("/v1/steps", {"model": "prm", "items": [{"text": "2+2=4<extra_0>"}]}),
+        ("/v1/steps", {"model": "nope", "items": [{"prompt": PROMPT, "steps": ["ok"]}]}),
+        ("/pooling", {"model": "prm", "input": "no separator in this text"}),
+        ("/pooling", {"model": "prm", "input": [[10**12]]}),
+        ("/pooling", {"model": "prm", "input": 5}),
+    ]
+    async with async_client(app) as client:
+        answers = [await client.post(path, json=body) for path, body in bodies]
+        long_one = await client.post("/v1/steps", json={"model": "prm", "items": [{"prompt": huge, "steps": ["a"]}]})
+    for (path, body), response in zip(bodies, answers, strict=True):
+        assert 400 <= response.status_code < 500, (path, body, response.text)
+        assert set(response.json()["error"]) == {"message", "type", "code", "param"}
+    assert long_one.status_code == 200 and long_one.json()["results"][0]["steps_truncated"] == 0
