@@ -72,7 +72,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (422, "invalid_request: malformed JSON, wrong types, unknown fields, empty lists, bad items"),
         (429, "overloaded"),
         (500, "internal"),
-        (503, "not_ready"),
+        (503, "not_ready / sleeping (POST /sleep; Retry-After)"),
         (504, "timeout"),
     ]
 }

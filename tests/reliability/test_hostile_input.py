@@ -26,7 +26,10 @@ from rmserve.model.errors import InternalError
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 NATIVE_ROUTES = ("/v1/score", "/score", "/v1/preference", "/v1/rerank")
-COMPAT_ROUTES = ("/get_reward", "/classify")
+COMPAT_ROUTES = ("/get_reward", "/classify", "/v1/embeddings", "/slime/reward", "/rerank")
+TAKES_ONE_STRING = ("/classify", "/v1/embeddings", "/slime/reward")  # the main field may be one text
+TAKES_TOKEN_IDS = ("/classify", "/v1/embeddings")
+EMPTY_LIST_OK = ("/get_reward", "/classify", "/v1/embeddings", "/rerank")
 SCORING_ROUTES = NATIVE_ROUTES + COMPAT_ROUTES
 ERROR_TYPES = {
     "invalid_request",
@@ -35,6 +38,7 @@ ERROR_TYPES = {
     "unauthorized",
     "overloaded",
     "not_ready",
+    "sleeping",
     "timeout",
     "internal",
 }
@@ -128,6 +132,10 @@ def body_with_text(route: str, text: str) -> dict:
         return {"groups": [{"prompt": "Tell me about tea.", "responses": [text, "Tea."]}]}
     if route == "/get_reward":
         return {"query": [text]}
+    if route == "/slime/reward":
+        return {"prompt": "Tell me about tea.", "response": text, "label": None}
+    if route == "/rerank":
+        return {"query": "Tell me about tea.", "documents": [text, {"text": "Tea."}]}
     return {"input": [text], "use_activation": False}
 
 
@@ -165,17 +173,22 @@ def json_cases(route: str) -> list[tuple[str, object, set[int]]]:
     """(label, JSON value, allowed statuses) for ``route``; the compat routes ignore unknown fields."""
     native = route in NATIVE_ROUTES
     bad = {400, 422}
-    ignores_model = route == "/get_reward"  # OpenRLHF's body has no model field: an unknown field, ignored
+    # OpenRLHF's and slime's bodies have no model field: an unknown field, ignored
+    ignores_model = route in ("/get_reward", "/slime/reward")
     cases: list[tuple[str, object, set[int]]] = [
         ("empty object", {}, bad),
         ("unknown field only", {"itemz": [{"text": "a"}]}, bad),
         ("wrong type: number for the list", _replace_main(route, 42), bad),
-        ("wrong type: string for the list", _replace_main(route, "not a list"), {200} if route == "/classify" else bad),
+        (
+            "wrong type: string for the list",
+            _replace_main(route, "not a list"),
+            {200} if route in TAKES_ONE_STRING else bad,
+        ),
         ("wrong type: object for the list", _replace_main(route, {"a": 1}), bad),
         # /classify takes token ids, as vLLM does
-        ("wrong type: list of numbers", _replace_main(route, [1, 2, 3]), {200} if route == "/classify" else bad),
+        ("wrong type: list of numbers", _replace_main(route, [1, 2, 3]), {200} if route in TAKES_TOKEN_IDS else bad),
         ("wrong type: list of nulls", _replace_main(route, [None]), bad),
-        ("empty list", _replace_main(route, []), {200} if route in ("/get_reward", "/classify") else bad),
+        ("empty list", _replace_main(route, []), {200} if route in EMPTY_LIST_OK else bad),
         ("lone surrogate", body_with_text(route, "\ud800 broken"), {200, 400, 422}),
         ("control characters", body_with_text(route, "a\u0000\u0001\u001f\u007f\u2028b"), {200}),
         ("only whitespace", body_with_text(route, " \n\t "), {200}),
@@ -230,11 +243,34 @@ def json_cases(route: str) -> list[tuple[str, object, set[int]]]:
         ]
     if route == "/get_reward":
         cases += [("prompts and labels of any shape", {"query": ["a"], "prompts": {"x": [1]}, "labels": 5}, {200})]
+    if route == "/slime/reward":
+        cases += [
+            ("label of any shape", {"prompt": "a", "response": "b", "label": {"x": [1, None]}}, {200}),
+            ("prompt as messages", {"prompt": [{"role": "user", "content": "a"}], "response": "b"}, {200}),
+            ("prompt with an unknown role", {"prompt": [{"role": "wizard", "content": "a"}], "response": "b"}, bad),
+        ]
+    if route == "/rerank":
+        cases += [
+            ("top_n 0", {"query": "a", "documents": ["b"], "top_n": 0}, bad),
+            ("top_n 10**18", {"query": "a", "documents": ["b", "c"], "top_n": 10**18}, {200}),
+            ("document object without text", {"query": "a", "documents": [{"title": "b"}]}, bad),
+            ("query missing", {"documents": ["b"]}, bad),
+        ]
     return cases
 
 
 def _replace_main(route: str, value: object) -> dict:
-    key = {"/v1/preference": "pairs", "/v1/rerank": "groups", "/get_reward": "query", "/classify": "input"}
+    if route == "/slime/reward":
+        return {"prompt": "Tell me about tea.", "response": value}
+    if route == "/rerank":
+        return {"query": "Tell me about tea.", "documents": value}
+    key = {
+        "/v1/preference": "pairs",
+        "/v1/rerank": "groups",
+        "/get_reward": "query",
+        "/classify": "input",
+        "/v1/embeddings": "input",
+    }
     return {key.get(route, "items"): value}
 
 
