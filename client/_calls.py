@@ -125,6 +125,7 @@ def _merge_score(chunks: list[Chunk], bodies: list[Any]) -> ScoreResult:
         model = model or part.model
         parts.append(part)
     members, spread = _merge_ensemble_fields(chunks, parts, bodies)
+    attributes = [a for part in parts for a in part.attributes or []]
     return ScoreResult(
         model=model,
         rewards=rewards,
@@ -132,6 +133,7 @@ def _merge_score(chunks: list[Chunk], bodies: list[Any]) -> ScoreResult:
         usage=Usage(input_tokens=tokens),
         member_rewards=members,
         spread=spread,
+        attributes=attributes if len(attributes) == len(rewards) and attributes else None,
     )
 
 

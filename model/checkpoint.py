@@ -152,7 +152,7 @@ def load_checkpoint(model_dir: Path, spec: ModelSpec) -> RewardModel:
         head = find_reward_head(
             model_dir, hidden, requested=spec.head, head_file=spec.head_file, outputs=reward_format.outputs
         )
-    head = head.reading(reward_format.readout, reward_format.label)
+    head = head.reading(reward_format.readout, reward_format.label, reward_format.attributes, reward_format.weights)
     backbone = load_backbone(model_dir, spec, device, DTYPES[dtype_name])
 
     context = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH_CAP

@@ -7,8 +7,9 @@ with two labels), ``reward_head`` (``LlamaRewardModel``: a causal LM + ``Linear(
 ``score`` MLP of Qwen2.5-Math-RM / -PRM (``score.0`` → ReLU → ``score.2``); and for a causal-LM process reward model
 the rows of ``lm_head`` (or the tied embeddings) that give its label tokens' logits.
 
-How the head's outputs become one number (``readout``): ``raw`` (its one output), ``sigmoid`` (of its one output) or
-``softmax`` (the probability of output ``label`` over its two outputs). ``reward_formats.py`` decides which.
+How the head's outputs become one number (``readout``): ``raw`` (its one output), ``sigmoid`` (of its one output),
+``softmax`` (the probability of output ``label`` over its two outputs) or ``weighted`` (a multi-attribute head: the
+weighted sum of its outputs, each kept by name on the ``AttributedReward``). ``reward_formats.py`` decides which.
 
 Example::
 
@@ -27,10 +28,10 @@ import torch
 from safetensors import safe_open
 
 from .errors import ModelLoadError
-from .invariant import fixed_elementwise, fixed_rows_linear, head_rewards
+from .invariant import fixed_elementwise, fixed_order_sum, fixed_rows_linear, head_rewards
 
 HEAD_NAMES = ("score", "reward_head", "v_head", "value_head")
-READOUTS = ("raw", "sigmoid", "softmax")
+READOUTS = ("raw", "sigmoid", "softmax", "weighted")
 
 Layer = tuple[torch.Tensor, "torch.Tensor | None"]  # a Linear's weight (out, in) and bias
 
@@ -44,14 +45,18 @@ class RewardHead:
     layers: tuple[Layer, ...]
     readout: str = "raw"
     label: int = 0  # softmax: which output's probability is the reward
+    attributes: tuple[str, ...] = ()  # weighted: each output's name
+    weights: tuple[float, ...] = ()  # weighted: each output's weight in the reward
 
     @property
     def outputs(self) -> int:
         return int(self.layers[-1][0].shape[0])
 
-    def reading(self, readout: str, label: int = 0) -> RewardHead:
+    def reading(
+        self, readout: str, label: int = 0, attributes: tuple[str, ...] = (), weights: tuple[float, ...] = ()
+    ) -> RewardHead:
         """The same weights, read another way."""
-        return dataclasses.replace(self, readout=readout, label=label)
+        return dataclasses.replace(self, readout=readout, label=label, attributes=attributes, weights=weights)
 
     def to_module(self, device: torch.device | str) -> torch.nn.Module:
         """The head in fp32 (never quantised): a plain ``nn.Linear(hidden, 1)`` for one linear layer read raw (the
@@ -66,13 +71,45 @@ class RewardHead:
             linears.append(linear)
         if len(linears) == 1 and self.readout == "raw":
             return linears[0].to(device).eval()
-        return ScoreHead(linears, self.readout, self.label).to(device).eval()
+        head = ScoreHead(linears, self.readout, self.label, attributes=self.attributes, weights=self.weights)
+        return head.to(device).eval()
+
+
+class AttributedReward(float):
+    """A multi-attribute head's reward: the weighted scalar (what ensembles, normalisation and telemetry use), with
+    every attribute by name in ``attributes``.
+
+    Example::
+
+        r = AttributedReward(0.7, {"helpfulness": 0.9, "verbosity": 0.3})
+        r + 1, r.attributes["helpfulness"]       # 1.7, 0.9
+    """
+
+    attributes: dict[str, float]
+
+    def __new__(cls, value: float, attributes) -> AttributedReward:
+        reward = super().__new__(cls, value)
+        reward.attributes = dict(attributes)
+        return reward
+
+    def __reduce__(self):  # across Ray processes, the attributes go too
+        return (AttributedReward, (float(self), self.attributes))
 
 
 class ScoreHead(torch.nn.Module):
-    """Linear layers with ReLU between them, then the readout: ``[n, hidden]`` → ``[n, 1]`` rewards (fp32)."""
+    """Linear layers with ReLU between them, then the readout: ``[n, hidden]`` → ``[n, 1]`` rewards (fp32).
 
-    def __init__(self, linears: list[torch.nn.Linear], readout: str, label: int = 0):
+    A ``weighted`` head (several named outputs) also gives each output by name (``outputs``)."""
+
+    def __init__(
+        self,
+        linears: list[torch.nn.Linear],
+        readout: str,
+        label: int = 0,
+        *,
+        attributes: tuple[str, ...] = (),
+        weights: tuple[float, ...] = (),
+    ):
         super().__init__()
         if readout not in READOUTS:
             raise ValueError(f"unknown readout {readout!r}")
@@ -82,12 +119,24 @@ class ScoreHead(torch.nn.Module):
         self.layers = torch.nn.Sequential(*parts)
         self.readout = readout
         self.label = label
+        self.attribute_names = tuple(attributes)
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32) if weights else None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._read(self.layers(hidden), torch.sigmoid)
 
+    def outputs(self, hidden: torch.Tensor, *, invariant: bool = False) -> torch.Tensor:
+        """The last layer's outputs, ``[n, outputs]`` (a multi-attribute head's attributes)."""
+        return self._layers_invariant(hidden) if invariant else self.layers(hidden)
+
     def forward_invariant(self, hidden: torch.Tensor) -> torch.Tensor:
         """``forward`` with each row computed independently of the others (batch-invariant mode)."""
+        x = self._layers_invariant(hidden)
+        if self.readout == "weighted":
+            return fixed_order_sum(x * self.weights)[:, None]
+        return self._read(x, lambda t: fixed_elementwise(torch.sigmoid, t))
+
+    def _layers_invariant(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.float()
         for module in self.layers:
             if isinstance(module, torch.nn.Linear) and module.out_features == 1:
@@ -96,11 +145,13 @@ class ScoreHead(torch.nn.Module):
                 x = fixed_rows_linear(x, module.weight, module.bias)
             else:
                 x = module(x)  # ReLU: exact, elementwise
-        return self._read(x, lambda t: fixed_elementwise(torch.sigmoid, t))
+        return x
 
     def _read(self, out: torch.Tensor, sigmoid) -> torch.Tensor:
         if self.readout == "raw":
             return out
+        if self.readout == "weighted":
+            return out @ self.weights[:, None]
         if self.readout == "sigmoid":
             return sigmoid(out)
         # Two classes: softmax(out)[label] = sigmoid(out[label] - out[other]).

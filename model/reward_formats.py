@@ -5,6 +5,8 @@ An **outcome** reward model gives an item one reward, read at its last token. A 
 one reward per step of a solution, read at the step separator that follows each step (``POST /v1/steps``):
 
 * sequence classification, value head (outcome; the default): ``Linear(h, 1)``, raw, at the last token;
+* multi-attribute (``*ForSequenceClassification`` with several labels, outcome): ``Linear(h, k)``, each output by its
+  ``id2label`` name, and the reward their weighted sum (``attribute_weights``; default their mean);
 * Qwen2.5-Math-RM (``Qwen2ForRewardModel``, outcome; ``score.0`` + ``score.2`` weights): ``Linear → ReLU →
   Linear(·, 1)``, raw, at the last token;
 * Qwen2.5-Math-PRM (``*ForProcessRewardModel``): ``Linear → ReLU → Linear(·, 2)``, softmax[1], separator
@@ -42,6 +44,8 @@ class RewardFormat:
     label: int = 0  # softmax: the output whose probability is the reward
     step_separator: str | None = None
     label_tokens: tuple[str, str] | None = None  # causal-LM PRM: good, bad
+    attributes: tuple[str, ...] = ()  # multi-attribute: the outputs' names
+    weights: tuple[float, ...] = ()  # multi-attribute: their weights in the reward
 
     @property
     def kind(self) -> str:
@@ -78,7 +82,25 @@ def detect_format(config: dict[str, Any], spec: ModelSpec, has_score_mlp: bool) 
         return prm("value-head-prm", 1, "sigmoid", "\n")
     if has_score_mlp:
         return RewardFormat("reward-model-mlp", False, 1, "raw")
+    if any(a.endswith("ForSequenceClassification") for a in architectures) and labels > 1:
+        names = _label_names(config, labels)
+        weights = _weights(names, spec)
+        return RewardFormat("multi-attribute", False, labels, "weighted", attributes=names, weights=weights)
     return RewardFormat("outcome", False, 1, "raw")
+
+
+def _label_names(config: dict[str, Any], labels: int) -> tuple[str, ...]:
+    id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    return tuple(id2label.get(k, f"LABEL_{k}") for k in range(labels))
+
+
+def _weights(names: tuple[str, ...], spec: ModelSpec) -> tuple[float, ...]:
+    if spec.attribute_weights is None:
+        return tuple(1.0 / len(names) for _ in names)
+    unknown = sorted(set(spec.attribute_weights) - set(names))
+    if unknown:
+        raise ModelLoadError(f"attribute_weights names {unknown}, which the checkpoint does not have: {list(names)}")
+    return tuple(float(spec.attribute_weights.get(name, 0.0)) for name in names)
 
 
 def separator_id(tokenizer: Any, text: str) -> int:

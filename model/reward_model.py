@@ -81,6 +81,8 @@ class RewardModel:
             "path": str(self.path),
             "kind": self.reward_format.kind,
         }
+        if self.reward_format.attributes:  # a multi-attribute head: each attribute's weight in the reward
+            info["attributes"] = dict(zip(self.reward_format.attributes, self.reward_format.weights, strict=True))
         if self.reward_format.process:  # vLLM's STEP pooling gives the head's probabilities: how many, which is ours
             fmt = self.reward_format
             info.update(step_separator=fmt.step_separator, step_outputs=fmt.outputs, step_label=fmt.label)

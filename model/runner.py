@@ -29,7 +29,7 @@ import torch
 
 from .caches import PrefixKVCache
 from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError
-from .heads import ScoreHead
+from .heads import AttributedReward, ScoreHead
 from .invariant import BlockLayout, head_rewards, make_batch_invariant
 from .planning import Row, StepIds
 
@@ -142,6 +142,11 @@ class ForwardRunner:
                 at_row, at_col, counts = self._readout_columns(rows, scored, width, last_col.tolist())
                 picked = hidden[torch.tensor(at_row, device=hidden.device), torch.tensor(at_col, device=hidden.device)]
                 values = self._head(picked.float()).tolist()
+                names = getattr(self.head, "attribute_names", ())
+                if names:  # a multi-attribute head: the weighted reward, each attribute by name on it
+                    table = self.head.outputs(picked.float(), invariant=self.batch_invariant).tolist()
+                    rows_of = zip(values, table, strict=True)
+                    values = [AttributedReward(v, zip(names, row, strict=True)) for v, row in rows_of]
             # A NaN or inf anywhere in a row's keys or values reaches its last token (even a masked-out NaN does:
             # 0 x NaN is NaN), so a finite last hidden state vouches for the whole row.
             finite = torch.isfinite(last).all(dim=1).tolist() if store else [True] * count

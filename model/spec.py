@@ -119,6 +119,12 @@ class ModelSpec(BaseModel):
         description="A causal-LM process reward model's good and bad label tokens, 'good,bad' (Math-Shepherd: '+,-'): "
         "the step reward is P(good) over the two at each separator. Setting it serves the checkpoint as a PRM.",
     )
+    attribute_weights: dict[str, float] | None = Field(
+        None,
+        description="A multi-attribute model (*ForSequenceClassification with several labels): the weight of each "
+        "attribute, by its id2label name, in the one reward ensembles, normalisation and telemetry use (attributes "
+        "left out weigh 0). Default: their mean. Every attribute is returned by name as well.",
+    )
     trust_remote_code: bool = Field(False, description="Allow checkpoint code to run (off unless you trust it).")
 
     @model_validator(mode="after")

@@ -1,6 +1,6 @@
 """Tiny real checkpoints of the reward-model formats of ``rmserve.model.reward_formats`` (real ``save_pretrained``,
 the locally trained test tokenizer), each with a plain ``transformers`` + torch reference that gives the reward at
-**every** position of one unpadded sequence.
+**every** position of one unpadded sequence (a multi-attribute checkpoint's: its attributes at the last token).
 
 Example::
 
@@ -127,3 +127,31 @@ def format_settings(fmt: str) -> dict:
     return {"math_shepherd": {"step_label_tokens": LABEL_TOKENS}, "value_head_prm": {"reward_kind": "process"}}.get(
         fmt, {}
     )
+
+
+ATTRIBUTES = ("helpfulness", "correctness", "verbosity")
+
+
+def save_attribute_checkpoint(out: Path, names: tuple[str, ...] = ATTRIBUTES, seed: int = 3):
+    """A multi-attribute ``LlamaForSequenceClassification`` (one label per name, ``id2label`` set); returns
+    ``(dir, reference)``, ``reference(ids)`` the logits of the unpadded sequence's last token."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok = build_tokenizer("chat")
+    config = _config("llama", len(tok), tok)
+    config.num_labels = len(names)
+    config.id2label = dict(enumerate(names))
+    config.label2id = {name: k for k, name in enumerate(names)}
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    model.config.pad_token_id = None  # the reference scores one unpadded sequence: its last token
+
+    def reference(ids) -> list[float]:
+        with torch.no_grad():
+            return model(torch.tensor([list(ids)])).logits[0].tolist()
+
+    return Path(out), reference

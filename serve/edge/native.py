@@ -67,7 +67,10 @@ def score_call(request: ScoreRequest, _context: Context) -> Call:
 
 
 def score_response(_request: ScoreRequest, scored: ScoredItems, _call: Call) -> ScoreResponse:
+    # A multi-attribute model's raw rewards carry every attribute (``heads.AttributedReward``)
+    attributes = [getattr(r, "attributes", None) for r in scored.rewards]
     return ScoreResponse(
+        attributes=attributes if attributes and all(a is not None for a in attributes) else None,
         model=scored.model,
         rewards=scored.shown,
         truncated=scored.truncated,

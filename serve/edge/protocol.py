@@ -120,7 +120,7 @@ class Usage(_Response):
 
 
 class ScoreResponse(_OmitsUnset):
-    OMITTED_WHEN_UNSET = ("member_rewards", "spread")
+    OMITTED_WHEN_UNSET = ("member_rewards", "spread", "attributes")
 
     model: str
     rewards: list[float]
@@ -134,6 +134,11 @@ class ScoreResponse(_OmitsUnset):
     )
     spread: list[float] | None = Field(
         None, description="Ensembles only: the weighted standard deviation of the members' normalised rewards."
+    )
+    attributes: list[dict[str, float]] | None = Field(
+        None,
+        description="Multi-attribute models only: per item, every attribute by its id2label name (raw); the reward is "
+        "their weighted sum (the model's attribute_weights).",
     )
 
 
@@ -247,7 +252,7 @@ class StepsResponse(_Response):
 
 # -- operational --------------------------------------------------------------------------------
 class ModelCard(_OmitsUnset):
-    OMITTED_WHEN_UNSET = ("ensemble", "path", "step_separator", "step_outputs", "step_label")
+    OMITTED_WHEN_UNSET = ("ensemble", "path", "step_separator", "step_outputs", "step_label", "attributes")
 
     id: str
     names: list[str] = Field(
@@ -268,6 +273,9 @@ class ModelCard(_OmitsUnset):
     step_separator: str | None = Field(None, description="A process reward model's step separator token.")
     step_outputs: int | None = Field(None, description="A process reward model's outputs per step (1 or 2).")
     step_label: int | None = Field(None, description="Which of them is the step reward's probability.")
+    attributes: dict[str, float] | None = Field(
+        None, description="A multi-attribute model's attributes and their weights in the reward."
+    )
     ensemble: dict[str, Any] | None = Field(
         None,
         description="Ensembles only: {members: {name: weight}, combine, lambda} (see rmserve.serve.routing.ensemble).",
