@@ -145,14 +145,18 @@ def load_checkpoint(model_dir: Path, spec: ModelSpec) -> RewardModel:
     step_separator_id = None
     if reward_format.step_separator is not None:
         step_separator_id = separator_id(tokenizer, reward_format.step_separator)
+    label = reward_format.label
     if reward_format.label_tokens is not None:
         labels = tuple(separator_id(tokenizer, token) for token in reward_format.label_tokens)
-        head = label_token_head(model_dir, hidden, labels)
+        if reward_format.whole_vocabulary:  # every row of lm_head; the reward is the first label's probability
+            head, label = label_token_head(model_dir, hidden, None), labels[0]
+        else:
+            head = label_token_head(model_dir, hidden, labels)
     else:
         head = find_reward_head(
             model_dir, hidden, requested=spec.head, head_file=spec.head_file, outputs=reward_format.outputs
         )
-    head = head.reading(reward_format.readout, reward_format.label, reward_format.attributes, reward_format.weights)
+    head = head.reading(reward_format.readout, label, reward_format.attributes, reward_format.weights)
     backbone = load_backbone(model_dir, spec, device, DTYPES[dtype_name])
 
     context = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH_CAP

@@ -8,7 +8,7 @@ with two labels), ``reward_head`` (``LlamaRewardModel``: a causal LM + ``Linear(
 the rows of ``lm_head`` (or the tied embeddings) that give its label tokens' logits.
 
 How the head's outputs become one number (``readout``): ``raw`` (its one output), ``sigmoid`` (of its one output),
-``softmax`` (the probability of output ``label`` over its two outputs) or ``weighted`` (a multi-attribute head: the
+``softmax`` (the probability of output ``label`` over its outputs) or ``weighted`` (a multi-attribute head: the
 weighted sum of its outputs, each kept by name on the ``AttributedReward``). ``reward_formats.py`` decides which.
 
 Example::
@@ -134,6 +134,9 @@ class ScoreHead(torch.nn.Module):
         x = self._layers_invariant(hidden)
         if self.readout == "weighted":
             return fixed_order_sum(x * self.weights)[:, None]
+        if self.readout == "softmax" and x.shape[1] > 2:  # exp and the sum in a fixed order, row by row
+            e = fixed_elementwise(torch.exp, x - x.amax(dim=1, keepdim=True))
+            return e[:, self.label : self.label + 1] / fixed_order_sum(e)[:, None]
         return self._read(x, lambda t: fixed_elementwise(torch.sigmoid, t))
 
     def _layers_invariant(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -154,8 +157,9 @@ class ScoreHead(torch.nn.Module):
             return out @ self.weights[:, None]
         if self.readout == "sigmoid":
             return sigmoid(out)
-        # Two classes: softmax(out)[label] = sigmoid(out[label] - out[other]).
-        return sigmoid(out[:, self.label : self.label + 1] - out[:, 1 - self.label : 2 - self.label])
+        if out.shape[1] == 2:  # two classes: softmax(out)[label] = sigmoid(out[label] - out[other])
+            return sigmoid(out[:, self.label : self.label + 1] - out[:, 1 - self.label : 2 - self.label])
+        return torch.softmax(out, dim=-1)[:, self.label : self.label + 1]
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -222,8 +226,9 @@ def _load_mlp(names: dict[str, Path], hidden_size: int, outputs: int) -> RewardH
     return RewardHead(name="score_mlp", source=names["score.2.weight"].name, layers=(first, second))
 
 
-def label_token_head(model_dir: Path, hidden_size: int, token_ids: tuple[int, ...]) -> RewardHead:
-    """A causal LM's logits for ``token_ids`` only: those rows of ``lm_head`` (or of the tied input embeddings)."""
+def label_token_head(model_dir: Path, hidden_size: int, token_ids: tuple[int, ...] | None) -> RewardHead:
+    """A causal LM's logits for ``token_ids`` only: those rows of ``lm_head`` (or of the tied input embeddings); None:
+    every row (the whole vocabulary's logits)."""
     names = tensor_names(weight_files(model_dir))
     key = "lm_head.weight" if "lm_head.weight" in names else None
     if key is None:
@@ -232,9 +237,11 @@ def label_token_head(model_dir: Path, hidden_size: int, token_ids: tuple[int, ..
     if key is None:
         raise ModelLoadError(f"no lm_head.weight (nor tied embed_tokens.weight) in {model_dir} to read label logits")
     with safe_open(str(names[key]), framework="pt") as handle:
-        matrix = handle.get_slice(key)
-        rows = [matrix[t : t + 1] for t in token_ids]
-    weight = torch.cat(rows)
+        if token_ids is None:
+            weight = handle.get_tensor(key)
+        else:
+            matrix = handle.get_slice(key)
+            weight = torch.cat([matrix[t : t + 1] for t in token_ids])
     if weight.shape[1] != hidden_size:
         raise ModelLoadError(f"{key} has shape {tuple(weight.shape)}; expected (vocab, {hidden_size})")
     return RewardHead(name="lm_head_labels", source=names[key].name, layers=((weight, None),))

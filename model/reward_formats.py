@@ -16,7 +16,10 @@ one reward per step of a solution, read at the step separator that follows each 
 * Math-Shepherd (a causal LM; ``step_label_tokens`` set, e.g. ``+,-``): the ``lm_head`` rows of the good and bad
   label tokens, P(good) over the two, separator ``ки``;
 * a value-head PRM (``reward_kind: process``, or ``step_separator`` set, on a one-output head): ``Linear(h, 1)``,
-  sigmoid, separator ``\\n``.
+  sigmoid, separator ``\\n``;
+* a verdict-token judge (a causal LM; ``verdict_tokens`` set, e.g. ``Yes,No``, outcome): the ``lm_head`` rows of the
+  verdict tokens, the first one's probability at the last token (softmax over just those, or with
+  ``verdict_softmax: false`` over the whole vocabulary: then every row).
 
 Example::
 
@@ -26,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +47,8 @@ class RewardFormat:
     readout: str  # heads.READOUTS: raw, sigmoid, softmax
     label: int = 0  # softmax: the output whose probability is the reward
     step_separator: str | None = None
-    label_tokens: tuple[str, str] | None = None  # causal-LM PRM: good, bad
+    label_tokens: tuple[str, ...] | None = None  # causal-LM PRM: good, bad; a judge: its verdict tokens
+    whole_vocabulary: bool = False  # a judge's reward is P(first verdict token) under the whole vocabulary
     attributes: tuple[str, ...] = ()  # multi-attribute: the outputs' names
     weights: tuple[float, ...] = ()  # multi-attribute: their weights in the reward
 
@@ -69,6 +74,12 @@ def detect_format(config: dict[str, Any], spec: ModelSpec, has_score_mlp: bool) 
     def prm(name: str, outputs: int, readout: str, separator: str, label: int = 0, tokens=None) -> RewardFormat:
         return RewardFormat(name, True, outputs, readout, label, spec.step_separator or separator, tokens)
 
+    if spec.verdict_tokens is not None:
+        if spec.step_label_tokens is not None or spec.reward_kind == "process":
+            raise ModelLoadError("verdict_tokens serves an outcome judge; it does not go with step_label_tokens")
+        tokens = tuple(spec.verdict_tokens.split(","))
+        judge = RewardFormat("verdict-judge", False, len(tokens), "softmax", 0, label_tokens=tokens)
+        return dataclasses.replace(judge, whole_vocabulary=not spec.verdict_softmax)
     if spec.step_label_tokens is not None:
         good, bad = spec.step_label_tokens.split(",")
         return prm("causal-lm-prm", 2, "softmax", "ки", label=0, tokens=(good, bad))

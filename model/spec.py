@@ -119,6 +119,18 @@ class ModelSpec(BaseModel):
         description="A causal-LM process reward model's good and bad label tokens, 'good,bad' (Math-Shepherd: '+,-'): "
         "the step reward is P(good) over the two at each separator. Setting it serves the checkpoint as a PRM.",
     )
+    verdict_tokens: str | None = Field(
+        None,
+        pattern=r"^[^,]+(,[^,]+)+$",
+        description="Serve a causal-LM judge by its verdict tokens, 'Yes,No' (or 'A,B', ...): the reward is the "
+        "probability of the first at the end of the input (send the judge's whole input, templated, as a text item), "
+        "read from one forward without decoding.",
+    )
+    verdict_softmax: bool = Field(
+        True,
+        description="true: softmax over just the verdict tokens' logits; false: the first token's probability under "
+        "the whole vocabulary.",
+    )
     attribute_weights: dict[str, float] | None = Field(
         None,
         description="A multi-attribute model (*ForSequenceClassification with several labels): the weight of each "
