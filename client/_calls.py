@@ -134,6 +134,7 @@ def _merge_score(chunks: list[Chunk], bodies: list[Any]) -> ScoreResult:
         member_rewards=members,
         spread=spread,
         attributes=attributes if len(attributes) == len(rewards) and attributes else None,
+        batch_invariant=bool(parts) and all(part.batch_invariant for part in parts),
     )
 
 

@@ -68,6 +68,8 @@ class ScoreResult(_Result):
     """Ensembles only: each member's normalised reward ``z_m`` per item, in input order (member name -> list)."""
     spread: list[float] | None = None
     """Ensembles only: the weighted standard deviation of the members' normalised rewards, per item."""
+    batch_invariant: bool = False
+    """The model scored in batch-invariant mode: each reward is bitwise independent of what shared its batch."""
     attributes: list[dict[str, float]] | None = None
     """Multi-attribute models only: per item, every attribute by name (the reward is their weighted sum)."""
 
