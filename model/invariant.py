@@ -12,21 +12,23 @@ What varies on a CPU with plain torch (measured by ``benchmarks/batch_invariance
   the sequence's first token, and reduces over key blocks in order with an online softmax (fp32). A block of keys a
   query cannot see changes nothing bit for bit (its weights are exact zeros, its rescale factor exactly 1), so the
   batch's longest row, the padding side and amount, and whether the prompt came from the prefix cache give the
-  same sums. Every matmul inside is one fixed shape per model: ``[groups x BLOCK, head_dim] @ [head_dim, BLOCK]``.
+  same sums. Its matmuls have one fixed shape per model, ``[group x BLOCK, head_dim] @ [head_dim, BLOCK]`` and
+  ``[group x BLOCK, BLOCK] @ [BLOCK, head_dim + 1]`` (a column of ones sums the weights), batched over blocks: a
+  product's bits were measured not to depend on how many share the batched call.
 * **The reward head.** ``Linear(hidden, 1)`` over the scored rows is a matrix-vector product whose kernel depends
   on the row count; ``head_rewards`` multiplies and sums the hidden size in a fixed pairwise order.
+* **Activations.** torch computes SiLU (and GELU, sigmoid) with SIMD code for whole vectors and with scalar code for
+  the tail of each thread's range; the two differ in the last bit, and where the tail falls depends on how many
+  tokens the tensor holds. ``FixedChunkActivation`` applies them in calls of a fixed element count that every thread
+  splits into whole vectors (``fixed_elementwise``), so every element takes the SIMD path.
 
-* **Activations and rotary cos/sin.** torch computes a transcendental function (SiLU's exp, cos, sin) with SIMD code
-  for whole vectors and with scalar code for the tail of each thread's range; the two differ in the last bit, and
-  where the tail falls depends on how many tokens the tensor holds. ``fixed_elementwise`` applies them in calls of a
-  fixed element count that every thread splits into whole vectors, so every element takes the SIMD path.
-
-RMSNorm (its mean over the hidden size, an exact rsqrt), multiplications and adds were measured invariant; they are
-kept. Positions count real tokens only (the runner's ``position_ids``), so padding never moves them.
+Measured invariant, and kept: RMSNorm (its mean over the hidden size, an exact rsqrt), exp, sin and cos (rotary
+embeddings, the softmax), multiplications and adds. Positions count real tokens only (the runner's
+``position_ids``), so padding never moves them.
 
 Example::
 
-    make_batch_invariant(backbone)            # swaps the linears and the attention in place
+    make_batch_invariant(backbone)            # swaps linears, activations and attention in place
     layout = BlockLayout.build(starts, ends, cached_width=0, width=12, padding_side="right")
     backbone(input_ids=ids, position_ids=pos, rmserve_blocks=layout)
 """
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 
 ATTENTION_NAME = "rmserve_batch_invariant"
 BLOCK = 64  # tokens per query and key block, counted from each sequence's first token
-MATMUL_ROWS = 128  # rows of every linear-layer matmul call
+MATMUL_ROWS = 512  # rows of every linear-layer matmul call (fewer calls: each starts the thread pool)
 GRAIN = 32768  # torch's parallel grain (elements): a call this size runs on one thread
 VECTOR = 64  # elements a SIMD loop takes per step, for every dtype and vector width torch dispatches to
 
@@ -86,24 +88,21 @@ def fixed_elementwise(fn, x: torch.Tensor) -> torch.Tensor:
     """``fn(x)`` for an elementwise ``fn``, every element through torch's SIMD loop (never the scalar tail).
 
     A call of up to ``GRAIN`` elements runs on one thread: padded to whole ``VECTOR`` steps. Larger tensors go in
-    calls of ``GRAIN`` x threads elements (each thread takes exactly ``GRAIN``), the last one overlapping the one
-    before (the same elements give the same results)."""
+    calls whose every thread takes a whole number of ``GRAIN`` (or one thread takes one ``GRAIN``), the last call
+    overlapping the one before (the same elements give the same results)."""
     flat = x.reshape(-1)
     n = flat.numel()
     if n <= GRAIN:
         padded = flat.new_zeros(-(-n // VECTOR) * VECTOR)
         padded[:n] = flat
         return fn(padded)[:n].view(x.shape)
-    size = GRAIN * torch.get_num_threads() if n >= GRAIN * torch.get_num_threads() else GRAIN
+    threads = torch.get_num_threads()
+    size = GRAIN if n < GRAIN * threads else n // (GRAIN * threads) * GRAIN * threads  # whole GRAINs per thread
     flat = flat.contiguous()
     out = torch.empty_like(flat)
-    writes_out = fn in (torch.exp, torch.cos, torch.sin)  # these write into the output slice, no copy
     for first in range(0, n, size):
         first = min(first, n - size)
-        if writes_out:
-            fn(flat[first : first + size], out=out[first : first + size])
-        else:
-            out[first : first + size] = fn(flat[first : first + size])
+        out[first : first + size] = fn(flat[first : first + size])
     return out.view(x.shape)
 
 
@@ -116,15 +115,6 @@ class FixedChunkActivation(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fixed_elementwise(self.act, x)
-
-
-def rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' static RoPE (``*RotaryEmbedding.forward``) with cos and sin through ``fixed_elementwise``."""
-    freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos = fixed_elementwise(torch.cos, emb) * self.attention_scaling
-    sin = fixed_elementwise(torch.sin, emb) * self.attention_scaling
-    return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
 def fixed_order_sum(x: torch.Tensor) -> torch.Tensor:
@@ -171,37 +161,45 @@ class BlockLayout:
     ) -> BlockLayout:
         """Rows compute ``seq[start:end]`` on top of cached ``seq[:start]`` (left-aligned in ``cached_width``
         columns); the new tokens are padded on ``padding_side`` to ``width``."""
-        key_row, key_col, key_pos, q_row, q_col, q_pos = [], [], [], [], [], []
-        for r, (start, end) in enumerate(zip(starts, ends, strict=True)):
-            first = 0 if padding_side == "right" else width - (end - start)
-            key_row += [r] * end
-            key_col += [*range(start), *range(cached_width + first, cached_width + first + end - start)]
-            key_pos += range(end)
-            q_row += [r] * (end - start)
-            q_col += range(first, first + end - start)
-            q_pos += range(start, end)
-        blocks = sorted({(r, p // BLOCK) for r, p in zip(q_row, q_pos, strict=True)}, key=lambda rb: (-rb[1], rb[0]))
-        index = {rb: k for k, rb in enumerate(blocks)}
-        numbers = [b for _, b in blocks]
-        key_blocks = max(numbers) + 1
-        as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        start = torch.tensor(starts, dtype=torch.long)
+        end = torch.tensor(ends, dtype=torch.long)
+        new = end - start
+        first = torch.zeros_like(new) if padding_side == "right" else width - new
+        key_row, key_pos = _ranges(end)  # every position 0..end-1 of every row
+        cached = key_pos < start[key_row]
+        key_col = torch.where(cached, key_pos, cached_width + first[key_row] + key_pos - start[key_row])
+        query_row, step = _ranges(new)  # every new token
+        query_pos = start[query_row] + step
+        # Query blocks: (row, block number) pairs, numbers descending, then rows ascending.
+        top = int(query_pos.max()) // BLOCK
+        code = (top - query_pos // BLOCK) * len(starts) + query_row
+        blocks, query_block = torch.unique(code, return_inverse=True)  # sorted ascending
+        numbers = top - blocks // len(starts)
+        at_least = torch.bincount(numbers, minlength=top + 1).flip(0).cumsum(0).flip(0)  # blocks numbered >= kb
         return cls(
-            key_row=as_long(key_row),
-            key_col=as_long(key_col),
-            key_pos=as_long(key_pos),
-            query_row=as_long(q_row),
-            query_col=as_long(q_col),
-            query_block=as_long([index[(r, p // BLOCK)] for r, p in zip(q_row, q_pos, strict=True)]),
-            query_offset=as_long([p % BLOCK for p in q_pos]),
-            block_row=as_long([r for r, _ in blocks]),
-            block_start=as_long([b * BLOCK for b in numbers]),
-            blocks_from=tuple(sum(n >= kb for n in numbers) for kb in range(key_blocks)),
-            key_width=key_blocks * BLOCK,
+            key_row=key_row,
+            key_col=key_col,
+            key_pos=key_pos,
+            query_row=query_row,
+            query_col=first[query_row] + step,
+            query_block=query_block,
+            query_offset=query_pos % BLOCK,
+            block_row=blocks % len(starts),
+            block_start=numbers * BLOCK,
+            blocks_from=tuple(at_least.tolist()),
+            key_width=(top + 1) * BLOCK,
         )
 
     def to(self, device: torch.device) -> BlockLayout:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
         return BlockLayout(**moved)
+
+
+def _ranges(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For lengths ``[a, b, ...]``: the owner (0 x a, 1 x b, ...) and the index (0..a-1, 0..b-1, ...) of each."""
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    return owner, torch.arange(int(lengths.sum())) - offsets[owner]
 
 
 def block_attention(
@@ -262,8 +260,8 @@ def block_attention(
             scores[diagonal:].masked_fill_(future, -math.inf)
         new_peak = torch.maximum(peak[:n], scores.amax(dim=-1, keepdim=True))  # max is exact in any order
         shift = torch.where(new_peak == -math.inf, 0.0, new_peak)
-        weights = fixed_elementwise(torch.exp, scores.sub_(shift))
-        rescale = fixed_elementwise(torch.exp, peak[:n] - shift)
+        weights = scores.sub_(shift).exp_()
+        rescale = torch.exp(peak[:n] - shift)
         acc[:n].mul_(rescale).add_(torch.matmul(weights, values))
         peak[:n] = new_peak
     out = (acc[..., :dim] / acc[..., dim:]).view(n_blocks, heads, BLOCK, dim)
@@ -274,16 +272,12 @@ def block_attention(
 
 def make_batch_invariant(backbone: torch.nn.Module) -> None:
     """Swap, in place, ``backbone``'s linear layers for ``FixedRowsLinear``, its activations for
-    ``FixedChunkActivation``, its RoPE for ``rotary_forward`` and its attention for ``block_attention`` (the
-    parameters are shared, not copied). Idempotent."""
+    ``FixedChunkActivation`` and its attention for ``block_attention`` (the parameters are shared, not copied).
+    Idempotent."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, block_attention)
     for parent in list(backbone.modules()):
-        if hasattr(parent, "inv_freq") and hasattr(parent, "attention_scaling"):
-            if getattr(parent, "rope_type", "default") in ("dynamic", "longrope"):
-                raise ValueError(f"batch_invariant does not support rope_type {parent.rope_type!r}")
-            parent.forward = rotary_forward.__get__(parent)
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
                 setattr(parent, name, FixedRowsLinear.wrap(child))

@@ -102,6 +102,20 @@ def test_every_reward_is_bitwise_its_reward_alone(checkpoint_factory, arch, head
         assert alone == pytest.approx([reference_reward(ref, t) for t in targets], abs=FP32_TOL)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("seed", [101, 102, 103])
+def test_more_random_batches_stay_bitwise(checkpoint_factory, arch, dtype, seed, device):
+    path, _, tok = checkpoint_factory("score", arch=arch)
+    targets, neighbours = targets_and_neighbours(random.Random(seed), len(tok))
+    rng = random.Random(seed)
+    neighbours += [[rng.randrange(3, len(tok)) for _ in range(rng.randint(200, 400))] for _ in range(4)]
+    rm = load(path, dtype, device)
+    alone = assert_batch_invariant(rm, targets, neighbours, seed)
+    assert assert_batch_invariant(rm, targets, neighbours, seed + 1) == alone  # warm caches from the first pass
+
+
 def _demo_items(n_groups: int = 4, per_group: int = 4) -> list[dict]:
     from rmserve.model.demo import heldout_pairs
 
