@@ -8,6 +8,10 @@ shared by every request, are computed once. The tree is bounded by bytes: after 
 dropped least recently used first until it fits. Two sequences meet in the tree only where their token ids
 are equal, so a tokenizer that merges across the prompt/response boundary can cost a hit, never a reward.
 
+``SeenPrefixes`` remembers the token prefixes of recently scored sequences (hashes of whole blocks, no states), so
+the engine keeps an item's states only as far as an earlier item shared them: a prompt is kept once it is seen
+twice, and items that share nothing copy nothing into the tree.
+
 ``RewardCache`` answers an exact duplicate (the same token ids, hence the same reward; for ``StepIds`` the same ids
 and readouts, hence the same step rewards) without a forward; it keeps a digest of the ids, not the ids, and the
 most recently used ``max_items``.
@@ -201,6 +205,58 @@ def token_digest(ids: Sequence[int]) -> bytes:
         digest.update(b"readouts")
         digest.update(array("q", ids.readouts).tobytes())
     return digest.digest()
+
+
+class SeenPrefixes:
+    """The prefixes of recently scored token-id sequences, in whole blocks of ``BLOCK`` tokens: ``shared(ids)`` is how
+    many leading tokens of ``ids`` (whole blocks) some recorded sequence began with. Each block's key is a digest of
+    the ids up to its end; the most recently recorded ``max_blocks`` keys are kept.
+
+    Example::
+
+        seen = SeenPrefixes()
+        seen.add(prompt + response_1)
+        seen.shared(prompt + response_2)   # len(prompt) rounded down to whole blocks
+    """
+
+    BLOCK = 16
+
+    def __init__(self, max_blocks: int = 1 << 16):
+        self.max_blocks = max_blocks
+        self._keys: OrderedDict[bytes, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def shared(self, ids: Sequence[int]) -> int:
+        keys = self._block_keys(ids)
+        lo, hi = 0, len(keys)  # a sequence's blocks are recorded together: the known ones form a prefix
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if keys[mid - 1] in self._keys:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * self.BLOCK
+
+    def add(self, ids: Sequence[int]) -> None:
+        for key in reversed(self._block_keys(ids)):  # a prefix's first block is the last one forgotten
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+        while len(self._keys) > self.max_blocks:
+            self._keys.popitem(last=False)
+
+    def clear(self) -> None:
+        self._keys.clear()
+
+    def _block_keys(self, ids: Sequence[int]) -> list[bytes]:
+        raw = array("q", ids).tobytes()
+        step = self.BLOCK * 8
+        digest, keys = hashlib.blake2b(digest_size=8), []
+        for end in range(step, len(raw) + 1, step):
+            digest.update(raw[end - step : end])
+            keys.append(digest.copy().digest())
+        return keys
 
 
 class RewardCache:

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .caches import PrefixKVCache, RewardCache, token_digest
+from .caches import PrefixKVCache, RewardCache, SeenPrefixes, token_digest
 from .errors import InvalidRequestError, RMServeError
 from .planning import BatchPlan, Row, padded_tokens, plan_batch, plan_microbatches
 from .runner import ForwardRunner, last_token_index
@@ -81,6 +81,7 @@ class ScoringEngine:
         self.prefix_sharing = prefix_sharing
         self.prefix_cache = PrefixKVCache(prefix_cache_bytes)
         self.reward_cache = RewardCache(reward_cache_items)
+        self.seen = SeenPrefixes()  # which prefixes earlier items had: what an item's states are kept for
         # Per-forward cost in tokens' worth of compute: the planner trades padding against forwards with it,
         # and a shared prefix must save at least this much to get a level of its own.
         self.overhead_tokens = overhead_tokens
@@ -143,6 +144,7 @@ class ScoringEngine:
             self.prefix_sharing = prefix_sharing
             self.prefix_cache = PrefixKVCache(prefix_cache_bytes)
             self.reward_cache = RewardCache(reward_cache_items)
+            self.seen.clear()
             self._generation += 1
 
     def drop_caches(self) -> None:
@@ -151,6 +153,7 @@ class ScoringEngine:
         with self._lock:
             self.prefix_cache.clear()
             self.reward_cache.clear()
+            self.seen.clear()
             self._generation += 1
 
     def use_weights(self, backbone: torch.nn.Module, head: torch.nn.Linear) -> None:
@@ -223,12 +226,15 @@ class ScoringEngine:
             sequences,
             known=self.prefix_cache.known if self.prefix_sharing else None,
             cached_reward=(lambda seq: rewards.peek(token_digest(seq))) if rewards.max_items > 0 else None,
-            store_items=self.prefix_sharing and self.prefix_cache.max_bytes > 0,
+            keep=self.seen.shared if self._keeps_states() else None,
             max_batch_tokens=self.max_batch_tokens,
             overhead_tokens=self.overhead_tokens,
         )
         plan.generation = self._generation
         return plan
+
+    def _keeps_states(self) -> bool:
+        return self.prefix_sharing and self.prefix_cache.max_bytes > 0
 
     def _run(self, plan: BatchPlan) -> list[Outcome]:
         if plan.generation != self._generation:
@@ -251,6 +257,9 @@ class ScoringEngine:
                 self.prefix_cache.evict_to_budget()
             else:
                 self.prefix_cache.clear()
+        if self._keeps_states():
+            for seq in plan.computed:
+                self.seen.add(seq)
         for k, seq in enumerate(plan.computed):
             outcome = results[k]
             if isinstance(outcome, float | list) and self.reward_cache.max_items > 0:

@@ -14,13 +14,18 @@ shared prefix only where it pays: ``(branches - 1) x (tokens it saves each)`` mu
 where its level-k prefix ends, on the keys and values that prefix left in the engine's prefix cache. Tokens the
 cache already holds (from earlier batches) are not computed again. Every row's start is fixed here.
 
+**What outlives the batch.** Prefix rows always leave their states in the prefix cache. An item keeps its states
+only as far as an earlier item shared its tokens (``keep``: the engine's ``SeenPrefixes``): a GRPO group's prompt
+is kept once its second sample is scored (the first may arrive alone), while items that share nothing (PPO traffic)
+copy nothing into the cache and leave it to the prompts that are reused.
+
 **Micro-batches.** Each level is cut into micro-batches by ``plan_microbatches``: exact dynamic programming
 over the rows sorted by the tokens they compute, minimising padded tokens plus ``overhead_tokens`` per
 forward, with every micro-batch's rows x (cached + new width) within the token budget (memory).
 
 Example::
 
-    plan = plan_batch(seqs, known=cache.known, cached_reward=None, store_items=True,
+    plan = plan_batch(seqs, known=cache.known, cached_reward=None, keep=seen.shared,
                       max_batch_tokens=16384, overhead_tokens=64)
     plan.cost   # padded tokens + 64 x forwards: what the queue prices the batch at
 """
@@ -94,6 +99,14 @@ class Row:
     # the batch. A row whose parent failed (out of memory alone, non-finite states) gets the parent's error.
     parent: Row | None = None
     store: bool = False  # keep the states it computes in the prefix cache (prefix rows always)
+    store_end: int | None = None  # keep those of ``seq[start:store_end]`` only (None: all it computes)
+
+    @property
+    def stored_tokens(self) -> int:
+        """How many of the tokens it computes go into the prefix cache."""
+        if not self.store:
+            return 0
+        return (self.end if self.store_end is None else self.store_end) - self.start
 
     @property
     def new_tokens(self) -> int:
@@ -108,15 +121,18 @@ class Row:
 CACHED_TOKEN_SHARE = 0.25
 
 Known = Callable[[Sequence[int], int], int]  # (ids, limit) -> how many leading tokens are cached
+Keep = Callable[[Sequence[int]], int]  # (ids) -> how many leading tokens an earlier item shared: worth keeping
+KEEP_MIN_TOKENS = 16  # an item keeps states only for a shared stretch at least this long
 Reward = float | list[float]  # a sequence's outcome: one reward, or one per readout (``StepIds``)
 
 
 def plan_levels(
-    seqs: Sequence[Sequence[int]], known: Known, min_shared_tokens: float, *, store_items: bool = False
+    seqs: Sequence[Sequence[int]], known: Known, min_shared_tokens: float, *, keep: Keep | None = None
 ) -> list[list[Row]]:
-    """Rows by level for unique, non-empty ``seqs``; every sequence gets exactly one item row (``store_items``: its
-    states are kept too). Each row starts after the tokens the cache holds now or an earlier level's prefix row
-    leaves there, whichever is longer: what matching the cache when the row runs finds."""
+    """Rows by level for unique, non-empty ``seqs``; every sequence gets exactly one item row (``keep``: its states
+    are kept as far as an earlier item shared them, when that is at least ``KEEP_MIN_TOKENS`` past its start). Each
+    row starts after the tokens the cache holds now or an earlier level's prefix row leaves there, whichever is
+    longer: what matching the cache when the row runs finds."""
     n = len(seqs)
     if n == 0:
         return []
@@ -144,7 +160,9 @@ def plan_levels(
             seq = seqs[order[lo]]
             cached = known(seq, first_readout(seq))
             start, by = (base, parent) if base > cached else (cached, None)
-            add(level, Row(seq, len(seq), start, order[lo], by, store_items))
+            kept = min(keep(seq), len(seq)) if keep is not None else 0
+            store = kept - start >= KEEP_MIN_TOKENS
+            add(level, Row(seq, len(seq), start, order[lo], by, store, kept if store else None))
             continue
         depth = min(shared[lo + 1 : hi])
         cuts = [k for k in range(lo + 1, hi) if shared[k] == depth]
@@ -300,13 +318,13 @@ def plan_batch(
     *,
     known: Known | None,
     cached_reward: Callable[[tuple[int, ...]], Reward | None] | None,
-    store_items: bool,
+    keep: Keep | None,
     max_batch_tokens: int,
     overhead_tokens: float,
 ) -> BatchPlan:
     """The plan of one batch. ``known``: how much of a sequence the prefix cache holds (None: no prefix sharing,
     every row whole); ``cached_reward``: the reward cache's answer, without touching it (None: no reward cache);
-    ``store_items``: keep the items' states too (the prefix cache outlives the batch)."""
+    ``keep``: how far an item's states are worth keeping for later batches (None: prefix rows' states only)."""
     places: dict[tuple[int, ...], list[int]] = {}
     empty: list[int] = []
     for i, seq in enumerate(sequences):
@@ -325,7 +343,7 @@ def plan_batch(
     if known is None:
         levels = [[Row(seq, len(seq), 0, k) for k, seq in enumerate(computed)]] if computed else []
     else:
-        levels = plan_levels(computed, known, overhead_tokens, store_items=store_items)
+        levels = plan_levels(computed, known, overhead_tokens, keep=keep)
     return BatchPlan(
         size=len(sequences),
         received_tokens=sum(len(s) for s in sequences),

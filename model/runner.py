@@ -238,15 +238,24 @@ class ForwardRunner:
         poisoned token would otherwise corrupt every item that later shares the row's prefix)."""
         if prefix_cache is None:
             raise ValueError("rows marked store need a prefix cache")
-        layers = [(layer.keys, layer.values) for layer in kv.layers]
-        # [layers, 2, rows, kv_heads, new tokens, head_dim]
-        new = torch.stack([torch.stack((k[:, :, cached_width:], v[:, :, cached_width:])) for k, v in layers])
+        kept = [r for r, (row, ok) in enumerate(zip(rows, finite, strict=True)) if row.stored_tokens and ok]
+        if not kept:
+            return
+        which = torch.tensor(kept, device=self.device)
+        # [layers, 2, kept rows, kv_heads, new tokens, head_dim]: only the rows that keep states are copied
+        new = torch.stack(
+            [
+                torch.stack(
+                    (k[:, :, cached_width:].index_select(0, which), v[:, :, cached_width:].index_select(0, which))
+                )
+                for k, v in ((layer.keys, layer.values) for layer in kv.layers)
+            ]
+        )
         width = new.shape[4]
-        for r, (row, ok) in enumerate(zip(rows, finite, strict=True)):
-            if not (row.store and ok):
-                continue
+        for j, r in enumerate(kept):
+            row = rows[r]
             first = 0 if self.padding_side == "right" else width - row.new_tokens
-            prefix_cache.insert(row.seq, row.start, new[:, :, r, :, first : first + row.new_tokens])
+            prefix_cache.insert(row.seq, row.start, new[:, :, j, :, first : first + row.stored_tokens])
 
 
 def _past(row: Row, prefix_cache: PrefixKVCache | None) -> list[torch.Tensor]:

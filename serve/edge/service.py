@@ -267,5 +267,6 @@ def ensemble_card(ensemble: EnsembleRoute, infos: Sequence[dict]) -> ModelCard:
         head="ensemble",
         normalization=None,
         template=shared("template"),
+        batch_invariant=all(info.get("batch_invariant", False) for info in infos),
         ensemble={"members": dict(config.members), "combine": config.combine, "lambda": config.lambda_},
     )

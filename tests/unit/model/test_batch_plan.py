@@ -132,8 +132,8 @@ def _known(stored: list[list[int]]):
 
 
 @pytest.mark.parametrize("seed", range(20))
-@pytest.mark.parametrize("store_items", [False, True])
-def test_planned_starts_are_what_matching_the_cache_at_run_time_finds(seed, store_items):
+@pytest.mark.parametrize("keeps", [False, True])
+def test_planned_starts_are_what_matching_the_cache_at_run_time_finds(seed, keeps):
     """Every row's start, fixed at plan time, equals what matching the prefix cache just before the row runs would
     find: the cache before the batch plus whatever the earlier levels stored."""
     rng = random.Random(seed)
@@ -142,7 +142,8 @@ def test_planned_starts_are_what_matching_the_cache_at_run_time_finds(seed, stor
     seqs |= {s[: rng.randint(1, len(s))] for s in list(seqs)[:5]}  # strict prefixes of other items
     seqs = sorted(seqs, key=lambda s: rng.random())
     before = [list(rng.choice(seqs))[: rng.randint(1, 20)] for _ in range(rng.randint(0, 4))]
-    levels = plan_levels(seqs, _known(before), rng.choice([0, 3, 10]), store_items=store_items)
+    keep = (lambda ids: rng.choice([0, len(ids)])) if keeps else None  # an item kept whole, or not at all
+    levels = plan_levels(seqs, _known(before), rng.choice([0, 3, 10]), keep=keep)
     stored = list(before)
     for k, level in enumerate(levels):
         for row in level:
@@ -150,5 +151,5 @@ def test_planned_starts_are_what_matching_the_cache_at_run_time_finds(seed, stor
             assert row.start == _known(stored)(row.seq, limit)
             if row.parent is not None:
                 assert row.parent.end == row.start and row.parent in levels[k - 1]
-        stored += [list(row.seq[: row.end]) for row in level if row.store]
+        stored += [list(row.seq[: row.start + row.stored_tokens]) for row in level if row.stored_tokens]
     assert sorted(r.item for level in levels for r in level if r.item is not None) == list(range(len(seqs)))

@@ -10,7 +10,7 @@ import torch
 from checkpoints import unshared_rewards
 
 from rmserve.model import load_reward_model
-from rmserve.model.caches import PrefixKVCache, RewardCache
+from rmserve.model.caches import PrefixKVCache, RewardCache, SeenPrefixes
 from rmserve.model.errors import InternalError
 from rmserve.model.planning import levels_cost, plan_levels
 
@@ -102,7 +102,7 @@ def test_random_batches_with_left_truncated_items_match_unshared(demo_model):
         engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
 
 
-def test_a_group_split_across_batches_computes_its_prompt_once(demo_model):
+def test_a_group_split_across_batches_keeps_its_prompt_from_the_second_sample_on(demo_model):
     engine = demo_model.engine
     rng = random.Random(11)
     prompt = [rng.randrange(3, 300) for _ in range(60)]
@@ -118,8 +118,37 @@ def test_a_group_split_across_batches_computes_its_prompt_once(demo_model):
         engine.overhead_tokens = saved
         engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
     assert got == pytest.approx(want, abs=FP32_TOL)
-    # The first member computes everything; the others only what follows the 60-token prompt they share.
-    assert computed == len(members[0]) + sum(len(m) - 60 for m in members[1:])
+    # The first sample keeps nothing (nothing else shared its tokens yet); the second keeps the whole blocks of the
+    # prompt it shares with the first; the others compute only what follows those.
+    kept = 60 // SeenPrefixes.BLOCK * SeenPrefixes.BLOCK
+    assert computed == len(members[0]) + len(members[1]) + sum(len(m) - kept for m in members[2:])
+
+
+def test_items_that_share_nothing_keep_no_states(demo_model):
+    engine = demo_model.engine
+    rng = random.Random(5)
+    items = [[rng.randrange(3, 300) for _ in range(rng.randint(40, 90))] for _ in range(12)]
+    try:
+        sharing(engine, cache_bytes=1 << 24)
+        for k in range(0, len(items), 3):  # PPO-like traffic: every item its own prompt, in several batches
+            engine.score_batch(items[k : k + 3])
+        assert engine.prefix_cache.bytes == 0  # nothing copied into the cache
+        engine.score_batch([items[0][:50] + [7, 8, 9]])  # shares 50 tokens with an earlier item: those are kept
+        assert engine.prefix_cache.known(items[0], len(items[0])) == 48  # whole 16-token blocks
+    finally:
+        engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+
+
+def test_seen_prefixes_count_whole_shared_blocks_and_forget_the_oldest():
+    seen = SeenPrefixes(max_blocks=4)
+    a = list(range(40))
+    seen.add(a)  # blocks [0, 16) and [0, 32)
+    assert seen.shared(a[:35] + [99]) == 32
+    assert seen.shared([1, *a[1:]]) == 0
+    assert seen.shared(a[:20]) == 16
+    seen.add([500 + i for i in range(48)])  # three more blocks: the oldest of a's is forgotten first
+    assert len(seen) == 4
+    assert seen.shared(a) == 16
 
 
 def test_cost_estimate_equals_tokens_computed(demo_model):
