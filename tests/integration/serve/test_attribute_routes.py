@@ -13,7 +13,10 @@ from rmserve.serve.config.loading import load_config
 
 TOL = 1e-5
 WEIGHTS = {"helpfulness": 1.0, "correctness": 2.0, "verbosity": -0.5}
-ITEMS = [{"prompt": "Tell me about owls.", "response": "Owls hunt at night."}, {"prompt": "Tea?", "response": "Brewed."}]
+ITEMS = [
+    {"prompt": "Tell me about owls.", "response": "Owls hunt at night."},
+    {"prompt": "Tea?", "response": "Brewed."},
+]
 
 
 @pytest.fixture(scope="module")
