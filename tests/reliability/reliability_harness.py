@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import psutil
+from local_ray import start_local_ray
 
 from rmserve.model.synthetic import FACTS, POLITE, PROMPTS, RUDE, TOPICS
 from rmserve.serve import build_app
@@ -58,7 +59,7 @@ def ray_serve_instance(ray_cpus: int = 4) -> Iterator[ServeInstance]:
     from rmserve.serve.rayserve.server import THROUGHPUT_ENVIRONMENT, export_environment
 
     export_environment(THROUGHPUT_ENVIRONMENT)  # the Ray Serve settings rmserve serve and KubeRay run with
-    ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
+    start_local_ray(ray_cpus)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

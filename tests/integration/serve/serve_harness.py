@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from local_ray import start_local_ray
 
 from rmserve.serve import build_app
 from rmserve.serve.config.loading import load_config
@@ -91,7 +92,7 @@ def running_app(config: ServerConfig, runtime: str = "ray", *, ray_cpus: int = 4
     from rmserve.serve.rayserve.server import THROUGHPUT_ENVIRONMENT, export_environment
 
     export_environment(THROUGHPUT_ENVIRONMENT)  # the Ray Serve settings rmserve serve and KubeRay run with
-    ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
+    start_local_ray(ray_cpus)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
