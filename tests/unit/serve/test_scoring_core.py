@@ -9,9 +9,9 @@ opens it, so what queues behind it, and what leaves, is decided by the test, not
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
+from engine_gate import GATE_WIDTH, Gate
 
 from rmserve.model import load_reward_model
 from rmserve.model.errors import InternalError, OverloadedError, RequestTooLargeError
@@ -21,21 +21,6 @@ from rmserve.serve.core.scoring_core import ScoringCore
 from rmserve.serve.edge.protocol import ScoredItems
 
 TOL = 1e-5
-GATE_WIDTH = 61  # a forward whose longest row has this many tokens waits at the gate
-
-
-class Gate:
-    """Engine fault hook: a forward of ``width`` tokens signals ``entered`` and waits until ``release``."""
-
-    def __init__(self, width: int = GATE_WIDTH):
-        self.width = width
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, rows: int, width: int) -> None:
-        if width == self.width:
-            self.entered.set()
-            self.release.wait(60)
 
 
 @pytest.fixture(scope="module")

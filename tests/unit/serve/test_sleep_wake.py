@@ -13,6 +13,7 @@ import threading
 
 import pytest
 import torch
+from engine_gate import GATE_WIDTH, Gate
 
 from rmserve.model import load_reward_model
 from rmserve.model.errors import InvalidRequestError, SleepingError
@@ -22,26 +23,11 @@ from rmserve.serve.core.scoring_core import ScoringCore
 from rmserve.serve.edge.errors import error_response
 from rmserve.serve.metrics.store import MetricsRecorder, merge
 
-GATE_WIDTH = 61
 ITEMS = [
     {"prompt": "What is the capital of France?", "response": "Paris, a city on the Seine."},
     {"prompt": "Name a prime.", "response": "Seven."},
     {"text": "A plain text item to score."},
 ]
-
-
-class Gate:
-    """Engine fault hook: a forward of ``width`` tokens signals ``entered`` and waits until ``release``."""
-
-    def __init__(self, width: int = GATE_WIDTH):
-        self.width = width
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, rows: int, width: int) -> None:
-        if width == self.width:
-            self.entered.set()
-            self.release.wait(60)
 
 
 @pytest.fixture
