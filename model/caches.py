@@ -13,8 +13,8 @@ the engine keeps an item's states only as far as an earlier item shared them: a 
 twice, and items that share nothing copy nothing into the tree.
 
 ``RewardCache`` answers an exact duplicate (the same token ids, hence the same reward; for ``StepIds`` the same ids
-and readouts, hence the same step rewards) without a forward; it keeps a digest of the ids, not the ids, and the
-most recently used ``max_items``.
+and readouts, hence the same step rewards; for ``LabelIds`` the same ids and labels) without a forward; it keeps a
+digest of the ids, not the ids, and the most recently used ``max_items``.
 
 Example::
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .planning import Reward, StepIds
+from .planning import LabelIds, Reward, StepIds
 
 SEQ_DIM = 3  # the token dimension of a node's [layers, 2, kv_heads, tokens, head_dim] tensor
 
@@ -199,11 +199,15 @@ def _common_length(tokens: tuple[int, ...], ids: Sequence[int], pos: int, limit:
 
 
 def token_digest(ids: Sequence[int]) -> bytes:
-    """A 128-bit digest of a token-id sequence (the reward cache's key); a ``StepIds``'s readouts are part of it."""
+    """A 128-bit digest of a token-id sequence (the reward cache's key); a ``StepIds``'s readouts and a ``LabelIds``'s
+    labels and normalisation are part of it."""
     digest = hashlib.blake2b(array("q", ids).tobytes(), digest_size=16)
     if isinstance(ids, StepIds):
         digest.update(b"readouts")
         digest.update(array("q", ids.readouts).tobytes())
+    elif isinstance(ids, LabelIds):
+        digest.update(b"labels/vocabulary" if ids.whole_vocabulary else b"labels/softmax")
+        digest.update(array("q", ids.labels).tobytes())
     return digest.digest()
 
 

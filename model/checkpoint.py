@@ -7,6 +7,7 @@ or a path into a directory first; the demo model's build evaluates its checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -146,12 +147,17 @@ def load_checkpoint(model_dir: Path, spec: ModelSpec) -> RewardModel:
     if reward_format.step_separator is not None:
         step_separator_id = separator_id(tokenizer, reward_format.step_separator)
     label = reward_format.label
-    if reward_format.label_tokens is not None:
-        labels = tuple(separator_id(tokenizer, token) for token in reward_format.label_tokens)
+    if reward_format.name == "verdict-judge":  # the whole lm_head, for the label tokens a request names
+        labels = tuple(separator_id(tokenizer, token) for token in reward_format.label_tokens or ())
+        vocabulary = label_token_head(model_dir, hidden, None)
         if reward_format.whole_vocabulary:  # every row of lm_head; the reward is the first label's probability
-            head, label = label_token_head(model_dir, hidden, None), labels[0]
+            head, label = vocabulary, labels[0]
         else:
-            head = label_token_head(model_dir, hidden, labels)
+            head = dataclasses.replace(vocabulary, layers=((vocabulary.layers[0][0][list(labels)], None),))
+        head = dataclasses.replace(head, vocabulary=vocabulary.layers[0][0])
+    elif reward_format.label_tokens is not None:
+        labels = tuple(separator_id(tokenizer, token) for token in reward_format.label_tokens)
+        head = label_token_head(model_dir, hidden, labels)
     else:
         head = find_reward_head(
             model_dir, hidden, requested=spec.head, head_file=spec.head_file, outputs=reward_format.outputs

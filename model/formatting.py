@@ -9,7 +9,11 @@ The rules that keep rewards right:
 * a process reward model's steps (``StepsItem``) are tokenized one by one, each followed by the step separator
   **as its token id** (never as text that could merge with its neighbours), and the separators' positions go
   with the ids (``StepIds``); a step whose own text tokenizes into the separator is rejected; left truncation
-  keeps the last steps (the separators it cuts have no reward).
+  keeps the last steps (the separators it cuts have no reward);
+* a judge (``verdict_tokens`` set) also takes ``LabelsItem`` (formatted text or ids, read by the next-token
+  probabilities of the label ids it names: ``LabelIds``, each label id checked against the vocabulary) and, when
+  pairwise (``verdict_pair_template``), ``JudgedPairItem`` (the template filled with the prompt and both responses,
+  scored as formatted text).
 
 Example::
 
@@ -22,16 +26,29 @@ Example::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ContextLengthExceededError, InvalidRequestError, WrongModelKindError, item_error
-from .items import ConversationItem, Item, Message, PairItem, StepsItem, TextItem, TokensItem, parse_item
-from .planning import StepIds
+from .items import (
+    ConversationItem,
+    Item,
+    JudgedPairItem,
+    LabelsItem,
+    Message,
+    PairItem,
+    StepsItem,
+    TextItem,
+    TokensItem,
+    parse_item,
+)
+from .planning import LabelIds, StepIds
 from .spec import ModelSpec
 
 # Stands for the assistant's turn while a chat template renders a steps item (cut there; the steps follow as ids).
 STEPS_MARKER = "\u2063rmserve-steps\u2063"
+PAIR_PLACEHOLDER = re.compile(r"\{(prompt|response_a|response_b)\}")  # verdict_pair_template's (spec.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +103,8 @@ class ItemFormatter:
         A process reward model takes steps items, and text or token items whose separators are already in them (its
         rewards are read at each separator); an outcome model takes the four item forms."""
         item = parse_item(item, index)
+        if isinstance(item, LabelsItem | JudgedPairItem):
+            return self._encode_for_judge(item, index)
         process = self.step_separator_id is not None
         if isinstance(item, StepsItem):
             if not process:
@@ -107,6 +126,39 @@ class ItemFormatter:
         if process:  # separators already in the text (vLLM's /pooling): a reward at each
             return self._truncate_steps(ids, [p for p, t in enumerate(ids) if t == self.step_separator_id], index)
         return self._truncate(ids, index)
+
+    # -- judges -------------------------------------------------------------------------------
+    def _encode_for_judge(self, item: LabelsItem | JudgedPairItem, index: int) -> TokenizedItem:
+        """A judge's input: ``LabelsItem`` read by its labels' probabilities, ``JudgedPairItem`` by the verdict."""
+        if self.spec.verdict_tokens is None:
+            raise WrongModelKindError(
+                "this model is not a judge: serve a causal LM with verdict_tokens to read label probabilities",
+                param="model",
+            )
+        if isinstance(item, JudgedPairItem):
+            return self._truncate(self._tokenize_text(self._fill_pair_template(item)), index)
+        self._check_token_ids(list(item.label_token_ids), index, field="label_token_ids")
+        if isinstance(item.input, str):
+            ids = self._tokenize_text(item.input)
+        else:
+            ids = self._check_token_ids(item.input, index)
+        if not ids:
+            raise item_error(InvalidRequestError, index, "item has no tokens")
+        tokenized = self._truncate(ids, index)
+        labelled = LabelIds(tokenized.input_ids, item.label_token_ids, whole_vocabulary=not item.apply_softmax)
+        return TokenizedItem(labelled, tokenized.truncated)
+
+    def _fill_pair_template(self, item: JudgedPairItem) -> str:
+        template = self.spec.verdict_pair_template
+        if template is None:
+            raise WrongModelKindError(
+                "this judge is pointwise: set verdict_pair_template to judge pairs", param="model"
+            )
+        prompt = (
+            item.prompt if isinstance(item.prompt, str) else self.spec.separator.join(m.content for m in item.prompt)
+        )
+        values = {"prompt": prompt, "response_a": item.response_a, "response_b": item.response_b}
+        return PAIR_PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
 
     # -- process reward models ----------------------------------------------------------------
     def _encode_steps(self, item: StepsItem, index: int) -> TokenizedItem:
@@ -197,14 +249,16 @@ class ItemFormatter:
             return ids[:-1]
         return ids
 
-    def _check_token_ids(self, ids: list[int], index: int) -> list[int]:
+    def _check_token_ids(self, ids: list[int], index: int, field: str = "input_ids") -> list[int]:
+        """``ids`` when each is in the vocabulary; else an error naming ``field[position]`` of the first that is not
+        (an item's ``input_ids``, a judge's ``label_token_ids``)."""
         for pos, tid in enumerate(ids):
             if not 0 <= tid < self.vocab_size:
                 raise item_error(
                     InvalidRequestError,
                     index,
                     f"token id {tid} at position {pos} is outside the vocabulary [0, {self.vocab_size})",
-                    field=f"input_ids[{pos}]",
+                    field=f"{field}[{pos}]",
                 )
         return list(ids)
 

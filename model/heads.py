@@ -5,7 +5,8 @@ with two labels), ``reward_head`` (``LlamaRewardModel``: a causal LM + ``Linear(
 (DeepSpeed-Chat), ``value_head`` (OpenRLHF ``value_head_prefix``) — in the model's own weight files or in a separate
 ``<name>.safetensors`` file (or ``head_file``) holding ``weight`` / ``bias`` or ``<name>.weight``; the two-layer
 ``score`` MLP of Qwen2.5-Math-RM / -PRM (``score.0`` → ReLU → ``score.2``); and for a causal-LM process reward model
-the rows of ``lm_head`` (or the tied embeddings) that give its label tokens' logits.
+the rows of ``lm_head`` (or the tied embeddings) that give its label tokens' logits; a judge's head also holds the whole
+``lm_head`` (``vocabulary``), from which ``label_probabilities`` reads the label tokens a request names.
 
 How the head's outputs become one number (``readout``): ``raw`` (its one output), ``sigmoid`` (of its one output),
 ``softmax`` (the probability of output ``label`` over its outputs) or ``weighted`` (a multi-attribute head: the
@@ -47,6 +48,8 @@ class RewardHead:
     label: int = 0  # softmax: which output's probability is the reward
     attributes: tuple[str, ...] = ()  # weighted: each output's name
     weights: tuple[float, ...] = ()  # weighted: each output's weight in the reward
+    # A judge's whole ``lm_head`` (vocab, hidden): per-request label tokens are read from it (``label_probabilities``)
+    vocabulary: torch.Tensor | None = None
 
     @property
     def outputs(self) -> int:
@@ -61,18 +64,44 @@ class RewardHead:
     def to_module(self, device: torch.device | str) -> torch.nn.Module:
         """The head in fp32 (never quantised): a plain ``nn.Linear(hidden, 1)`` for one linear layer read raw (the
         common case), else a ``ScoreHead``. Either maps ``[n, hidden]`` to ``[n, 1]``."""
-        linears = []
-        for weight, bias in self.layers:
-            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=torch.float32)
-            with torch.no_grad():
-                linear.weight.copy_(weight.float())
-                if bias is not None:
-                    linear.bias.copy_(bias.reshape(-1).float())
-            linears.append(linear)
+        linears = [_linear(weight, bias) for weight, bias in self.layers]
         if len(linears) == 1 and self.readout == "raw":
             return linears[0].to(device).eval()
         head = ScoreHead(linears, self.readout, self.label, attributes=self.attributes, weights=self.weights)
+        if self.vocabulary is not None:  # a submodule: it moves with the head (sleep) and is reloaded with it
+            same = self.vocabulary is self.layers[0][0]
+            head.vocabulary = linears[0] if same else _linear(self.vocabulary, None)
         return head.to(device).eval()
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    """An fp32 ``nn.Linear`` holding ``weight`` (out, in) and ``bias``."""
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=torch.float32)
+    with torch.no_grad():
+        linear.weight.copy_(weight.float())
+        if bias is not None:
+            linear.bias.copy_(bias.reshape(-1).float())
+    return linear
+
+
+def label_probabilities(
+    vocabulary: torch.nn.Linear,
+    hidden: torch.Tensor,
+    labels: tuple[int, ...],
+    whole_vocabulary: bool,
+    *,
+    invariant: bool = False,
+) -> list[float]:
+    """The next-token probability of each of ``labels`` after one position whose hidden state is ``hidden``
+    (``[hidden]``), in fp32: under the whole vocabulary (``softmax(logits)[labels]``), or softmax over just those
+    labels' logits (``softmax(logits[labels])``). One row at a time, so its value never depends on its neighbours
+    (``invariant``: the fixed-shape matmul of batch-invariant mode)."""
+    x = hidden.float()[None]
+    logits = (fixed_rows_linear(x, vocabulary.weight, None) if invariant else vocabulary(x))[0]
+    ids = torch.tensor(labels, device=logits.device)
+    if whole_vocabulary:
+        return torch.softmax(logits, dim=-1)[ids].tolist()
+    return torch.softmax(logits[ids], dim=-1).tolist()
 
 
 class AttributedReward(float):

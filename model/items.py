@@ -95,6 +95,25 @@ class StepsItem(_Strict):
     steps: list[StrictStr] = Field(min_length=1)
 
 
+class LabelsItem(_Strict):
+    """Formatted text or token ids read by a judge at its last position: the next-token probability of each of
+    ``label_token_ids`` (under the whole vocabulary, or with ``apply_softmax`` over just those labels). One item of
+    SGLang's ``/v1/score`` body; the edge builds it (no dict form: the native routes do not take it)."""
+
+    input: StrictStr | list[StrictInt]
+    label_token_ids: tuple[StrictInt, ...] = Field(min_length=1)
+    apply_softmax: bool = False
+
+
+class JudgedPairItem(_Strict):
+    """A prompt and two responses, for a pairwise judge (``verdict_pair_template``): one input, one verdict. Built by
+    ``POST /v1/preference`` (no dict form)."""
+
+    prompt: Prompt
+    response_a: StrictStr
+    response_b: StrictStr
+
+
 Item = PairItem | ConversationItem | TextItem | TokensItem
 _FORMS: dict[frozenset[str], type[BaseModel]] = {
     frozenset({"prompt", "response"}): PairItem,
@@ -109,6 +128,8 @@ FORM_NAMES = {
     TextItem: "text",
     TokensItem: "tokens",
     StepsItem: "steps",
+    LabelsItem: "labels",
+    JudgedPairItem: "judged pair",
 }
 
 
@@ -130,9 +151,10 @@ def payload_size(obj: Any) -> int:
     return 1
 
 
-def parse_item(obj: Any, index: int = 0) -> Item | StepsItem:
-    """Validate one item (a dict or an item model; ``{prompt, steps}`` too); errors name the item index."""
-    if isinstance(obj, PairItem | ConversationItem | TextItem | TokensItem | StepsItem):
+def parse_item(obj: Any, index: int = 0) -> Item | StepsItem | LabelsItem | JudgedPairItem:
+    """Validate one item (a dict or an item model; ``{prompt, steps}`` too, and the ``BUILT_FORMS`` as models);
+    errors name the item index."""
+    if isinstance(obj, PairItem | ConversationItem | TextItem | TokensItem | StepsItem | LabelsItem | JudgedPairItem):
         item = obj
     else:
         if not isinstance(obj, dict):

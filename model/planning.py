@@ -39,7 +39,27 @@ from dataclasses import dataclass
 import numpy as np
 
 
-class StepIds(tuple):
+class _ReadIds(tuple):
+    """Token ids together with how they are read (``_reading``): equal only to ids of the same kind, read the same way
+    (slices are plain tuples), so duplicates, the reward cache and the plan tell them apart."""
+
+    def _reading(self) -> tuple:
+        raise NotImplementedError
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and tuple.__eq__(self, other) and self._reading() == other._reading()
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash((tuple(self), self._reading()))
+
+    def __reduce__(self):
+        return (type(self), (tuple(self), *self._reading()))
+
+
+class StepIds(_ReadIds):
     """Token ids scored at several positions: the hidden state at each of ``readouts`` (ascending; a process reward
     model's step separators) feeds the head, instead of the last token's alone. Its outcome is one reward per
     readout. Equal only to ``StepIds`` with the same ids and the same readouts (slices are plain tuples).
@@ -59,17 +79,34 @@ class StepIds(tuple):
             raise ValueError(f"readouts {seq.readouts} must be ascending positions of the {len(seq)} ids")
         return seq
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, StepIds) and tuple.__eq__(self, other) and self.readouts == other.readouts
+    def _reading(self) -> tuple:
+        return (self.readouts,)
 
-    def __ne__(self, other) -> bool:
-        return not self == other
 
-    def __hash__(self) -> int:
-        return hash((tuple(self), self.readouts))
+class LabelIds(_ReadIds):
+    """Token ids read at the last token by a causal LM's next-token probabilities of ``labels`` (a judge's verdict
+    tokens, chosen per request): under the whole vocabulary (``whole_vocabulary``), or softmax over just those
+    labels. Its outcome is one probability per label. Equal only to ``LabelIds`` with the same ids, labels and
+    normalisation, so two requests with other labels on the same text never share an answer.
 
-    def __reduce__(self):
-        return (StepIds, (tuple(self), self.readouts))
+    Example::
+
+        LabelIds([1, 5, 9], labels=(31, 32), whole_vocabulary=False)   # [P(31), P(32)], summing to 1
+    """
+
+    labels: tuple[int, ...]
+    whole_vocabulary: bool
+
+    def __new__(cls, ids, labels, whole_vocabulary):
+        seq = super().__new__(cls, ids)
+        seq.labels = tuple(int(t) for t in labels)
+        seq.whole_vocabulary = bool(whole_vocabulary)
+        if not seq.labels:
+            raise ValueError("LabelIds needs at least one label")
+        return seq
+
+    def _reading(self) -> tuple:
+        return (self.labels, self.whole_vocabulary)
 
 
 def first_readout(seq: Sequence[int]) -> int:
@@ -79,8 +116,9 @@ def first_readout(seq: Sequence[int]) -> int:
 
 
 def sequence_key(seq: Sequence[int]) -> tuple[int, ...]:
-    """What identifies a sequence's outcome: its ids, and its readouts when it has some."""
-    return seq if isinstance(seq, StepIds) else tuple(seq)
+    """What identifies a sequence's outcome: its ids, and how they are read when that is not the last token's reward
+    (``StepIds``' readouts, ``LabelIds``' labels)."""
+    return seq if isinstance(seq, _ReadIds) else tuple(seq)
 
 
 @dataclass(eq=False)

@@ -83,6 +83,9 @@ class RewardModel:
         }
         if self.reward_format.attributes:  # a multi-attribute head: each attribute's weight in the reward
             info["attributes"] = dict(zip(self.reward_format.attributes, self.reward_format.weights, strict=True))
+        if self.reward_format.name == "verdict-judge":  # reads label probabilities (SGLang's /v1/score body)
+            info["judge"] = "pairwise" if self.spec.verdict_pair_template is not None else "pointwise"
+            info["verdict_tokens"] = list(self.reward_format.label_tokens or ())
         if self.reward_format.process:  # vLLM's STEP pooling gives the head's probabilities: how many, which is ours
             fmt = self.reward_format
             info.update(step_separator=fmt.step_separator, step_outputs=fmt.outputs, step_label=fmt.label)

@@ -4,8 +4,9 @@ What one forward does: each row computes ``seq[start:end]`` (its start was fixed
 ``padding_side`` to the longest; the cached states of ``seq[:start]`` are stacked, left-aligned, into the model's
 key/value cache; positions count real tokens only, so every row sees the positions it would see alone. The hidden
 state of each item's last real token comes **from the attention mask** (a ``StepIds`` item's: those at its readouts,
-its step separators), and the reward head runs in fp32 on those positions only. Rows the plan marks ``store`` put
-their new states into the prefix cache, unless they are not finite.
+its step separators), and the reward head runs in fp32 on those positions only; a ``LabelIds`` item's outcome is
+instead its labels' next-token probabilities, read from the judge's whole ``lm_head`` (``heads.label_probabilities``).
+Rows the plan marks ``store`` put their new states into the prefix cache, unless they are not finite.
 
 A micro-batch that runs out of accelerator memory is split in half and retried (``run``); a row that does not fit
 even alone gets a typed error and the others are unaffected. Rewards do not depend on padding, neighbours or
@@ -28,10 +29,10 @@ from typing import Protocol
 import torch
 
 from .caches import PrefixKVCache
-from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError
-from .heads import AttributedReward, ScoreHead
+from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError, WrongModelKindError
+from .heads import AttributedReward, ScoreHead, label_probabilities
 from .invariant import BlockLayout, head_rewards, make_batch_invariant
-from .planning import Row, StepIds
+from .planning import LabelIds, Row, StepIds
 
 # An item's reward (one per readout for ``StepIds``) or error; a prefix row's None (its states are stored) or error.
 RowOutcome = float | list[float] | RMServeError | None
@@ -138,6 +139,7 @@ class ForwardRunner:
             last = hidden[torch.arange(count, device=hidden.device), last_col.to(hidden.device)]
             scored = [r for r, row in enumerate(rows) if row.item is not None]
             values: list[float] = []
+            labelled: dict[int, list[float] | RMServeError] = {}
             if scored:  # the head runs once, on every position any scored row reads
                 at_row, at_col, counts = self._readout_columns(rows, scored, width, last_col.tolist())
                 picked = hidden[torch.tensor(at_row, device=hidden.device), torch.tensor(at_col, device=hidden.device)]
@@ -147,6 +149,7 @@ class ForwardRunner:
                     table = self.head.outputs(picked.float(), invariant=self.batch_invariant).tolist()
                     rows_of = zip(values, table, strict=True)
                     values = [AttributedReward(v, zip(names, row, strict=True)) for v, row in rows_of]
+                labelled = self._label_outcomes(rows, scored, counts, picked)
             # A NaN or inf anywhere in a row's keys or values reaches its last token (even a masked-out NaN does:
             # 0 x NaN is NaN), so a finite last hidden state vouches for the whole row.
             finite = torch.isfinite(last).all(dim=1).tolist() if store else [True] * count
@@ -163,12 +166,15 @@ class ForwardRunner:
         first = 0
         for r in scored:
             row, n = rows[r], counts[r]
-            row_values, first = values[first : first + n], first + n
+            row_values, first = labelled.get(r, values[first : first + n]), first + n
+            if isinstance(row_values, RMServeError):
+                outcomes[row] = row_values
+                continue
             bad = [v for v in row_values if not math.isfinite(v)]
             if bad:
                 outcomes[row] = InternalError(f"the model produced a non-finite reward ({bad[0]})")
             else:
-                outcomes[row] = row_values if isinstance(row.seq, StepIds) else row_values[0]
+                outcomes[row] = row_values if isinstance(row.seq, StepIds | LabelIds) else row_values[0]
         return outcomes
 
     def time_forward(self, tokens: int) -> float:
@@ -188,6 +194,27 @@ class ForwardRunner:
         if isinstance(self.head, ScoreHead):
             return self.head.forward_invariant(picked).squeeze(-1)
         return head_rewards(self.head, picked)
+
+    def _label_outcomes(
+        self, rows: list[Row], scored: list[int], counts: dict[int, int], picked: torch.Tensor
+    ) -> dict[int, list[float] | RMServeError]:
+        """Each ``LabelIds`` row's label probabilities at its last token (``picked`` holds the positions the head
+        read, scored row after scored row), from the judge's whole ``lm_head``."""
+        vocabulary = getattr(self.head, "vocabulary", None)
+        outcomes: dict[int, list[float] | RMServeError] = {}
+        first = 0
+        for r in scored:
+            seq, first = rows[r].seq, first + counts[r]
+            if not isinstance(seq, LabelIds):
+                continue
+            if vocabulary is None:
+                outcomes[r] = WrongModelKindError("this model is not a judge: it has no next-token probabilities")
+                continue
+            hidden = picked[first - 1]
+            outcomes[r] = label_probabilities(
+                vocabulary, hidden, seq.labels, seq.whole_vocabulary, invariant=self.batch_invariant
+            )
+        return outcomes
 
     def _readout_columns(
         self, rows: list[Row], scored: list[int], width: int, last_col: list[int]

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 Quantization = Literal["none", "int8", "nf4"]
 HeadName = Literal["auto", "score", "reward_head", "v_head", "value_head"]
+PAIR_PLACEHOLDERS = ("prompt", "response_a", "response_b")  # what verdict_pair_template is filled with
 
 
 class ModelSpec(BaseModel):
@@ -131,6 +132,15 @@ class ModelSpec(BaseModel):
         description="true: softmax over just the verdict tokens' logits; false: the first token's probability under "
         "the whole vocabulary.",
     )
+    verdict_pair_template: str | None = Field(
+        None,
+        min_length=1,
+        max_length=16384,
+        description="Makes a verdict judge pairwise (verdict_tokens 'A,B': the first names response a): POST "
+        "/v1/preference fills this text's {prompt}, {response_a} and {response_b} with each pair and gives P(a > b) "
+        "as the first verdict token's probability at its end, from one forward (instead of sigmoid(r_a - r_b)). The "
+        "filled text is scored as already formatted: write the judge's chat markup into it.",
+    )
     attribute_weights: dict[str, float] | None = Field(
         None,
         description="A multi-attribute model (*ForSequenceClassification with several labels): the weight of each "
@@ -138,6 +148,17 @@ class ModelSpec(BaseModel):
         "left out weigh 0). Default: their mean. Every attribute is returned by name as well.",
     )
     trust_remote_code: bool = Field(False, description="Allow checkpoint code to run (off unless you trust it).")
+
+    @model_validator(mode="after")
+    def _pair_template_needs_a_judge(self) -> ModelSpec:
+        if self.verdict_pair_template is None:
+            return self
+        if self.verdict_tokens is None:
+            raise ValueError("verdict_pair_template makes a verdict judge pairwise: set verdict_tokens too ('A,B')")
+        missing = [p for p in PAIR_PLACEHOLDERS if "{" + p + "}" not in self.verdict_pair_template]
+        if missing:
+            raise ValueError(f"verdict_pair_template lacks the placeholders {['{' + p + '}' for p in missing]}")
+        return self
 
     @model_validator(mode="after")
     def _invariant_needs_plain_weights(self) -> ModelSpec:

@@ -118,3 +118,24 @@ def unshared_rewards(engine, seqs) -> list:
     """What ``engine`` gives ``seqs`` scored whole: no prefix sharing, no caches."""
     with sharing_off(engine):
         return engine.score_batch(seqs)
+
+
+def save_judge_checkpoint(out: Path, seed: int = 5):
+    """A tiny causal-LM judge (LLaMA, the chat tokenizer, a visible ``lm_head`` scale); return ``(dir, model,
+    tokenizer)``: ``model`` is transformers' own ``AutoModelForCausalLM``, the reference."""
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer("chat")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config("llama", len(tok), tok)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.15)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return Path(out), model, tok
+
+
+def last_logits(model, ids) -> torch.Tensor:
+    """transformers' next-token logits after the unpadded sequence ``ids`` (fp32)."""
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0, -1].float()

@@ -76,7 +76,6 @@ from rmserve.serve.edge.locations import in_list
 from rmserve.serve.edge.native import best_first, sigmoid
 from rmserve.serve.edge.pipeline import Call, Context
 from rmserve.serve.edge.protocol import ScoredItems
-from rmserve.serve.routing.model_routing import EnsembleRoute
 
 
 def strip_padding(text: str, pad_token: str | None) -> str:
@@ -216,8 +215,7 @@ def cohere_rerank_response(request: CohereRerankRequest, scored: ScoredItems, _c
 async def pooling_call(request: PoolingRequest, context: Context) -> Call:
     """The texts as items (their separators already in them); the model's card says how a step's probabilities are
     laid out."""
-    target = await context.service.resolve(request.model)
-    card = None if isinstance(target, EnsembleRoute) else target.info
+    card = await context.service.card(request.model)
     return Call(request.items(), in_list("input", single=request.single()), request.model, model_card=card)
 
 

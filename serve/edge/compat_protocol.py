@@ -11,6 +11,7 @@ Example::
     EmbeddingsRequest.model_validate({"model": "/ckpt/rm", "input": "<s>Q: 2+2? A: 4</s>"})   # verl + SGLang
     SlimeRewardRequest.model_validate({"prompt": "2+2?", "response": "4", "label": "4"})
     CohereRerankRequest.model_validate({"query": "2+2?", "documents": ["4", {"text": "5"}], "top_n": 1})
+    LabelScoresRequest.model_validate({"query": "Is 2+2=4? Answer:", "items": [" Yes"], "label_token_ids": [9, 7]})
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    ValidationInfo,
+    field_validator,
     model_serializer,
 )
 
@@ -235,3 +238,47 @@ class CohereRerankResponse(_Response):
     model: str
     results: list[RerankResultEntry] = Field(description="Best first (equal scores keep input order).")
     usage: RerankUsage
+
+
+# -- SGLang's POST /v1/score (vLLM's generative scores): label-token probabilities of a judge -----------------------
+class LabelScoresRequest(_CompatRequest):
+    """``{"model"?, "query", "items", "label_token_ids", "apply_softmax"?, "item_first"?}``: per item, the next-token
+    probability of each label id at the end of ``query + item`` (``item + query`` with ``item_first``), joined as
+    text or as token ids (both the same kind), without decoding."""
+
+    model: StrictStr | None = Field(None, description=_MODEL_HELP)
+    query: StrictStr | list[StrictInt] = Field(description="Text, or token ids of the judge's tokenizer.")
+    items: StrictStr | list[StrictStr] | list[list[StrictInt]] = Field(
+        description="One text, a list of texts, or a list of token-id lists: the same kind as query."
+    )
+    label_token_ids: list[Annotated[StrictInt, Field(ge=0)]] = Field(
+        min_length=1, description="Token ids whose probabilities each item gets, in this order."
+    )
+    apply_softmax: StrictBool = Field(
+        False,
+        description="true: softmax over just the labels' logits; false: probabilities under the whole vocabulary.",
+    )
+    item_first: StrictBool = Field(False, description="true: each item goes before the query.")
+
+    @field_validator("items")
+    @classmethod
+    def _same_kind_as_query(cls, items: str | list, info: ValidationInfo) -> str | list:
+        if isinstance(items, list) and not items:
+            raise ValueError("items is empty")
+        query = info.data.get("query")
+        text_items = isinstance(items, str) or isinstance(items[0], str)
+        if query is not None and isinstance(query, str) != text_items:
+            raise ValueError("query and items must both be text or both be token ids")
+        return items
+
+    def joined(self) -> list[str | list[int]]:
+        """Each item joined with the query, in the order ``item_first`` says."""
+        items = [self.items] if isinstance(self.items, str) else self.items
+        return [item + self.query if self.item_first else self.query + item for item in items]  # type: ignore[operator]
+
+
+class LabelScoresResponse(_Response):
+    scores: list[list[float]] = Field(description="Per item, one probability per label token id, in their order.")
+    model: str
+    usage: ClassifyUsage
+    object: Literal["scoring"] = "scoring"

@@ -3,7 +3,8 @@
 Each row names its paths, its request and response bodies, and its two own steps (``native.py``, ``compat.py``);
 the rest of a request's way is the same for all of them (``routes.py`` reads and validates the body,
 ``GatewayService.run`` scores the items). A new endpoint is a new row. Several rows may share a path: the body's
-fields pick the row (``/v1/rerank`` takes rmserve's ``groups`` and the Cohere/Jina ``query`` + ``documents``).
+fields pick the row (``/v1/rerank`` takes rmserve's ``groups`` and the Cohere/Jina ``query`` + ``documents``;
+``/v1/score`` rmserve's ``items`` and SGLang's ``query`` + ``items`` + ``label_token_ids`` for a judge).
 
 Example::
 
@@ -12,7 +13,7 @@ Example::
 
 from __future__ import annotations
 
-from rmserve.serve.edge import compat, native
+from rmserve.serve.edge import compat, label_scores, native
 from rmserve.serve.edge.compat_protocol import (
     ClassifyRequest,
     ClassifyResponse,
@@ -22,6 +23,8 @@ from rmserve.serve.edge.compat_protocol import (
     EmbeddingsResponse,
     GetRewardRequest,
     GetRewardResponse,
+    LabelScoresRequest,
+    LabelScoresResponse,
     PoolingRequest,
     PoolingResponse,
     SlimeRewardRequest,
@@ -43,6 +46,19 @@ VLLM_INVALID_STATUS = 400  # vLLM and SGLang answer a malformed body with 400 (n
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     # -- native ----------------------------------------------------------------------------------------
+    Endpoint(
+        "label_scores",
+        ("/v1/score",),
+        LabelScoresRequest,
+        LabelScoresResponse,
+        "A judge's next-token probabilities of label token ids after query + item (SGLang's /v1/score body, vLLM's "
+        "generative scores)",
+        call=label_scores.label_scores_call,
+        respond=label_scores.label_scores_response,
+        accepts=label_scores.is_label_scores,
+        invalid_status=VLLM_INVALID_STATUS,
+        kind="judge",
+    ),
     Endpoint(
         "score",
         ("/v1/score", "/score"),

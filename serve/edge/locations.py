@@ -34,6 +34,11 @@ def in_pairs(index: int, field: str | None) -> str:
     return f"pairs[{pair}].response_{'ab'[side]}"
 
 
+def in_judged_pairs(index: int, field: str | None) -> str:
+    """``/v1/preference`` on a pairwise judge: item ``k`` is pair ``k`` (its prompt and both responses)."""
+    return f"pairs[{index}]" + (f".{field}" if field else "")
+
+
 def in_groups(sizes: list[int]) -> Locate:
     """``/v1/rerank``: each group gives one item per response, groups one after the other."""
     starts = [0, *itertools.accumulate(sizes)]

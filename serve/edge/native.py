@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 
-from rmserve.model.items import PairItem
-from rmserve.serve.edge.locations import in_groups, in_items, in_pairs
+from rmserve.model.items import JudgedPairItem, PairItem
+from rmserve.serve.edge.locations import in_groups, in_items, in_judged_pairs, in_pairs
 from rmserve.serve.edge.pipeline import Call, Context
 from rmserve.serve.edge.protocol import (
     PreferenceRequest,
@@ -81,8 +81,14 @@ def score_response(_request: ScoreRequest, scored: ScoredItems, _call: Call) -> 
     )
 
 
-# -- /v1/preference: items 2k and 2k + 1 are pair k's two responses ------------------------------
-def preference_call(request: PreferenceRequest, _context: Context) -> Call:
+# -- /v1/preference: items 2k and 2k + 1 are pair k's two responses; a pairwise judge's item k is pair k --------
+async def preference_call(request: PreferenceRequest, context: Context) -> Call:
+    card = await context.service.card(request.model)
+    if card is not None and card.get("judge") == "pairwise":  # one judge input per pair; its rewards are P(a > b)
+        items = [
+            JudgedPairItem(prompt=p.prompt, response_a=p.response_a, response_b=p.response_b) for p in request.pairs
+        ]
+        return Call(items, in_judged_pairs, request.model, model_card=card)
     items = []
     for pair in request.pairs:
         items += [PairItem(prompt=pair.prompt, response=pair.response_a)]
@@ -90,7 +96,18 @@ def preference_call(request: PreferenceRequest, _context: Context) -> Call:
     return Call(items, in_pairs, request.model, request.normalize)
 
 
-def preference_response(_request: PreferenceRequest, scored: ScoredItems, _call: Call) -> PreferenceResponse:
+def judged_pair_result(prob_a: float) -> PreferenceResult:
+    """A pairwise judge's verdict: ``P(a ≻ b)`` is the first verdict token's probability; ``reward_a`` is it,
+    ``reward_b`` its complement; ties prefer ``a``."""
+    return PreferenceResult(
+        reward_a=prob_a, reward_b=1.0 - prob_a, prob_a=prob_a, preferred="a" if prob_a >= 0.5 else "b"
+    )
+
+
+def preference_response(_request: PreferenceRequest, scored: ScoredItems, call: Call) -> PreferenceResponse:
+    if call.model_card is not None and call.model_card.get("judge") == "pairwise":
+        results = [judged_pair_result(p) for p in scored.rewards]
+        return PreferenceResponse(model=scored.model, results=results, batch_invariant=scored.batch_invariant)
     raw, shown = scored.rewards, scored.shown
     results = [preference_result(raw[k], raw[k + 1], shown[k], shown[k + 1]) for k in range(0, len(raw), 2)]
     if scored.member_rewards is not None and scored.spread is not None:

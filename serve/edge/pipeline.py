@@ -74,6 +74,7 @@ class Endpoint:
     # "shed": a full queue answers 429 with Retry-After. "wait": the request waits for room up to its deadline
     # (trainers' clients that cannot take a 429; see compat.py).
     when_full: Literal["shed", "wait"] = "shed"
-    # Which models answer it: outcome reward models (one reward per item) or process reward models (step rewards);
-    # the other kind gets a 400 naming the model (``GatewayService.run``).
-    kind: Literal["outcome", "process"] = "outcome"
+    # Which models answer it: outcome reward models (one reward per item), process reward models (step rewards) or
+    # judges (verdict_tokens set: label-token probabilities; a judge is an outcome model too); the others get a 400
+    # naming the model (``GatewayService.check_kind``).
+    kind: Literal["outcome", "process", "judge"] = "outcome"

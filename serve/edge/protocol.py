@@ -160,7 +160,9 @@ class PreferenceResult(_OmitsUnset):
 
     reward_a: float
     reward_b: float
-    prob_a: float = Field(description="sigmoid(raw reward_a - raw reward_b)")
+    prob_a: float = Field(
+        description="sigmoid(raw reward_a - raw reward_b); a pairwise judge's: P(first verdict token) of the pair"
+    )
     preferred: Literal["a", "b"]
     member_rewards_a: dict[str, float] | None = Field(None, description="Ensembles only: members' rewards of a.")
     member_rewards_b: dict[str, float] | None = Field(None, description="Ensembles only: members' rewards of b.")
@@ -252,7 +254,16 @@ class StepsResponse(_Response):
 
 # -- operational --------------------------------------------------------------------------------
 class ModelCard(_OmitsUnset):
-    OMITTED_WHEN_UNSET = ("ensemble", "path", "step_separator", "step_outputs", "step_label", "attributes")
+    OMITTED_WHEN_UNSET = (
+        "ensemble",
+        "path",
+        "step_separator",
+        "step_outputs",
+        "step_label",
+        "attributes",
+        "judge",
+        "verdict_tokens",
+    )
 
     id: str
     names: list[str] = Field(
@@ -276,6 +287,12 @@ class ModelCard(_OmitsUnset):
     attributes: dict[str, float] | None = Field(
         None, description="A multi-attribute model's attributes and their weights in the reward."
     )
+    judge: Literal["pointwise", "pairwise"] | None = Field(
+        None,
+        description="A verdict-token judge: it also answers SGLang's label-probability body on POST /v1/score; "
+        "'pairwise' (verdict_pair_template set): /v1/preference judges each pair in one input.",
+    )
+    verdict_tokens: list[str] | None = Field(None, description="A judge's verdict tokens, the first the reward's.")
     ensemble: dict[str, Any] | None = Field(
         None,
         description="Ensembles only: {members: {name: weight}, combine, lambda} (see rmserve.serve.routing.ensemble).",

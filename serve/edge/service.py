@@ -152,6 +152,11 @@ class GatewayService:
                 await self._probe(lane)
         return target
 
+    async def card(self, model: str | None) -> dict | None:
+        """The card of the one model ``model`` names (``GET /v1/models``' entry); None for an ensemble."""
+        target = await self.resolve(model)
+        return None if isinstance(target, EnsembleRoute) else target.info
+
     async def check_model(self, model: str | None) -> str:
         """The id (or ensemble name) that ``model`` names; 404 ``param="model"`` when none."""
         target = await self.resolve(model)
@@ -159,15 +164,22 @@ class GatewayService:
 
     async def check_kind(self, endpoint: Endpoint, model: str | None) -> None:
         """A 400 (``param="model"``) when the model ``model`` names is not of the kind ``endpoint`` serves: an outcome
-        route on a process reward model, or a step route on an outcome reward model."""
+        route on a process reward model, a step route on an outcome reward model, or a judge's route (label
+        probabilities) on a model that is not a judge (an ensemble is not one)."""
         target = await self.resolve(model)
         lanes = target.lanes if isinstance(target, EnsembleRoute) else [target]
         for lane in lanes:
             kind = (lane.info or {}).get("kind", "outcome")
-            if kind == endpoint.kind:
+            judge = (lane.info or {}).get("judge") is not None and not isinstance(target, EnsembleRoute)
+            if endpoint.kind in (kind, "judge" if judge else kind):
                 continue
             name = target.name if isinstance(target, EnsembleRoute) else lane.model_id
-            if kind == "process":
+            if endpoint.kind == "judge":
+                message = (
+                    f"model {name!r} is not a judge: {endpoint.paths[0]} with label_token_ids needs a causal LM served "
+                    "with verdict_tokens"
+                )
+            elif kind == "process":
                 message = f"model {name!r} is a process reward model: it answers POST /v1/steps and /pooling only"
             else:
                 message = f"model {name!r} is an outcome reward model: {endpoint.paths[0]} needs a process reward model"

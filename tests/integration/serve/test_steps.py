@@ -1,6 +1,7 @@
-"""POST /v1/steps and vLLM's POST /pooling through the in-process server: step rewards equal the offline model's,
-aggregates equal their formulas, the errors are the documented ones, the kinds answer only their own routes, and 64
-concurrent one-sample requests of GRPO-shaped PRM traffic each get their own step rewards."""
+"""POST /v1/steps and vLLM's POST /pooling through the in-process server (the step rewards and /pooling on Ray Serve
+too): step rewards equal the offline model's, aggregates equal their formulas, the errors are the documented ones, the
+kinds answer only their own routes, and 64 concurrent one-sample requests of GRPO-shaped PRM traffic each get their own
+step rewards."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import random
 
 import pytest
 from prm_checkpoints import save_format_checkpoint
-from serve_harness import async_client, running_app
+from serve_harness import RUNTIMES, async_client, running_app
 
 from rmserve.client import AsyncRewardClient, RewardClient
 from rmserve.model import load_reward_model
@@ -30,18 +31,33 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(checkpoints):
-    config = load_config(
+def config(checkpoints):
+    return load_config(
         base={
             "model": {"dtype": "fp32", "device": "cpu", "forward_overhead_tokens": 0},
             "models": [
-                {"name": "prm", "path": str(checkpoints["prm"]), "max_length": 256},
-                {"name": "rm", "path": str(checkpoints["rm"])},
+                {"name": "prm", "path": str(checkpoints["prm"]), "max_length": 256, "num_cpus": 0.5},
+                {"name": "rm", "path": str(checkpoints["rm"]), "num_cpus": 0.5},
             ],
+            "gateway_num_cpus": 0.25,
             "batching": {"batch_wait_timeout_s": 0.005},
         }
     )
+
+
+@pytest.fixture(scope="module")
+def app(config):
     with running_app(config, "inprocess") as live:
+        yield live
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def each_runtime(config, request):
+    """The module's in-process ``app`` (not started twice), and the same models on Ray Serve (one Ray instance)."""
+    if request.param == "inprocess":
+        yield request.getfixturevalue("app")
+        return
+    with running_app(config, "ray") as live:
         yield live
 
 
@@ -57,7 +73,8 @@ def offline_steps(offline, items: list[dict]) -> list[list[float]]:
     return offline.engine.score_batch([offline.tokenize(item, i).input_ids for i, item in enumerate(items)])
 
 
-async def test_steps_rewards_and_aggregates(app, offline):
+async def test_steps_rewards_and_aggregates(each_runtime, offline):
+    app = each_runtime
     items = [{"prompt": PROMPT, "steps": STEPS}, {"prompt": [{"role": "user", "content": PROMPT}], "steps": ["72"]}]
     want = offline_steps(offline, items)
     async with async_client(app) as client:
@@ -122,7 +139,8 @@ async def test_documented_errors(app):
     assert no_steps.status_code == 422 and no_steps.json()["error"]["param"].startswith("items[0].steps")
 
 
-async def test_pooling_answers_vllms_step_shape(app, offline):
+async def test_pooling_answers_vllms_step_shape(each_runtime, offline):
+    app = each_runtime
     item = {"prompt": PROMPT, "steps": STEPS}
     ids = offline.tokenize(item).input_ids
     text = offline.tokenizer.decode(list(ids))  # separators already in the text, as vLLM's clients send it

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import _config, build_tokenizer, unshared_rewards
+from checkpoints import last_logits, save_judge_checkpoint, unshared_rewards
 
 from rmserve.model import load_reward_model
+from rmserve.model.errors import InvalidRequestError, WrongModelKindError
+from rmserve.model.formatting import ItemFormatter
+from rmserve.model.items import JudgedPairItem, LabelsItem
 
 TOL = 1e-5
 JUDGE = (
@@ -21,22 +24,8 @@ ANSWERS = ["5", "6", "five", "It is 5, since 2 + 3 = 5", "23"]
 
 @pytest.fixture(scope="module")
 def judge_checkpoint(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("judge")
-    tok = build_tokenizer("chat")
-    torch.manual_seed(5)
-    model = AutoModelForCausalLM.from_config(_config("llama", len(tok), tok)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.15)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-
-    def last_logits(ids) -> torch.Tensor:
-        with torch.no_grad():
-            return model(torch.tensor([list(ids)])).logits[0, -1].float()
-
-    return out, last_logits, tok
+    out, model, tok = save_judge_checkpoint(tmp_path_factory.mktemp("judge"))
+    return out, lambda ids: last_logits(model, ids), tok
 
 
 def judge(checkpoint, verdicts: str, **spec):
@@ -68,6 +57,56 @@ def test_verdict_probability_equals_the_reference(judge_checkpoint, verdicts, so
 def test_verdicts_are_batch_invariant(judge_checkpoint, softmax):
     rm = judge(judge_checkpoint, "A,B,C", verdict_softmax=softmax, batch_invariant=True)
     items = [{"text": JUDGE.format(answer=a)} for a in ANSWERS]
+    items += [LabelsItem(input=JUDGE.format(answer=a), label_token_ids=(4, 9), apply_softmax=softmax) for a in ANSWERS]
     together = rm.score(items)
     alone = [unshared_rewards(rm.engine, [rm.tokenize(item).input_ids])[0] for item in items]
     assert together == alone
+
+
+@pytest.mark.parametrize("apply_softmax", [False, True])
+def test_label_probabilities_per_item_equal_the_reference(judge_checkpoint, apply_softmax):
+    """Label ids named per item (SGLang's body): P(label) under the whole vocabulary or softmax over the labels;
+    the same text with other labels, or the other normalisation, is its own answer (duplicates, reward cache)."""
+    _, last_logits, tok = judge_checkpoint
+    rm = judge(judge_checkpoint, "A,B")
+    texts = [JUDGE.format(answer=a) for a in ANSWERS[:3]]
+    label_sets = [(5, 17, 42), (17, 5), (len(tok) - 1,)]
+    items = [
+        LabelsItem(input=text, label_token_ids=labels, apply_softmax=apply_softmax)
+        for text in texts
+        for labels in label_sets
+    ]
+    for _ in range(2):  # the second time from the reward cache
+        got = rm.score(items)
+        for item, probs in zip(items, got, strict=True):
+            logits = last_logits(rm.tokenize(item).input_ids)
+            ids = list(item.label_token_ids)
+            want = torch.softmax(logits[ids], -1) if apply_softmax else torch.softmax(logits, -1)[ids]
+            assert probs == pytest.approx(want.tolist(), abs=TOL)
+
+
+def test_labels_need_a_judge_and_known_ids(judge_checkpoint):
+    rm = judge(judge_checkpoint, "A,B")
+    vocab = rm.formatter.vocab_size
+    with pytest.raises(InvalidRequestError) as err:
+        rm.score([LabelsItem(input="Is it?", label_token_ids=(1, vocab))])
+    assert err.value.field == "label_token_ids[1]"
+    plain = rm.spec.model_copy(update={"verdict_tokens": None})
+    with pytest.raises(WrongModelKindError):
+        ItemFormatter(rm.tokenizer, plain, max_length=64, vocab_size=vocab).encode(
+            LabelsItem(input="Is it?", label_token_ids=(1,))
+        )
+
+
+def test_pairwise_judge_reads_one_templated_input(judge_checkpoint):
+    _, last_logits, tok = judge_checkpoint
+    template = "<|user|>Question: {prompt} A: {response_a} B: {response_b} Which is better?</s><|assistant|>"
+    rm = judge(judge_checkpoint, "A,B", verdict_pair_template=template)
+    assert rm.info()["judge"] == "pairwise"
+    pair = JudgedPairItem(prompt="what is 2 + 3?", response_a="5", response_b="{response_a} six")
+    (got,) = rm.score([pair])
+    text = "<|user|>Question: what is 2 + 3? A: 5 B: {response_a} six Which is better?</s><|assistant|>"  # filled once
+    labels = [tok.convert_tokens_to_ids(t) for t in ("A", "B")]
+    assert got == pytest.approx(float(torch.softmax(last_logits(rm.tokenize({"text": text}).input_ids)[labels], -1)[0]))
+    with pytest.raises(ValueError, match="placeholders"):
+        judge(judge_checkpoint, "A,B", verdict_pair_template="{prompt} {response_a}")
