@@ -104,8 +104,9 @@ class GatewayService:
             scored = ScoredItems(model=await self.check_model(call.model), rewards=[])
         elif endpoint.when_full == "wait":
             scored = await self._score_waiting_for_room(call.items, call.normalize, call.model, call.locate)
-        else:
-            scored = await self.score_items(call.items, call.normalize, call.model, call.locate)
+        else:  # a judge's label probabilities are not its rewards: reward telemetry does not see them
+            observe = endpoint.kind != "judge"
+            scored = await self.score_items(call.items, call.normalize, call.model, call.locate, observe=observe)
         return endpoint.respond(request, scored, call)
 
     async def _score_waiting_for_room(
@@ -186,10 +187,10 @@ class GatewayService:
             raise WrongModelKindError(message, param="model")
 
     async def score_items(
-        self, items: Sequence[Item], normalize: bool, model: str | None, locate: Locate
+        self, items: Sequence[Item], normalize: bool, model: str | None, locate: Locate, *, observe: bool = True
     ) -> ScoredItems:
         """One Scorer call per model for a request's flat item list (an ensemble calls its members concurrently);
-        an item's error names the caller's field (``locate``)."""
+        an item's error names the caller's field (``locate``); reward telemetry sees the rewards when ``observe``."""
         limit = self.config.limits.max_items_per_request
         if len(items) > limit:
             raise RequestTooLargeError(f"{len(items)} items exceed the limit of {limit} per request")
@@ -200,7 +201,8 @@ class GatewayService:
             scored = await self._score_lane(target, items, normalize, locate)
         lanes = target.lanes if isinstance(target, EnsembleRoute) else [target]
         scored.batch_invariant = all((lane.info or {}).get("batch_invariant", False) for lane in lanes)
-        if self.telemetry is not None:  # a process reward model's item counts with its last step's reward
+        if self.telemetry is not None and observe:
+            # a process reward model's item counts with its last step's reward
             rewards = [r[-1] if isinstance(r, list) else r for r in scored.rewards]
             self.telemetry.observe(scored.model, rewards, scored.lengths, len(scored.truncated), scored.spread)
         return scored

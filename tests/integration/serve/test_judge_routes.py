@@ -11,6 +11,7 @@ import asyncio
 import pytest
 import torch
 from checkpoints import last_logits, save_checkpoint, save_judge_checkpoint
+from metrics_scrape import delta, scrape
 from serve_harness import RUNTIMES, async_client, running_app
 
 from rmserve.serve.config.loading import load_config
@@ -158,3 +159,15 @@ async def test_pairwise_judge_preference_is_the_verdict_of_one_templated_input(a
         assert result["preferred"] == ("a" if want >= 0.5 else "b")
     assert [card.get("judge") for card in models.json()["data"]] == ["pointwise", "pairwise", None]
     assert pointwise.status_code == 200 and len(pointwise.json()["results"]) == 2  # a pointwise judge: Bradley–Terry
+
+
+async def test_label_probabilities_stay_out_of_reward_telemetry(app):
+    """A judge's label probabilities are not its rewards: reward telemetry counts its /v1/score items only."""
+    body = {"model": "judge", "query": QUERY, "items": ITEMS, "label_token_ids": [1, 2]}
+    async with async_client(app) as client:
+        before = await scrape(client)
+        labelled = await client.post("/v1/score", json=body)
+        native = await client.post("/v1/score", json={"model": "judge", "items": [{"text": QUERY}]})
+        after = await scrape(client)
+    assert labelled.status_code == 200 and native.status_code == 200, labelled.text + native.text
+    assert delta(before, after, "reward_items_total", model="judge") == 1
