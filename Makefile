@@ -23,7 +23,7 @@ install: $(STAMP)
 serve: $(STAMP)  ## serve the built-in demo reward model on http://127.0.0.1:8000
 	$(BIN)/rmserve serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)  ## lint + the whole test suite except the long soak (slow) and the long multi-node runs (cluster_slow)
+test: $(STAMP)  ## lint + the whole test suite except the long runs (slow: soak, redeploys, start/stop) and multi-node ones (cluster_slow)
 	$(BIN)/ruff check .
 	$(BIN)/pytest tests -m "not slow and not cluster_slow" $(PYTEST_ARGS)
 

@@ -18,7 +18,9 @@ from cluster_harness import (
 
 from rmserve.client import AsyncRewardClient
 
-pytestmark = [pytest.mark.ray, pytest.mark.cluster]
+# Its own three-node cluster plus a node kill take about a minute: `make test-all` (test_cluster_serving covers the
+# multi-node path in `make test`).
+pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.cluster_slow]
 
 TOL = 1e-5
 CLIENTS = 8

@@ -65,6 +65,7 @@ def gateway_up_scorer_loading(url: str) -> bool:
     return health.status_code == 200 and ready.status_code == 503
 
 
+@pytest.mark.slow  # a Ray start plus a deploy that never finishes: ~20 s; `make test-all`
 def test_sigterm_while_the_application_is_still_deploying_stops_the_server(tmp_path, demo_model_dir):
     # The Scorer's constructor sleeps for ten minutes (a test hook), so the application stays in its starting state.
     proc, log, url = start(tmp_path, "--ray-num-cpus", "2", RMSERVE_TESTING__SCORER_START_DELAY_S="600")

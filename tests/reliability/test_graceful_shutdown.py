@@ -39,7 +39,10 @@ def items_of(n: int) -> list[list[dict]]:
     ]
 
 
-@pytest.mark.parametrize("runtime", [pytest.param("ray", marks=pytest.mark.ray), "inprocess"])
+# The default runtime in `make test`; the in-process runtime in `make soak` (its drain is shared code, unit-tested).
+@pytest.mark.parametrize(
+    "runtime", [pytest.param("ray", marks=pytest.mark.ray), pytest.param("inprocess", marks=pytest.mark.slow)]
+)
 async def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_0(
     runtime, tmp_path, demo_model, figures
 ):

@@ -221,6 +221,7 @@ async def test_compat_routes_enforce_the_item_limit(client):
     assert_error(await client.post("/classify", json={"input": too_many}), 413, "request_too_large")
 
 
+@pytest.mark.slow  # Serve retries the failing Scorer constructor for ~25 s; `make test-all`
 def test_normalize_without_model_statistics_refuses_to_start(app, checkpoint):
     """compat.normalize on a model without mean/std is a deployment error, not a 400 on every request."""
     from ray import serve

@@ -16,7 +16,8 @@ from serve_harness import APP_NAME, LiveApp, async_client, demo_config, running_
 from rmserve.serve import build_app
 from rmserve.serve.rayserve.metrics_hub import HUB_DEPLOYMENT
 
-pytestmark = pytest.mark.ray
+# Redeploys and serve.delete: about a minute of Ray deployments for a metrics-lifetime regression; `make test-all`.
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SIZES = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 1, 1]
 
