@@ -6,7 +6,8 @@ with two labels), ``reward_head`` (``LlamaRewardModel``: a causal LM + ``Linear(
 ``<name>.safetensors`` file (or ``head_file``) holding ``weight`` / ``bias`` or ``<name>.weight``; the two-layer
 ``score`` MLP of Qwen2.5-Math-RM / -PRM (``score.0`` → ReLU → ``score.2``); and for a causal-LM process reward model
 the rows of ``lm_head`` (or the tied embeddings) that give its label tokens' logits; a judge's head also holds the whole
-``lm_head`` (``vocabulary``), from which ``label_probabilities`` reads the label tokens a request names.
+``lm_head`` (``Vocabulary``, in the checkpoint's dtype), from which ``label_probabilities`` reads the label tokens a
+request names.
 
 How the head's outputs become one number (``readout``): ``raw`` (its one output), ``sigmoid`` (of its one output),
 ``softmax`` (the probability of output ``label`` over its outputs) or ``weighted`` (a multi-attribute head: the
@@ -69,8 +70,8 @@ class RewardHead:
             return linears[0].to(device).eval()
         head = ScoreHead(linears, self.readout, self.label, attributes=self.attributes, weights=self.weights)
         if self.vocabulary is not None:  # a submodule: it moves with the head (sleep) and is reloaded with it
-            same = self.vocabulary is self.layers[0][0]
-            head.vocabulary = linears[0] if same else _linear(self.vocabulary, None)
+            same = self.vocabulary is self.layers[0][0]  # the reward reads the whole vocabulary too: share its weight
+            head.vocabulary = Vocabulary(linears[0].weight if same else self.vocabulary)
         return head.to(device).eval()
 
 
@@ -84,8 +85,40 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
     return linear
 
 
+class Vocabulary(torch.nn.Module):
+    """A judge's whole ``lm_head`` (``[vocab, hidden]``), kept in the checkpoint's dtype: in fp32 a 152k x 3584 head
+    would take 2.2 GB more. Logits are computed in fp32 a block of ``BLOCK_ROWS`` vocabulary rows at a time (a bf16
+    or fp16 weight converts to fp32 exactly), so the numbers are those of an fp32 head.
+
+    It moves with the head (``.to(device)``, sleep) but keeps its dtype when the head is made fp32 (``.float()``)."""
+
+    BLOCK_ROWS = 16384
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        # The head's own Parameter when it shares one (moved once by sleep), else the checkpoint's tensor.
+        self.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight, False)
+
+    def _apply(self, fn, recurse=True):  # noqa: ARG002 (torch's signature)
+        """Device moves apply; dtype casts (the runner's ``head.float()``) do not."""
+        dtype = self.weight.dtype
+        target = fn(torch.empty(0, dtype=dtype, device=self.weight.device)).device
+        self.weight.data = self.weight.data.to(target)
+        return self
+
+    def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None, *, invariant: bool = False) -> torch.Tensor:
+        """fp32 logits ``[n, vocab]`` of fp32 hidden states ``x`` ``[n, hidden]``; only the ``ids`` columns when
+        given. ``invariant``: each block through the fixed-shape matmul of batch-invariant mode."""
+        weight = self.weight if ids is None else self.weight[ids]
+        blocks = []
+        for first in range(0, weight.shape[0], self.BLOCK_ROWS):
+            block = weight[first : first + self.BLOCK_ROWS].float()
+            blocks.append(fixed_rows_linear(x, block, None) if invariant else x @ block.t())
+        return torch.cat(blocks, dim=-1)
+
+
 def label_probabilities(
-    vocabulary: torch.nn.Linear,
+    vocabulary: Vocabulary,
     hidden: torch.Tensor,
     labels: tuple[int, ...],
     whole_vocabulary: bool,
@@ -94,14 +127,13 @@ def label_probabilities(
 ) -> list[float]:
     """The next-token probability of each of ``labels`` after one position whose hidden state is ``hidden``
     (``[hidden]``), in fp32: under the whole vocabulary (``softmax(logits)[labels]``), or softmax over just those
-    labels' logits (``softmax(logits[labels])``). One row at a time, so its value never depends on its neighbours
-    (``invariant``: the fixed-shape matmul of batch-invariant mode)."""
+    labels' logits (``softmax(logits[labels])``, which reads only those rows). One row at a time, so its value never
+    depends on its neighbours (``invariant``: the fixed-shape matmul of batch-invariant mode)."""
     x = hidden.float()[None]
-    logits = (fixed_rows_linear(x, vocabulary.weight, None) if invariant else vocabulary(x))[0]
-    ids = torch.tensor(labels, device=logits.device)
+    ids = torch.tensor(labels, device=vocabulary.weight.device)
     if whole_vocabulary:
-        return torch.softmax(logits, dim=-1)[ids].tolist()
-    return torch.softmax(logits[ids], dim=-1).tolist()
+        return torch.softmax(vocabulary.logits(x, invariant=invariant)[0], dim=-1)[ids].tolist()
+    return torch.softmax(vocabulary.logits(x, ids, invariant=invariant)[0], dim=-1).tolist()
 
 
 class AttributedReward(float):

@@ -110,3 +110,23 @@ def test_pairwise_judge_reads_one_templated_input(judge_checkpoint):
     assert got == pytest.approx(float(torch.softmax(last_logits(rm.tokenize({"text": text}).input_ids)[labels], -1)[0]))
     with pytest.raises(ValueError, match="placeholders"):
         judge(judge_checkpoint, "A,B", verdict_pair_template="{prompt} {response_a}")
+
+
+def test_the_whole_vocabulary_stays_in_the_checkpoints_dtype_and_gives_fp32_logits():
+    """A judge's whole lm_head is not copied to fp32 (2.2 GB for a 152k x 3584 head): the runner's ``head.float()``
+    leaves it bf16, its logits are those of the fp32 weight, over several blocks of rows and for chosen rows."""
+    from rmserve.model.heads import Vocabulary
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(70, 16, generator=generator).to(torch.bfloat16)
+    holder = torch.nn.Module()
+    holder.vocabulary = Vocabulary(weight)
+    holder.vocabulary.BLOCK_ROWS = 32  # three blocks, the last one short
+    holder.float().to("cpu")
+    assert holder.vocabulary.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 16, generator=generator)
+    reference = x @ weight.float().t()
+    for invariant in (False, True):
+        assert torch.allclose(holder.vocabulary.logits(x, invariant=invariant), reference, atol=1e-5)
+        ids = torch.tensor([69, 3, 40])
+        assert torch.allclose(holder.vocabulary.logits(x, ids, invariant=invariant), reference[:, ids], atol=1e-5)
