@@ -76,5 +76,5 @@ class Endpoint:
     when_full: Literal["shed", "wait"] = "shed"
     # Which models answer it: outcome reward models (one reward per item), process reward models (step rewards) or
     # judges (verdict_tokens set: label-token probabilities; a judge is an outcome model too); the others get a 400
-    # naming the model (``GatewayService.check_kind``).
+    # naming the model (``service.check_kind``).
     kind: Literal["outcome", "process", "judge"] = "outcome"

@@ -99,23 +99,24 @@ class GatewayService:
         call = endpoint.call(request, context)
         if inspect.isawaitable(call):
             call = await call
-        await self.check_kind(endpoint, call.model)
+        target = await self.resolve(call.model)
+        check_kind(endpoint, target)
         if not call.items:  # an empty list where a trainer may send one: the model is checked, nothing is scored
-            scored = ScoredItems(model=await self.check_model(call.model), rewards=[])
+            scored = ScoredItems(model=name_of(target), rewards=[])
         elif endpoint.when_full == "wait":
-            scored = await self._score_waiting_for_room(call.items, call.normalize, call.model, call.locate)
+            scored = await self._score_waiting_for_room(target, call.items, call.normalize, call.locate)
         else:  # a judge's label probabilities are not its rewards: reward telemetry does not see them
             observe = endpoint.kind != "judge"
-            scored = await self.score_items(call.items, call.normalize, call.model, call.locate, observe=observe)
+            scored = await self.score_items(target, call.items, call.normalize, call.locate, observe=observe)
         return endpoint.respond(request, scored, call)
 
     async def _score_waiting_for_room(
-        self, items: Sequence[Item], normalize: bool, model: str | None, locate: Locate
+        self, target: ModelLane | EnsembleRoute, items: Sequence[Item], normalize: bool, locate: Locate
     ) -> ScoredItems:
         """``score_items``, where a full queue is waited out (up to the request's deadline), not answered 429."""
         while True:
             try:
-                return await self.score_items(items, normalize, model, locate)
+                return await self.score_items(target, items, normalize, locate)
             except OverloadedError:
                 await self.capacity.wait(float(self.config.limits.retry_after_s))
 
@@ -158,43 +159,21 @@ class GatewayService:
         target = await self.resolve(model)
         return None if isinstance(target, EnsembleRoute) else target.info
 
-    async def check_model(self, model: str | None) -> str:
-        """The id (or ensemble name) that ``model`` names; 404 ``param="model"`` when none."""
-        target = await self.resolve(model)
-        return target.name if isinstance(target, EnsembleRoute) else str(target.model_id)
-
-    async def check_kind(self, endpoint: Endpoint, model: str | None) -> None:
-        """A 400 (``param="model"``) when the model ``model`` names is not of the kind ``endpoint`` serves: an outcome
-        route on a process reward model, a step route on an outcome reward model, or a judge's route (label
-        probabilities) on a model that is not a judge (an ensemble is not one)."""
-        target = await self.resolve(model)
-        lanes = target.lanes if isinstance(target, EnsembleRoute) else [target]
-        for lane in lanes:
-            kind = (lane.info or {}).get("kind", "outcome")
-            judge = (lane.info or {}).get("judge") is not None and not isinstance(target, EnsembleRoute)
-            if endpoint.kind in (kind, "judge" if judge else kind):
-                continue
-            name = target.name if isinstance(target, EnsembleRoute) else lane.model_id
-            if endpoint.kind == "judge":
-                message = (
-                    f"model {name!r} is not a judge: {endpoint.paths[0]} with label_token_ids needs a causal LM served "
-                    "with verdict_tokens"
-                )
-            elif kind == "process":
-                message = f"model {name!r} is a process reward model: it answers POST /v1/steps and /pooling only"
-            else:
-                message = f"model {name!r} is an outcome reward model: {endpoint.paths[0]} needs a process reward model"
-            raise WrongModelKindError(message, param="model")
-
     async def score_items(
-        self, items: Sequence[Item], normalize: bool, model: str | None, locate: Locate, *, observe: bool = True
+        self,
+        target: ModelLane | EnsembleRoute,
+        items: Sequence[Item],
+        normalize: bool,
+        locate: Locate,
+        *,
+        observe: bool = True,
     ) -> ScoredItems:
-        """One Scorer call per model for a request's flat item list (an ensemble calls its members concurrently);
-        an item's error names the caller's field (``locate``); reward telemetry sees the rewards when ``observe``."""
+        """One Scorer call per model of ``target`` (``resolve``) for a request's flat item list (an ensemble calls its
+        members concurrently); an item's error names the caller's field (``locate``); reward telemetry sees the
+        rewards when ``observe``."""
         limit = self.config.limits.max_items_per_request
         if len(items) > limit:
             raise RequestTooLargeError(f"{len(items)} items exceed the limit of {limit} per request")
-        target = await self.resolve(model)
         if isinstance(target, EnsembleRoute):
             scored = await self._score_ensemble(target, items, locate)
         else:
@@ -261,6 +240,34 @@ class GatewayService:
             raise NotReadyError("the model is not loaded yet; GET /ready turns 200 when it is") from None
         lane.learn(info)
         return info
+
+
+def name_of(target: ModelLane | EnsembleRoute) -> str:
+    """The id of the model, or the ensemble's name, a request was resolved to."""
+    return target.name if isinstance(target, EnsembleRoute) else str(target.model_id)
+
+
+def check_kind(endpoint: Endpoint, target: ModelLane | EnsembleRoute) -> None:
+    """A 400 (``param="model"``) when ``target`` is not of the kind ``endpoint`` serves: an outcome route on a process
+    reward model, a step route on an outcome reward model, or a judge's route (label probabilities) on a model that is
+    not a judge (an ensemble is not one)."""
+    lanes = target.lanes if isinstance(target, EnsembleRoute) else [target]
+    for lane in lanes:
+        kind = (lane.info or {}).get("kind", "outcome")
+        judge = (lane.info or {}).get("judge") is not None and not isinstance(target, EnsembleRoute)
+        if endpoint.kind in (kind, "judge" if judge else kind):
+            continue
+        name = target.name if isinstance(target, EnsembleRoute) else lane.model_id
+        if endpoint.kind == "judge":
+            message = (
+                f"model {name!r} is not a judge: {endpoint.paths[0]} with label_token_ids needs a causal LM served "
+                "with verdict_tokens"
+            )
+        elif kind == "process":
+            message = f"model {name!r} is a process reward model: it answers POST /v1/steps and /pooling only"
+        else:
+            message = f"model {name!r} is an outcome reward model: {endpoint.paths[0]} needs a process reward model"
+        raise WrongModelKindError(message, param="model")
 
 
 def ensemble_card(ensemble: EnsembleRoute, infos: Sequence[dict]) -> ModelCard:
