@@ -304,6 +304,46 @@ def steps_call(
     return Call("POST", "/v1/steps", chunks, _merge_steps, "items")
 
 
+# --- /v1/score, a judge's label probabilities (SGLang's body)
+
+
+class _LabelScoresResponse(BaseModel):
+    scores: list[list[float]]
+
+
+def _merge_label_scores(chunks: list[Chunk], bodies: list[Any]) -> list[list[float]]:
+    scores: list[list[float]] = []
+    for chunk, body in zip(chunks, bodies, strict=True):
+        part = _validate(_LabelScoresResponse, body).scores
+        _check_count("scores", len(part), chunk, body)
+        scores.extend(part)
+    return scores
+
+
+def label_scores_call(
+    query: str | Sequence[int],
+    items: Iterable[str] | Iterable[Sequence[int]],
+    label_token_ids: Iterable[int],
+    *,
+    apply_softmax: bool,
+    item_first: bool,
+    model: str | None,
+    max_items: int,
+) -> Call[list[list[float]]]:
+    """Per item, the judge's next-token probability of each label id at the end of ``query + item``."""
+    items = [item if isinstance(item, str) else list(item) for item in _as_list("items", items)]
+    labels = _as_list("label_token_ids", label_token_ids)
+    extra = {
+        "query": query if isinstance(query, str) else list(query),
+        "label_token_ids": labels,
+        "apply_softmax": apply_softmax,
+        "item_first": item_first,
+        **({"model": model} if model is not None else {}),
+    }
+    chunks = _chunks("items", items, [1] * len(items), max_items, extra)
+    return Call("POST", "/v1/score", chunks, _merge_label_scores, "items")
+
+
 # --- operational routes
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
@@ -155,6 +155,25 @@ class RewardClient(BaseRewardClient):
         """A process reward model's step rewards: per prompt, its solution's steps each get a reward (the server
         places the step separators), and ``reward`` aggregates them (``min``, ``prod``, ``last`` or ``mean``)."""
         call = self._steps_call(prompts, solutions, aggregate, model)
+        return self._execute(call, timeout, max_retries)
+
+    def label_scores(
+        self,
+        query: str | Sequence[int],
+        items: Iterable[str] | Iterable[Sequence[int]],
+        label_token_ids: Iterable[int],
+        *,
+        apply_softmax: bool = False,
+        item_first: bool = False,
+        model: str | None = None,
+        timeout: Timeout = None,
+        max_retries: int | None = None,
+    ) -> list[list[float]]:
+        """A judge's verdict probabilities (a model served with ``verdict_tokens``): per item, the next-token
+        probability of each of ``label_token_ids`` at the end of ``query + item`` (``item + query`` with
+        ``item_first``), under the whole vocabulary or, with ``apply_softmax``, over just those labels. ``query`` and
+        ``items`` are text, or token ids of the judge's tokenizer (SGLang's ``/v1/score`` body)."""
+        call = self._label_scores_call(query, items, label_token_ids, apply_softmax, item_first, model)
         return self._execute(call, timeout, max_retries)
 
     def models(self, *, timeout: Timeout = None, max_retries: int | None = None) -> list[ModelInfo]:

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,6 +259,25 @@ class BaseRewardClient:
     ) -> Call[list[StepResult]]:
         return _calls.steps_call(
             prompts, solutions, aggregate=aggregate, model=self._model_for(model), max_items=self.max_items_per_request
+        )
+
+    def _label_scores_call(
+        self,
+        query: str | Sequence[int],
+        items: Iterable[str] | Iterable[Sequence[int]],
+        label_token_ids: Iterable[int],
+        apply_softmax: bool,
+        item_first: bool,
+        model: str | None,
+    ) -> Call[list[list[float]]]:
+        return _calls.label_scores_call(
+            query,
+            items,
+            label_token_ids,
+            apply_softmax=apply_softmax,
+            item_first=item_first,
+            model=self._model_for(model),
+            max_items=self.max_items_per_request,
         )
 
     # --- retry decisions

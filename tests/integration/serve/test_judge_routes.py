@@ -171,3 +171,20 @@ async def test_label_probabilities_stay_out_of_reward_telemetry(app):
         after = await scrape(client)
     assert labelled.status_code == 200 and native.status_code == 200, labelled.text + native.text
     assert delta(before, after, "reward_items_total", model="judge") == 1
+
+
+async def test_the_sdk_sends_the_label_scores_body_in_chunks_and_keeps_the_order(app, judge):
+    """``AsyncRewardClient.label_scores`` (the sync client shares its call) equals the raw route, over 2-item chunks."""
+    from rmserve.client import AsyncRewardClient
+
+    labels = label_ids(judge[2])
+    async with async_client(app) as client:
+        raw = await client.post(
+            "/v1/score", json={"model": "judge", "query": QUERY, "items": ITEMS, "label_token_ids": labels}
+        )
+    assert raw.status_code == 200, raw.text
+    async with AsyncRewardClient(app.url, model="judge", max_items_per_request=2) as sdk:
+        scores = await sdk.label_scores(QUERY, ITEMS, labels)
+    assert len(scores) == len(ITEMS)
+    for got, expected in zip(scores, raw.json()["scores"], strict=True):
+        assert got == pytest.approx(expected, abs=TOL)

@@ -232,3 +232,16 @@ def test_import_pulls_in_no_heavy_dependency_or_server_code():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_label_scores_body_repeats_the_query_and_labels_in_every_chunk(mode, fake):
+    """SGLang's /v1/score body for a judge: items in chunks, each with the query, labels and options; in order."""
+    fake.answer = lambda request, body: httpx.Response(
+        200, json={"scores": [[float(len(item)), 0.0] for item in body["items"]], "model": "j", "object": "scoring"}
+    )
+    client = make_client(mode, fake, model="j", max_items_per_request=2)
+    scores = call(client, "label_scores", [1, 2], [[3], [4, 5], [6, 7, 8]], (9, 10), apply_softmax=True)
+    assert scores == [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]
+    shared = {"query": [1, 2], "label_token_ids": [9, 10], "apply_softmax": True, "item_first": False, "model": "j"}
+    assert fake.bodies == [{"items": [[3], [4, 5]], **shared}, {"items": [[6, 7, 8]], **shared}]
+    assert {request.url.path for request in fake.requests} == {"/v1/score"}
