@@ -127,7 +127,8 @@ def server_specs(model: str, with_rmserve: bool, quick: bool) -> list[ServerSpec
     CPU spinning in OpenMP barriers.) The full run also compares both with two threads on bench-20M, and the demo
     model gets an HTTP ceiling: the naive server without a model, i.e. the most single-item requests/s this load
     generator can get through HTTP here, and rmserve behind Ray Serve's HTTP proxy (``--ingress proxy``, what
-    ``serve run`` and KubeRay use) next to the direct ingress ``rmserve serve`` uses by default.
+    ``serve run`` and KubeRay use) next to the direct ingress ``rmserve serve`` uses by default; and rmserve's
+    in-process runtime (``--runtime inprocess``: what Ray costs, idle overhead included).
     """
     one_thread = {"OMP_NUM_THREADS": "1"}
     specs = [ServerSpec("baseline", "baseline", env=one_thread)]
@@ -135,6 +136,9 @@ def server_specs(model: str, with_rmserve: bool, quick: bool) -> list[ServerSpec
         specs.append(ServerSpec("http-ceiling", "ceiling", env=one_thread, workloads=("short-single",)))
     if with_rmserve:
         specs.append(ServerSpec("rmserve", "rmserve", args=("--num-cpus", "1")))
+        if model == "demo":
+            inprocess = ("--num-cpus", "1", "--runtime", "inprocess")
+            specs.append(ServerSpec("rmserve-inprocess", "rmserve", args=inprocess))
         if model == "demo" and not quick:
             proxy = ("--num-cpus", "1", "--ingress", "proxy")
             specs.append(ServerSpec("rmserve-proxy", "rmserve", workloads=("short-single",), args=proxy))
