@@ -154,20 +154,34 @@ def measure_attention(dtypes: list[str], gen: torch.Generator) -> list[dict]:
             out.append(row)
             print(f"{row['op']:<44} {name:<5} {row['shape']:<24} plain {value:>10.2e}   invariant (block attention: "
                   "see rewards)")  # fmt: skip
-        # Block attention's matmuls: one [group x 64, dim] @ [dim, 64] product in batches of other counts.
-        a0 = torch.randn((128, dim), generator=gen)
-        b0 = torch.randn((dim, 64), generator=gen)
-        results = []
-        for count in (1, 2, 3, 8, 17, 64, 200):
-            a = torch.randn((count, 128, dim), generator=gen)
-            b = torch.randn((count, dim, 64), generator=gen)
-            a[count - 1], b[count - 1] = a0, b0
-            results.append(torch.matmul(a, b)[count - 1])
-        distinct = _distinct(results)
-        row = {"op": "batched matmul by batch count (attention)", "dtype": "fp32", "shape": f"128x{dim} @ {dim}x64",
-               "plain": distinct, "invariant": distinct, "unit": "distinct results"}  # fmt: skip
-        out.append(row)
-        print(f"{row['op']:<44} fp32  {row['shape']:<24} plain {distinct:>10}   invariant {distinct:>6}")
+        # Block attention's matmuls (fp32, dim 64): one score (a key . a query) of ``keys @ queries.T`` and one
+        # block's weighted values ``weights.T @ values`` over 64 keys, by how many queries, keys and batch entries
+        # share the call.
+        for label, counts in (
+            ("plain: 1-2,000 queries", (1, 2, 3, 5, 17, 64, 130, 2000)),
+            ("invariant: >= 4", (4, 5, 17, 64, 130, 2000)),
+        ):
+            key0, query0 = torch.randn((1, dim), generator=gen), torch.randn((1, dim), generator=gen)
+            weights0, values0 = torch.rand((64, 1), generator=gen), torch.randn((64, dim + 1), generator=gen)
+            scores, weighted = [], []
+            for n in counts:
+                for keys in (64, 640, 4096):
+                    batch = 1 + (n + keys) % 5
+                    k = torch.randn((batch, keys, dim), generator=gen)
+                    q = torch.randn((batch, n, dim), generator=gen)
+                    k[-1, keys // 2], q[-1, n // 2] = key0[0], query0[0]
+                    scores.append(torch.matmul(k, q.transpose(1, 2))[-1, keys // 2, n // 2])
+                w = torch.rand((batch, 64, n), generator=gen)
+                w[-1, :, n // 2] = weights0[:, 0]
+                v = torch.randn((batch, 64, dim + 1), generator=gen)
+                v[-1] = values0
+                weighted.append(torch.matmul(w.transpose(1, 2), v)[-1, n // 2])
+            for op, results in (("scores keys @ queries.T", scores), ("weights.T @ values, 64 keys", weighted)):
+                distinct = _distinct(results)
+                row = {"op": f"attention {op} ({label})", "dtype": "fp32", "shape": f"dim {dim}",
+                       "plain": distinct, "invariant": distinct, "unit": "distinct results"}  # fmt: skip
+                out.append(row)
+                print(f"{row['op']:<44} fp32  {row['shape']:<24} distinct {distinct:>6}")
     return out
 
 

@@ -7,14 +7,15 @@ What varies on a CPU with plain torch (measured by ``benchmarks/batch_invariance
   ``MATMUL_ROWS`` rows (the last call overlaps the previous one; fewer rows are zero-padded), so a token's output
   never depends on how many tokens share the forward.
 * **Attention.** SDPA's reduction over keys depends on where padding puts a sequence's keys and on how many there
-  are; a cached prompt changes the query and key layout again. ``block_attention`` places keys and queries at their
-  **position in the sequence** (not their column in the batch), cuts them into ``BLOCK``-token blocks counted from
-  the sequence's first token, and reduces over key blocks in order with an online softmax (fp32). A block of keys a
-  query cannot see changes nothing bit for bit (its weights are exact zeros, its rescale factor exactly 1), so the
-  batch's longest row, the padding side and amount, and whether the prompt came from the prefix cache give the
-  same sums. Its matmuls have one fixed shape per model, ``[group x BLOCK, head_dim] @ [head_dim, BLOCK]`` and
-  ``[group x BLOCK, BLOCK] @ [BLOCK, head_dim + 1]`` (a column of ones sums the weights), batched over blocks: a
-  product's bits were measured not to depend on how many share the batched call.
+  are; a cached prompt changes the query and key layout again. ``block_attention`` works row by row on the row's keys
+  and values **in sequence order** (cached prompt, then new tokens; fp32), ``QUERY_CHUNK`` queries at a time: scores
+  ``keys @ queries.T`` (one dot product over the head dimension each), a softmax over keys (the max is exact in any
+  order), then the weighted values per ``BLOCK``-token key block counted from the sequence's first token (one
+  ``[queries, BLOCK] @ [BLOCK, head_dim + 1]`` product per block; a column of ones sums the weights) and a fixed
+  pairwise sum over the blocks. A key block past a query's own adds exact zeros, so the row's length, the chunk, the
+  batch's longest row, the padding and the prefix cache give the same sums. Measured (fp32, head_dim 64): a score's
+  and a block product's bits do not depend on how many queries (3 or more: one or two take another kernel, hence
+  ``MIN_QUERIES``), keys or batch entries share the call.
 * **The reward head.** ``Linear(hidden, 1)`` over the scored rows is a matrix-vector product whose kernel depends
   on the row count; ``head_rewards`` multiplies and sums the hidden size in a fixed pairwise order.
 * **Activations.** torch computes SiLU (and GELU, sigmoid) with SIMD code for whole vectors and with scalar code for
@@ -42,8 +43,10 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "rmserve_batch_invariant"
-BLOCK = 64  # tokens per query and key block, counted from each sequence's first token
-MATMUL_ROWS = 512  # rows of every linear-layer matmul call (fewer calls: each starts the thread pool)
+BLOCK = 64  # tokens per key block, counted from each sequence's first token
+QUERY_CHUNK = 128  # queries per score matmul: a chunk's keys stop at its last query's block
+MIN_QUERIES = 4  # score and value matmuls get at least this many query rows (fewer take another kernel)
+MATMUL_ROWS = 256  # rows of every linear-layer matmul call (fewer calls: each starts the thread pool)
 GRAIN = 32768  # torch's parallel grain (elements): a call this size runs on one thread
 VECTOR = 64  # elements a SIMD loop takes per step, for every dtype and vector width torch dispatches to
 
@@ -137,23 +140,17 @@ def head_rewards(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where each row's tokens sit in the batch and in their sequence, as index tensors ``block_attention`` uses.
+    """Where each row's tokens sit in the layer's keys and queries, for ``block_attention``.
 
-    Query blocks are ``(row, block)`` pairs that hold at least one new token, ordered by block number descending so
-    that the blocks a key block ``kb`` concerns are the first ``blocks_from[kb]`` of them.
+    Row ``r`` computes positions ``starts[r]..ends[r] - 1`` of its sequence: its cached keys are the layer's key
+    columns ``0..starts[r] - 1`` (left-aligned), its new tokens the query columns from ``firsts[r]`` on and the key
+    columns from ``cached_width + firsts[r]`` on. Plain ints: nothing to move to a device.
     """
 
-    key_row: torch.Tensor  # per real key: batch row
-    key_col: torch.Tensor  # its column among the layer's keys (cached then new)
-    key_pos: torch.Tensor  # its position in its sequence
-    query_row: torch.Tensor  # per real query: batch row
-    query_col: torch.Tensor  # its column among the new tokens
-    query_block: torch.Tensor  # which query block holds it
-    query_offset: torch.Tensor  # its place in that block
-    block_row: torch.Tensor  # per query block: batch row
-    block_start: torch.Tensor  # position of its first token
-    blocks_from: tuple[int, ...]  # per key block kb: how many query blocks have a number >= kb
-    key_width: int  # key blocks x BLOCK
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+    firsts: tuple[int, ...]  # each row's first new token among the new-token columns (padding side)
+    cached_width: int
 
     @classmethod
     def build(
@@ -161,45 +158,11 @@ class BlockLayout:
     ) -> BlockLayout:
         """Rows compute ``seq[start:end]`` on top of cached ``seq[:start]`` (left-aligned in ``cached_width``
         columns); the new tokens are padded on ``padding_side`` to ``width``."""
-        start = torch.tensor(starts, dtype=torch.long)
-        end = torch.tensor(ends, dtype=torch.long)
-        new = end - start
-        first = torch.zeros_like(new) if padding_side == "right" else width - new
-        key_row, key_pos = _ranges(end)  # every position 0..end-1 of every row
-        cached = key_pos < start[key_row]
-        key_col = torch.where(cached, key_pos, cached_width + first[key_row] + key_pos - start[key_row])
-        query_row, step = _ranges(new)  # every new token
-        query_pos = start[query_row] + step
-        # Query blocks: (row, block number) pairs, numbers descending, then rows ascending.
-        top = int(query_pos.max()) // BLOCK
-        code = (top - query_pos // BLOCK) * len(starts) + query_row
-        blocks, query_block = torch.unique(code, return_inverse=True)  # sorted ascending
-        numbers = top - blocks // len(starts)
-        at_least = torch.bincount(numbers, minlength=top + 1).flip(0).cumsum(0).flip(0)  # blocks numbered >= kb
-        return cls(
-            key_row=key_row,
-            key_col=key_col,
-            key_pos=key_pos,
-            query_row=query_row,
-            query_col=first[query_row] + step,
-            query_block=query_block,
-            query_offset=query_pos % BLOCK,
-            block_row=blocks % len(starts),
-            block_start=numbers * BLOCK,
-            blocks_from=tuple(at_least.tolist()),
-            key_width=(top + 1) * BLOCK,
-        )
+        firsts = [0 if padding_side == "right" else width - (e - s) for s, e in zip(starts, ends, strict=True)]
+        return cls(tuple(starts), tuple(ends), tuple(firsts), cached_width)
 
     def to(self, device: torch.device) -> BlockLayout:
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
-        return BlockLayout(**moved)
-
-
-def _ranges(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For lengths ``[a, b, ...]``: the owner (0 x a, 1 x b, ...) and the index (0..a-1, 0..b-1, ...) of each."""
-    owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    offsets = torch.cumsum(lengths, 0) - lengths
-    return owner, torch.arange(int(lengths.sum())) - offsets[owner]
+        return self
 
 
 def block_attention(
@@ -218,56 +181,98 @@ def block_attention(
 
     ``query`` ``[rows, heads, new, dim]``, ``key``/``value`` ``[rows, kv_heads, cached + new, dim]``; returns
     ``[rows, new, heads, dim]`` in the query's dtype. Padding columns get zeros.
+
+    Row by row, ``QUERY_CHUNK`` queries at a time: the row's keys and values in sequence order (fp32, zero-padded to
+    whole blocks), scores ``keys @ queries.T`` up to the chunk's last key block, a softmax over keys (the max is
+    exact in any order), then one ``[queries, BLOCK] @ [BLOCK, dim + 1]`` product per key block (a column of ones
+    sums the weights) and a fixed pairwise sum over the key blocks (``_sum_blocks_``).
     """
     lay = rmserve_blocks
     if lay is None:
         raise RuntimeError("batch-invariant attention needs the runner's block layout (rmserve_blocks=...)")
-    rows, heads, new, dim = query.shape
-    kv_heads = key.shape[1]
-    group = heads // kv_heads
+    rows, heads, width, dim = query.shape
+    group = heads // key.shape[1]
     scale = dim**-0.5 if scaling is None else scaling
-    f32 = torch.float32
-    # Keys and values at their sequence positions, in fp32: [rows, kv_heads, key blocks x BLOCK, dim].
-    # The values carry a column of ones: the same matmul that sums weights x values sums the weights.
-    k_seq = key.new_zeros((rows, kv_heads, lay.key_width, dim), dtype=f32)
-    v_seq = key.new_ones((rows, kv_heads, lay.key_width, dim + 1), dtype=f32)
-    k_seq[lay.key_row, :, lay.key_pos] = key[lay.key_row, :, lay.key_col].to(f32)
-    v_seq[lay.key_row, :, lay.key_pos, :dim] = value[lay.key_row, :, lay.key_col].to(f32)
-    # Queries in blocks, the heads that share a kv head stacked: [blocks, kv_heads, group x BLOCK, dim].
-    n_blocks = lay.block_row.shape[0]
-    q = query.new_zeros((n_blocks, heads, BLOCK, dim), dtype=f32)
-    q[lay.query_block, :, lay.query_offset] = query[lay.query_row, :, lay.query_col].to(f32)
-    q = q.view(n_blocks, kv_heads, group * BLOCK, dim)
-
-    q.mul_(scale)
-
-    # Only diagonal blocks (query block == key block) need the causal mask, unless a sliding window hides more.
-    windowed = sliding_window is not None and sliding_window < lay.key_width
-    offsets = torch.arange(BLOCK, device=query.device)
-    q_pos = (lay.block_start[:, None] + offsets).repeat(1, group)  # [blocks, group x BLOCK]
-    future = (offsets[None, :] > offsets[:, None]).repeat(group, 1)  # [group x BLOCK, BLOCK]: key after query
-    peak = torch.full((n_blocks, kv_heads, group * BLOCK, 1), -math.inf, dtype=f32, device=query.device)
-    acc = q.new_zeros((n_blocks, kv_heads, group * BLOCK, dim + 1))  # weighted values, then the weights' sum
-    for kb, n in enumerate(lay.blocks_from):
-        keys = k_seq[lay.block_row[:n], :, kb * BLOCK : (kb + 1) * BLOCK]
-        values = v_seq[lay.block_row[:n], :, kb * BLOCK : (kb + 1) * BLOCK]
-        scores = torch.matmul(q[:n], keys.transpose(-1, -2))
-        if windowed:
-            delta = q_pos[:n, :, None] - (kb * BLOCK + offsets)  # query position - key position
-            scores.masked_fill_(((delta < 0) | (delta >= sliding_window))[:, None], -math.inf)
-        else:  # blocks are ordered by number, descending: those with number kb are the last of the n
-            diagonal = lay.blocks_from[kb + 1] if kb + 1 < len(lay.blocks_from) else 0
-            scores[diagonal:].masked_fill_(future, -math.inf)
-        new_peak = torch.maximum(peak[:n], scores.amax(dim=-1, keepdim=True))  # max is exact in any order
-        shift = torch.where(new_peak == -math.inf, 0.0, new_peak)
-        weights = scores.sub_(shift).exp_()
-        rescale = torch.exp(peak[:n] - shift)
-        acc[:n].mul_(rescale).add_(torch.matmul(weights, values))
-        peak[:n] = new_peak
-    out = (acc[..., :dim] / acc[..., dim:]).view(n_blocks, heads, BLOCK, dim)
-    result = query.new_zeros((rows, new, heads, dim))
-    result[lay.query_row, lay.query_col] = out[lay.query_block, :, lay.query_offset].to(query.dtype)
+    result = query.new_zeros((rows, width, heads, dim))
+    for r, (start, end, first) in enumerate(zip(lay.starts, lay.ends, lay.firsts, strict=True)):
+        keys, values = _sequence_states(key[r], value[r], start, end, lay.cached_width + first)
+        for done in range(0, end - start, QUERY_CHUNK):
+            count = min(QUERY_CHUNK, end - start - done)
+            cols = slice(first + done, first + done + count)
+            out = _attend(query[r, :, cols], keys, values, start + done, scale, group, sliding_window)
+            result[r, cols] = out.transpose(0, 1)
     return result, None
+
+
+def _sequence_states(
+    key: torch.Tensor, value: torch.Tensor, start: int, end: int, new_col: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row's keys ``[kv_heads, blocks x BLOCK, dim]`` and values with a column of ones ``[..., dim + 1]`` at their
+    sequence positions, fp32; positions from ``end`` on are zeros (no query sees them)."""
+    kv_heads, _, dim = key.shape
+    length = -(-end // BLOCK) * BLOCK
+    keys = key.new_empty((kv_heads, length, dim), dtype=torch.float32)
+    values = value.new_empty((kv_heads, length, dim + 1), dtype=torch.float32)
+    new = slice(new_col, new_col + end - start)
+    keys[:, :start], keys[:, start:end], keys[:, end:] = key[:, :start], key[:, new], 0.0
+    values[:, :start, :dim], values[:, start:end, :dim], values[:, end:, :dim] = value[:, :start], value[:, new], 0.0
+    values[:, :, dim] = 1.0
+    return keys, values
+
+
+def _attend(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    first_pos: int,
+    scale: float,
+    group: int,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Queries ``[heads, n, dim]`` at positions ``first_pos..`` over one row's ``_sequence_states``: ``[heads, n,
+    dim]`` fp32."""
+    heads, n, dim = query.shape
+    kv_heads = keys.shape[0]
+    m = max(n, MIN_QUERIES)  # a score or value matmul with one or two query rows takes another kernel
+    q = (
+        query.new_zeros((heads, m, dim), dtype=torch.float32)
+        if m > n
+        else query.new_empty((heads, m, dim), dtype=torch.float32)
+    )
+    q[:, :n] = query
+    q = q.mul_(scale).view(kv_heads, group * m, dim)  # the heads that share a kv head side by side
+    blocks = -(-(first_pos + n) // BLOCK)
+    seen = blocks * BLOCK
+    scores = torch.matmul(keys[:, :seen], q.transpose(1, 2))  # [kv_heads, keys, group x queries]
+    device = query.device
+    if sliding_window is None or sliding_window >= first_pos + m:  # only keys after a query's position are hidden
+        hidden = torch.arange(seen - first_pos, device=device)[:, None] > torch.arange(m, device=device)
+        scores[:, first_pos:].view(kv_heads, seen - first_pos, group, m).masked_fill_(hidden[:, None], -math.inf)
+    else:
+        delta = first_pos + torch.arange(m, device=device) - torch.arange(seen, device=device)[:, None]
+        hidden = (delta < 0) | (delta >= sliding_window)  # query position - key position
+        scores.view(kv_heads, seen, group, m).masked_fill_(hidden[:, None], -math.inf)
+    weights = scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()  # every query sees its own key: max is finite
+    per_block = torch.matmul(
+        weights.view(kv_heads, blocks, BLOCK, group * m).transpose(-1, -2),
+        values[:, :seen].view(kv_heads, blocks, BLOCK, dim + 1),
+    )  # [kv_heads, blocks, group x queries, dim + 1]: each block's weighted values and weights' sum
+    total = _sum_blocks_(per_block, blocks)
+    return (total[..., :dim] / total[..., dim:]).view(heads, m, dim)[:, :n]
+
+
+def _sum_blocks_(per_block: torch.Tensor, count: int) -> torch.Tensor:
+    """The sum over dim 1 in ``fixed_order_sum``'s pairwise order (zero-padded to a power of two), in place.
+
+    A query's blocks past its own are exact zeros, and adding zeros changes no bits: its sum is the pairwise sum of
+    its own blocks 0..b, whatever ``count`` (the row's length, the chunk) is."""
+    size = 1 << max(0, math.ceil(math.log2(count)))
+    while size > 1:
+        size //= 2
+        if count > size:
+            per_block[:, : count - size].add_(per_block[:, size:count])
+            count = size
+    return per_block[:, 0]
 
 
 def make_batch_invariant(backbone: torch.nn.Module) -> None:
