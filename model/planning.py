@@ -17,7 +17,9 @@ cache already holds (from earlier batches) are not computed again. Every row's s
 **What outlives the batch.** Prefix rows always leave their states in the prefix cache. An item keeps its states
 only as far as an earlier item shared its tokens (``keep``: the engine's ``SeenPrefixes``): a GRPO group's prompt
 is kept once its second sample is scored (the first may arrive alone), while items that share nothing (PPO traffic)
-copy nothing into the cache and leave it to the prompts that are reused.
+copy nothing into the cache and leave it to the prompts that are reused. A process reward model's item (``StepIds``)
+keeps its states up to its first step separator from its first sighting: PRM traffic comes as groups of solutions
+to one prompt, so the group's second sample does not compute the prompt again.
 
 **Micro-batches.** Each level is cut into micro-batches by ``plan_microbatches``: exact dynamic programming
 over the rows sorted by the tokens they compute, minimising padded tokens plus ``overhead_tokens`` per
@@ -199,6 +201,8 @@ def plan_levels(
             cached = known(seq, first_readout(seq))
             start, by = (base, parent) if base > cached else (cached, None)
             kept = min(keep(seq), len(seq)) if keep is not None else 0
+            if keep is not None and isinstance(seq, StepIds):  # a PRM's samples come n to a prompt (GRPO)
+                kept = max(kept, first_readout(seq))
             store = kept - start >= KEEP_MIN_TOKENS
             add(level, Row(seq, len(seq), start, order[lo], by, store, kept if store else None))
             continue

@@ -13,7 +13,7 @@ import torch
 from checkpoints import unshared_rewards
 
 from rmserve.model import ItemTooLargeForMemoryError
-from rmserve.model.planning import common_prefix_length, plan_levels
+from rmserve.model.planning import StepIds, common_prefix_length, plan_levels
 
 FP32_TOL = 1e-5
 
@@ -153,3 +153,16 @@ def test_planned_starts_are_what_matching_the_cache_at_run_time_finds(seed, keep
                 assert row.parent.end == row.start and row.parent in levels[k - 1]
         stored += [list(row.seq[: row.start + row.stored_tokens]) for row in level if row.stored_tokens]
     assert sorted(r.item for level in levels for r in level if r.item is not None) == list(range(len(seqs)))
+
+
+def test_a_process_reward_item_keeps_its_prompt_at_first_sight_and_an_outcome_item_does_not():
+    """Nothing seen before: a StepIds item keeps its states up to its first separator (its group's next sample starts
+    there); an outcome item with the same ids keeps nothing (traffic that shares nothing copies nothing)."""
+    ids = list(range(3, 63)) + [100, 101, 2, 102, 103, 2]
+    nothing_cached, nothing_seen = (lambda seq, limit: 0), (lambda seq: 0)
+    ((step_row,),) = plan_levels([StepIds(ids, readouts=(62, 65))], nothing_cached, 0, keep=nothing_seen)
+    assert step_row.store and step_row.start + step_row.stored_tokens == 62
+    ((outcome_row,),) = plan_levels([ids], nothing_cached, 0, keep=nothing_seen)
+    assert not outcome_row.store and outcome_row.stored_tokens == 0
+    ((unkept,),) = plan_levels([StepIds(ids, readouts=(62, 65))], nothing_cached, 0, keep=None)
+    assert not unkept.store  # prefix sharing off: nothing is kept
