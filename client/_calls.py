@@ -96,6 +96,20 @@ def _chunks(key: str, elements: list[Any], weights: list[int], limit: int, extra
     return [Chunk(a, b, {key: elements[a:b], **extra}) for a, b in plan_chunks(weights, limit)]
 
 
+def _concatenated(response: type[BaseModel], field: str) -> Callable[[list[Chunk], list[Any]], list[Any]]:
+    """A ``merge`` for answers that hold one entry per input in ``field``: the chunks' lists, in chunk order."""
+
+    def merge(chunks: list[Chunk], bodies: list[Any]) -> list[Any]:
+        merged: list[Any] = []
+        for chunk, body in zip(chunks, bodies, strict=True):
+            part = getattr(_validate(response, body), field)
+            _check_count(field, len(part), chunk, body)
+            merged.extend(part)
+        return merged
+
+    return merge
+
+
 def _options(normalize: bool, model: str | None, **more: Any) -> dict[str, Any]:
     """The body fields every chunk of a call repeats; ``model`` only when one is named (absent: the server's first)."""
     return {**more, "normalize": normalize, **({"model": model} if model is not None else {})}
@@ -204,13 +218,7 @@ class _PreferenceResponse(BaseModel):
     results: list[PreferenceResult]
 
 
-def _merge_preference(chunks: list[Chunk], bodies: list[Any]) -> list[PreferenceResult]:
-    results: list[PreferenceResult] = []
-    for chunk, body in zip(chunks, bodies, strict=True):
-        part = _validate(_PreferenceResponse, body).results
-        _check_count("results", len(part), chunk, body)
-        results.extend(part)
-    return results
+_merge_preference = _concatenated(_PreferenceResponse, "results")
 
 
 def preference_call(
@@ -243,13 +251,7 @@ class _RerankResponse(BaseModel):
     results: list[RerankResult]
 
 
-def _merge_rerank(chunks: list[Chunk], bodies: list[Any]) -> list[RerankResult]:
-    results: list[RerankResult] = []
-    for chunk, body in zip(chunks, bodies, strict=True):
-        part = _validate(_RerankResponse, body).results
-        _check_count("results", len(part), chunk, body)
-        results.extend(part)
-    return results
+_merge_rerank = _concatenated(_RerankResponse, "results")
 
 
 def rerank_call(
@@ -278,13 +280,7 @@ class _StepsResponse(BaseModel):
     results: list[StepResult]
 
 
-def _merge_steps(chunks: list[Chunk], bodies: list[Any]) -> list[StepResult]:
-    results: list[StepResult] = []
-    for chunk, body in zip(chunks, bodies, strict=True):
-        part = _validate(_StepsResponse, body).results
-        _check_count("results", len(part), chunk, body)
-        results.extend(part)
-    return results
+_merge_steps = _concatenated(_StepsResponse, "results")
 
 
 def steps_call(
@@ -311,13 +307,7 @@ class _LabelScoresResponse(BaseModel):
     scores: list[list[float]]
 
 
-def _merge_label_scores(chunks: list[Chunk], bodies: list[Any]) -> list[list[float]]:
-    scores: list[list[float]] = []
-    for chunk, body in zip(chunks, bodies, strict=True):
-        part = _validate(_LabelScoresResponse, body).scores
-        _check_count("scores", len(part), chunk, body)
-        scores.extend(part)
-    return scores
+_merge_label_scores = _concatenated(_LabelScoresResponse, "scores")
 
 
 def label_scores_call(
