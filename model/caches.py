@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .planning import LabelIds, Reward, StepIds
+from .prefix_blocks import BlockLRU, chained_digests
 
 SEQ_DIM = 3  # the token dimension of a node's [layers, 2, kv_heads, tokens, head_dim] tensor
 
@@ -226,41 +227,24 @@ class SeenPrefixes:
     BLOCK = 16
 
     def __init__(self, max_blocks: int = 1 << 16):
-        self.max_blocks = max_blocks
-        self._keys: OrderedDict[bytes, None] = OrderedDict()
+        self._blocks: BlockLRU[None] = BlockLRU(max_blocks)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._blocks)
 
     def shared(self, ids: Sequence[int]) -> int:
-        keys = self._block_keys(ids)
-        lo, hi = 0, len(keys)  # a sequence's blocks are recorded together: the known ones form a prefix
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if keys[mid - 1] in self._keys:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo * self.BLOCK
+        return self._blocks.held(self._block_keys(ids)) * self.BLOCK
 
     def add(self, ids: Sequence[int]) -> None:
-        for key in reversed(self._block_keys(ids)):  # a prefix's first block is the last one forgotten
-            self._keys[key] = None
-            self._keys.move_to_end(key)
-        while len(self._keys) > self.max_blocks:
-            self._keys.popitem(last=False)
+        self._blocks.record(self._block_keys(ids), None)
 
     def clear(self) -> None:
-        self._keys.clear()
+        self._blocks.clear()
 
     def _block_keys(self, ids: Sequence[int]) -> list[bytes]:
         raw = array("q", ids).tobytes()
         step = self.BLOCK * 8
-        digest, keys = hashlib.blake2b(digest_size=8), []
-        for end in range(step, len(raw) + 1, step):
-            digest.update(raw[end - step : end])
-            keys.append(digest.copy().digest())
-        return keys
+        return chained_digests((raw[end - step : end] for end in range(step, len(raw) + 1, step)), size=8)
 
 
 class RewardCache:

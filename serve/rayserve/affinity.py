@@ -36,11 +36,12 @@ import functools
 import hashlib
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from rmserve.model.prefix_blocks import BlockLRU, chained_digests
 
 BLOCK_CHARS = 64  # characters per prefix block: a match is counted in whole blocks
 MAX_BLOCKS = 1 << 18  # prefix blocks remembered per router (LRU): 16 M characters of text, about 10 MB
@@ -91,44 +92,28 @@ class PrefixTable:
     """Which replica last received each text prefix, in blocks of ``BLOCK_CHARS`` (an LRU of ``max_blocks``)."""
 
     def __init__(self, max_blocks: int = MAX_BLOCKS):
-        self.max_blocks = max_blocks
-        self._owner: OrderedDict[bytes, str] = OrderedDict()
+        self._owner: BlockLRU[str] = BlockLRU(max_blocks)
 
     @staticmethod
     def keys(text: str) -> list[bytes]:
         """One key per whole block: a digest of the text up to the block's end."""
-        digest, keys = hashlib.blake2b(digest_size=12), []
-        for end in range(BLOCK_CHARS, len(text) + 1, BLOCK_CHARS):
-            digest.update(text[end - BLOCK_CHARS : end].encode("utf-8", "surrogatepass"))
-            keys.append(digest.copy().digest())
-        return keys
+        ends = range(BLOCK_CHARS, len(text) + 1, BLOCK_CHARS)
+        return chained_digests((text[end - BLOCK_CHARS : end].encode("utf-8", "surrogatepass") for end in ends), 12)
 
     def match(self, keys: Sequence[bytes], replicas: Sequence[str]) -> tuple[str | None, int]:
         """The replica among ``replicas`` holding the longest prefix of ``keys``, and how many blocks it holds."""
         allowed = set(replicas)
-        lo, hi = 0, len(keys)  # blocks are inserted whole prefixes at a time: the held ones form a prefix
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if keys[mid - 1] in self._owner:
-                lo = mid
-            else:
-                hi = mid - 1
-        for blocks in range(lo, 0, -1):  # the longest held prefix whose owner is still a candidate
+        for blocks in range(self._owner.held(keys), 0, -1):  # the longest held prefix whose owner is a candidate
             owner = self._owner.get(keys[blocks - 1])
             if owner in allowed:
                 return owner, blocks
         return None, 0
 
     def insert(self, keys: Sequence[bytes], replica: str) -> None:
-        for key in reversed(keys):  # a prefix's first block is the last one evicted
-            self._owner[key] = replica
-            self._owner.move_to_end(key)
-        while len(self._owner) > self.max_blocks:
-            self._owner.popitem(last=False)
+        self._owner.record(keys, replica)
 
     def forget(self, replica: str) -> None:
-        for key in [k for k, owner in self._owner.items() if owner == replica]:
-            del self._owner[key]
+        self._owner.forget(replica)
 
     def __len__(self) -> int:
         return len(self._owner)
