@@ -8,9 +8,12 @@ shared by every request, are computed once. The tree is bounded by bytes: after 
 dropped least recently used first until it fits. Two sequences meet in the tree only where their token ids
 are equal, so a tokenizer that merges across the prompt/response boundary can cost a hit, never a reward.
 
-``SeenPrefixes`` remembers the token prefixes of recently scored sequences (hashes of whole blocks, no states), so
-the engine keeps an item's states only as far as an earlier item shared them: a prompt is kept once it is seen
-twice, and items that share nothing copy nothing into the tree.
+``SeenPrefixes`` remembers the token prefixes of recently scored sequences (hashes of whole blocks), so the engine
+keeps an item's states only as far as an earlier item shared them: items that share nothing copy nothing into the
+tree. It also remembers where each sequence's states still lie: ``RecentForwards`` holds the keys and values of the
+last few forwards by reference (no copy; bounded by bytes), so when a second item shares a prompt with one scored
+in an earlier batch, the engine copies that prompt's states out of the earlier forward into the tree
+(``ScoringEngine`` "promotes" them) instead of computing the prompt again.
 
 ``RewardCache`` answers an exact duplicate (the same token ids, hence the same reward; for ``StepIds`` the same ids
 and readouts, hence the same step rewards; for ``LabelIds`` the same ids and labels) without a forward; it keeps a
@@ -28,13 +31,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .planning import LabelIds, Reward, StepIds
+from .planning import LabelIds, Reward, StepIds, common_prefix_length
 from .prefix_blocks import BlockLRU, chained_digests
 
 SEQ_DIM = 3  # the token dimension of a node's [layers, 2, kv_heads, tokens, head_dim] tensor
@@ -118,12 +121,14 @@ class PrefixKVCache:
             pos += take
             node = child
 
-    def evict_to_budget(self) -> None:
-        """Drop least recently used leaves until the tree holds at most ``max_bytes``."""
-        if self.bytes <= self.max_bytes:
+    def evict_to_budget(self, reserved: int = 0) -> None:
+        """Drop least recently used leaves until the tree holds at most ``max_bytes - reserved`` (``reserved``: what
+        the held forwards, ``RecentForwards``, take of the same budget)."""
+        budget = self.max_bytes - reserved
+        if self.bytes <= budget:
             return
         leaves = sorted((n for n in self._walk() if not n.children), key=lambda n: n.last_used)
-        while self.bytes > self.max_bytes and leaves:
+        while self.bytes > budget and leaves:
             leaf = leaves.pop(0)
             parent = leaf.parent
             self._remove(leaf)
@@ -212,22 +217,95 @@ def token_digest(ids: Sequence[int]) -> bytes:
     return digest.digest()
 
 
+@dataclass(eq=False)
+class HeldForward:
+    """Every layer's keys and values from one forward (``[rows, kv_heads, columns, head_dim]`` each: the cached
+    columns ``[0, cached_width)``, then the new ones), held by reference; ``layers`` is None once let go."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]] | None
+    cached_width: int
+    nbytes: int
+
+
+@dataclass(eq=False)
+class HeldRow:
+    """Where one row's states lie in a held forward: ``seq[:start]`` at columns ``[0, start)`` (what the row read
+    from the cache), ``seq[start:]`` from column ``cached_width + first`` on."""
+
+    forward: HeldForward
+    seq: Sequence[int]
+    row: int
+    start: int
+    first: int
+
+    @property
+    def alive(self) -> bool:
+        return self.forward.layers is not None
+
+    def states(self, lo: int, hi: int) -> torch.Tensor:
+        """A copy of the states of ``seq[lo:hi]``, shaped as the tree holds them: ``[layers, 2, kv_heads, hi - lo,
+        head_dim]``."""
+        columns = []
+        if lo < self.start:
+            columns.append((lo, min(hi, self.start)))
+        if hi > self.start:
+            shift = self.forward.cached_width + self.first - self.start
+            columns.append((max(lo, self.start) + shift, hi + shift))
+        return torch.stack(
+            [
+                torch.stack([torch.cat([t[self.row, :, a:b] for a, b in columns], dim=1) for t in pair])
+                for pair in self.forward.layers
+            ]
+        )
+
+
+class RecentForwards:
+    """The keys and values of the most recent forwards, by reference, at most ``max_bytes`` of them: the oldest is let
+    go first. A forward larger than the whole budget is not held."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._held: deque[HeldForward] = deque()
+
+    def hold(self, layers: list[tuple[torch.Tensor, torch.Tensor]], cached_width: int) -> HeldForward | None:
+        nbytes = sum(t.numel() * t.element_size() for pair in layers for t in pair)
+        if nbytes > self.max_bytes:
+            return None
+        while self._held and self.bytes + nbytes > self.max_bytes:
+            self._let_go(self._held.popleft())
+        held = HeldForward(list(layers), cached_width, nbytes)
+        self._held.append(held)
+        self.bytes += nbytes
+        return held
+
+    def clear(self) -> None:
+        while self._held:
+            self._let_go(self._held.popleft())
+
+    def _let_go(self, held: HeldForward) -> None:
+        held.layers = None
+        self.bytes -= held.nbytes
+
+
 class SeenPrefixes:
     """The prefixes of recently scored token-id sequences, in whole blocks of ``BLOCK`` tokens: ``shared(ids)`` is how
     many leading tokens of ``ids`` (whole blocks) some recorded sequence began with. Each block's key is a digest of
-    the ids up to its end; the most recently recorded ``max_blocks`` keys are kept.
+    the ids up to its end; the most recently recorded ``max_blocks`` keys are kept, each with where the states of
+    the sequence that last recorded it lie (``HeldRow``), if they are still held: ``held(ids)``.
 
     Example::
 
         seen = SeenPrefixes()
-        seen.add(prompt + response_1)
+        seen.add(prompt + response_1, where)
         seen.shared(prompt + response_2)   # len(prompt) rounded down to whole blocks
+        seen.held(prompt + response_2)     # (len(prompt), where): those tokens' states lie in ``where``
     """
 
     BLOCK = 16
 
     def __init__(self, max_blocks: int = 1 << 16):
-        self._blocks: BlockLRU[None] = BlockLRU(max_blocks)
+        self._blocks: BlockLRU[HeldRow | None] = BlockLRU(max_blocks)
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -235,8 +313,19 @@ class SeenPrefixes:
     def shared(self, ids: Sequence[int]) -> int:
         return self._blocks.held(self._block_keys(ids)) * self.BLOCK
 
-    def add(self, ids: Sequence[int]) -> None:
-        self._blocks.record(self._block_keys(ids), None)
+    def held(self, ids: Sequence[int], limit: int) -> tuple[int, HeldRow | None]:
+        """How many leading tokens of ``ids`` (at most ``limit``) a held forward computed, and where they lie: the
+        sequence that last recorded ``ids``' deepest shared block, compared token by token (a digest is not
+        trusted)."""
+        keys = self._block_keys(ids[: limit // self.BLOCK * self.BLOCK])
+        blocks = self._blocks.held(keys)
+        where = self._blocks.get(keys[blocks - 1]) if blocks else None
+        if where is None or not where.alive:
+            return 0, None
+        return min(common_prefix_length(where.seq, ids), limit), where
+
+    def add(self, ids: Sequence[int], where: HeldRow | None = None) -> None:
+        self._blocks.record(self._block_keys(ids), where)
 
     def clear(self) -> None:
         self._blocks.clear()

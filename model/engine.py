@@ -19,7 +19,11 @@ planner lets a row start from cached states only up to its first separator, so a
 computed once while each sample computes its own steps; the reward cache keys it by ids and separator positions.
 
 The prefix cache outlives the batch (bounded by bytes, least recently used out), so group members that arrive in
-later batches reuse the prompt too. Rewards do not depend on any of this (fp32: within 1e-5 of the item scored
+later batches reuse the prompt too. A group's first sample keeps nothing (nothing shared its tokens yet), but its
+forward's keys and values stay held by reference for a few batches (``caches.RecentForwards``, a quarter of the
+prefix budget): when the second sample arrives, the plan counts the prompt as known and ``run`` first copies it
+out of the held forward into the prefix cache ("promotes" it), so no sample computes the prompt twice and items
+that share nothing copy nothing. Rewards do not depend on any of this (fp32: within 1e-5 of the item scored
 alone). ``prefix_sharing=False`` runs every item whole; ``prefix_cache_bytes=0`` keeps states only within a batch;
 ``reward_cache_items=0`` turns the reward cache off.
 
@@ -39,7 +43,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .caches import PrefixKVCache, RewardCache, SeenPrefixes, token_digest
+from .caches import HeldRow, PrefixKVCache, RecentForwards, RewardCache, SeenPrefixes, token_digest
 from .errors import InvalidRequestError, RMServeError
 from .planning import BatchPlan, Row, padded_tokens, plan_batch, plan_microbatches
 from .runner import ForwardRunner, last_token_index
@@ -47,6 +51,8 @@ from .stats import EngineStats, StatsMeter
 
 # The per-forward overhead, in tokens, until ``calibrate`` measures it on the machine at hand.
 DEFAULT_OVERHEAD_TOKENS = 64
+# The share of the prefix cache's byte budget that the last forwards' keys and values may take while held.
+HELD_SHARE = 0.25
 
 __all__ = ["BatchPlan", "EngineStats", "ScoringEngine", "last_token_index", "padded_tokens", "plan_microbatches"]
 
@@ -80,6 +86,7 @@ class ScoringEngine:
         self.max_batch_tokens = max_batch_tokens
         self.prefix_sharing = prefix_sharing
         self.prefix_cache = PrefixKVCache(prefix_cache_bytes)
+        self.recent = RecentForwards(int(prefix_cache_bytes * HELD_SHARE))
         self.reward_cache = RewardCache(reward_cache_items)
         self.seen = SeenPrefixes()  # which prefixes earlier items had: what an item's states are kept for
         # Per-forward cost in tokens' worth of compute: the planner trades padding against forwards with it,
@@ -132,7 +139,7 @@ class ScoringEngine:
             "prefix_cache_hits": self.stats.prefix_hits,
             "prefix_cache_misses": self.stats.prefix_misses,
             "prefix_tokens_saved": self.stats.tokens_saved,
-            "prefix_cache_bytes": self.prefix_cache.bytes,
+            "prefix_cache_bytes": self.prefix_cache.bytes + self.recent.bytes,
             "reward_cache_hits": self.stats.reward_cache_hits,
             "reward_cache_misses": self.stats.reward_cache_misses,
             "reward_cache_items": len(self.reward_cache),
@@ -143,6 +150,8 @@ class ScoringEngine:
         with self._lock:
             self.prefix_sharing = prefix_sharing
             self.prefix_cache = PrefixKVCache(prefix_cache_bytes)
+            self.recent.clear()
+            self.recent = RecentForwards(int(prefix_cache_bytes * HELD_SHARE))
             self.reward_cache = RewardCache(reward_cache_items)
             self.seen.clear()
             self._generation += 1
@@ -152,6 +161,7 @@ class ScoringEngine:
         is stale)."""
         with self._lock:
             self.prefix_cache.clear()
+            self.recent.clear()
             self.reward_cache.clear()
             self.seen.clear()
             self._generation += 1
@@ -224,7 +234,7 @@ class ScoringEngine:
         rewards = self.reward_cache
         plan = plan_batch(
             sequences,
-            known=self.prefix_cache.known if self.prefix_sharing else None,
+            known=(self._known if self._keeps_states() else self.prefix_cache.known) if self.prefix_sharing else None,
             cached_reward=(lambda seq: rewards.peek(token_digest(seq))) if rewards.max_items > 0 else None,
             keep=self.seen.shared if self._keeps_states() else None,
             max_batch_tokens=self.max_batch_tokens,
@@ -235,6 +245,23 @@ class ScoringEngine:
 
     def _keeps_states(self) -> bool:
         return self.prefix_sharing and self.prefix_cache.max_bytes > 0
+
+    def _known(self, seq: Sequence[int], limit: int) -> int:
+        """Leading tokens of ``seq`` whose states the prefix cache holds, or a held forward it can be given from."""
+        return max(self.prefix_cache.known(seq, limit), self.seen.held(seq, limit)[0])
+
+    def _promote(self, plan: BatchPlan) -> None:
+        """Copy into the prefix cache what the plan's rows start from but only a held forward has (``_known``)."""
+        for row in (r for level in plan.microbatches for chunk in level for r in chunk):
+            if row.parent is not None or row.start == 0:
+                continue
+            cached = self.prefix_cache.known(row.seq, row.start)
+            if cached >= row.start:
+                continue
+            length, where = self.seen.held(row.seq, row.start)
+            if where is None or length < row.start:  # the plan read state that has changed since: a bug
+                raise RuntimeError(f"no held forward has the {row.start} tokens a planned row starts from")
+            self.prefix_cache.insert(row.seq, cached, where.states(cached, row.start))
 
     def _run(self, plan: BatchPlan) -> list[Outcome]:
         if plan.generation != self._generation:
@@ -249,17 +276,21 @@ class ScoringEngine:
             for i in places:
                 outcomes[i] = reward
         self._count(plan)
+        held: dict[Row, HeldRow] = {}
         try:
-            results = self._run_microbatches(plan)
+            if self._keeps_states():
+                self._promote(plan)
+            results = self._run_microbatches(plan, held)
         finally:
             self._generation += 1
             if self.prefix_cache.max_bytes > 0:
-                self.prefix_cache.evict_to_budget()
+                self.prefix_cache.evict_to_budget(reserved=self.recent.bytes)
             else:
                 self.prefix_cache.clear()
         if self._keeps_states():
-            for seq in plan.computed:
-                self.seen.add(seq)
+            where = {row.item: held.get(row) for row in plan.items}
+            for k, seq in enumerate(plan.computed):
+                self.seen.add(seq, where.get(k))
         for k, seq in enumerate(plan.computed):
             outcome = results[k]
             if isinstance(outcome, float | list) and self.reward_cache.max_items > 0:
@@ -268,8 +299,10 @@ class ScoringEngine:
                 outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]
 
-    def _run_microbatches(self, plan: BatchPlan) -> dict[int, Outcome]:
-        """Each micro-batch as planned, level by level; a row whose shared prefix failed gets the prefix's error."""
+    def _run_microbatches(self, plan: BatchPlan, held: dict[Row, HeldRow]) -> dict[int, Outcome]:
+        """Each micro-batch as planned, level by level; a row whose shared prefix failed gets the prefix's error.
+        ``held``: where each item row's states lie while its forward is held (when states are kept)."""
+        recent = self.recent if self._keeps_states() else None
         results: dict[int, Outcome] = {}
         failed: dict[Row, RMServeError] = {}  # prefix rows whose states are not in the cache
         for level in plan.microbatches:
@@ -285,7 +318,7 @@ class ScoringEngine:
                         results[row.item] = error
                 if not rows:
                     continue
-                for row, outcome in self.runner.run(rows, self.prefix_cache, self._meter).items():
+                for row, outcome in self.runner.run(rows, self.prefix_cache, self._meter, recent, held).items():
                     if row.item is not None:
                         results[row.item] = outcome  # type: ignore[assignment]
                     elif outcome is not None:

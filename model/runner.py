@@ -6,7 +6,9 @@ key/value cache; positions count real tokens only, so every row sees the positio
 state of each item's last real token comes **from the attention mask** (a ``StepIds`` item's: those at its readouts,
 its step separators), and the reward head runs in fp32 on those positions only; a ``LabelIds`` item's outcome is
 instead its labels' next-token probabilities, read from the judge's whole ``lm_head`` (``heads.label_probabilities``).
-Rows the plan marks ``store`` put their new states into the prefix cache, unless they are not finite.
+Rows the plan marks ``store`` put their new states into the prefix cache, unless they are not finite; given a
+``RecentForwards``, the runner also holds the whole forward's keys and values there by reference and says where
+each item row's states lie (``HeldRow``), so a later batch can copy a prompt out instead of computing it again.
 
 A micro-batch that runs out of accelerator memory is split in half and retried (``run``); a row that does not fit
 even alone gets a typed error and the others are unaffected. Rewards do not depend on padding, neighbours or
@@ -28,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from .caches import PrefixKVCache
+from .caches import HeldRow, PrefixKVCache, RecentForwards
 from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError, WrongModelKindError
 from .heads import AttributedReward, ScoreHead, label_probabilities
 from .invariant import BlockLayout, head_rewards, make_batch_invariant
@@ -96,10 +98,18 @@ class ForwardRunner:
             make_batch_invariant(backbone)
         self._backbone = backbone
 
-    def run(self, rows: list[Row], prefix_cache: PrefixKVCache | None, meter: Meter | None) -> dict[Row, RowOutcome]:
-        """``rows`` as one forward, or as halves (recursively) while it runs out of memory."""
+    def run(
+        self,
+        rows: list[Row],
+        prefix_cache: PrefixKVCache | None,
+        meter: Meter | None,
+        recent: RecentForwards | None = None,
+        held: dict[Row, HeldRow] | None = None,
+    ) -> dict[Row, RowOutcome]:
+        """``rows`` as one forward, or as halves (recursively) while it runs out of memory. With ``recent``, each
+        forward is held there and ``held`` gets where each finite item row's states lie."""
         try:
-            return self.forward(rows, prefix_cache, meter)
+            return self.forward(rows, prefix_cache, meter, recent, held)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -111,15 +121,25 @@ class ForwardRunner:
             if meter is not None:
                 meter.oom_split()
             half = len(rows) // 2
-            return {**self.run(rows[:half], prefix_cache, meter), **self.run(rows[half:], prefix_cache, meter)}
+            return {
+                **self.run(rows[:half], prefix_cache, meter, recent, held),
+                **self.run(rows[half:], prefix_cache, meter, recent, held),
+            }
 
     def forward(
-        self, rows: list[Row], prefix_cache: PrefixKVCache | None, meter: Meter | None
+        self,
+        rows: list[Row],
+        prefix_cache: PrefixKVCache | None,
+        meter: Meter | None,
+        recent: RecentForwards | None = None,
+        held: dict[Row, HeldRow] | None = None,
     ) -> dict[Row, RowOutcome]:
-        """One padded forward of ``rows`` on top of their cached states; stores the states of rows marked ``store``."""
+        """One padded forward of ``rows`` on top of their cached states; stores the states of rows marked ``store``
+        and, with ``recent``, holds the forward's states there (``held``: where each item row's lie)."""
         count, cached_width = len(rows), max(r.start for r in rows)
         width = max(r.new_tokens for r in rows)
         store = any(r.store for r in rows)
+        keep = store or recent is not None
         pasts = [_past(row, prefix_cache) for row in rows]
         if self.fault_injector is not None:
             self.fault_injector(count, max(r.end for r in rows))
@@ -127,7 +147,7 @@ class ForwardRunner:
         started = time.perf_counter()
         with torch.inference_mode():
             input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
-            kv = _stack_past(pasts, cached_width, self.device) if cached_width else _empty_cache() if store else None
+            kv = _stack_past(pasts, cached_width, self.device) if cached_width else _empty_cache() if keep else None
             kwargs = {self._cache_kwarg: kv} if kv is not None else {}
             if self.batch_invariant:  # where each token sits in its sequence, for the fixed-block attention
                 kwargs["rmserve_blocks"] = self._layout(rows, cached_width, width)
@@ -152,9 +172,11 @@ class ForwardRunner:
                 labelled = self._label_outcomes(rows, scored, counts, picked)
             # A NaN or inf anywhere in a row's keys or values reaches its last token (even a masked-out NaN does:
             # 0 x NaN is NaN), so a finite last hidden state vouches for the whole row.
-            finite = torch.isfinite(last).all(dim=1).tolist() if store else [True] * count
+            finite = torch.isfinite(last).all(dim=1).tolist() if keep else [True] * count
             if store:
                 self._store(rows, finite, kv, cached_width, prefix_cache)
+            if recent is not None:
+                self._hold(rows, finite, kv, cached_width, width, recent, held)
         seconds = time.perf_counter() - started
         if meter is not None:
             meter.forward(count, count * width, sum(r.new_tokens for r in rows), seconds)
@@ -283,6 +305,26 @@ class ForwardRunner:
             row = rows[r]
             first = 0 if self.padding_side == "right" else width - row.new_tokens
             prefix_cache.insert(row.seq, row.start, new[:, :, j, :, first : first + row.stored_tokens])
+
+    def _hold(
+        self,
+        rows: list[Row],
+        finite: list[bool],
+        kv,
+        cached_width: int,
+        width: int,
+        recent: RecentForwards,
+        held: dict[Row, HeldRow] | None,
+    ) -> None:
+        """Hold this forward's keys and values in ``recent`` (by reference) and note where each finite item row's
+        lie."""
+        forward = recent.hold([(layer.keys, layer.values) for layer in kv.layers], cached_width)
+        if forward is None or held is None:
+            return
+        for r, (row, ok) in enumerate(zip(rows, finite, strict=True)):
+            if row.item is not None and ok:
+                first = 0 if self.padding_side == "right" else width - row.new_tokens
+                held[row] = HeldRow(forward, row.seq, r, row.start, first)
 
 
 def _past(row: Row, prefix_cache: PrefixKVCache | None) -> list[torch.Tensor]:

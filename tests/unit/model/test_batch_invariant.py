@@ -12,6 +12,7 @@ from checkpoints import ARCHS, HEAD_FORMATS, reference_reward, unshared_rewards
 
 from rmserve.model import load_reward_model
 from rmserve.model.invariant import BLOCK, FixedRowsLinear, fixed_order_sum
+from rmserve.model.planning import common_prefix_length
 
 FP32_TOL = 1e-5  # the invariant path still computes what transformers computes
 BUDGETS = (40, 150, 600, 16384)  # max_batch_tokens: from one row per forward to everything in one
@@ -82,6 +83,14 @@ def assert_batch_invariant(rm, targets, neighbours, seed: int) -> list[float]:
         for slot, k in enumerate(picked):
             assert by_input[slot] == alone[k], f"trial {trial}: target {k} {by_input[slot]!r} != alone {alone[k]!r}"
     engine.fault_injector = None
+    # one item per batch, as per-sample requests arrive: a group's second sample copies the prompt's states out of
+    # the first sample's held forward, the third reads them from the prefix cache
+    engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 26, reward_cache_items=0)
+    hits = engine.stats.prefix_hits
+    for k, target in enumerate(targets):
+        assert engine.score_batch([target]) == [alone[k]], f"one per batch: target {k}"
+    sharing = [k for k, t in enumerate(targets) if any(common_prefix_length(t, u) >= 16 for u in targets[:k])]
+    assert engine.stats.prefix_hits - hits >= len(sharing)  # each that shares a block with an earlier one
     stats = engine.stats
     # the cached-prompt path, reward-cache answers and an OOM split really ran
     assert stats.prefix_hits > 0 and stats.reward_cache_hits > 0 and stats.oom_splits > 0

@@ -102,26 +102,52 @@ def test_random_batches_with_left_truncated_items_match_unshared(demo_model):
         engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
 
 
-def test_a_group_split_across_batches_keeps_its_prompt_from_the_second_sample_on(demo_model):
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_a_group_split_across_batches_computes_its_prompt_once(demo_model, padding_side):
     engine = demo_model.engine
     rng = random.Random(11)
     prompt = [rng.randrange(3, 300) for _ in range(60)]
-    members = [prompt + [rng.randrange(3, 300) for _ in range(rng.randint(3, 9))] for _ in range(8)]
+    # each response starts with its own token, so each sample shares exactly the prompt with the others
+    members = [prompt + [3 + k] + [rng.randrange(3, 300) for _ in range(rng.randint(2, 8))] for k in range(8)]
     want = unshared_rewards(engine, members)
     saved = engine.overhead_tokens
     try:
+        engine.padding_side = padding_side
         sharing(engine, cache_bytes=1 << 24)
         before = engine.stats.real_tokens
         got = [engine.score_batch([m])[0] for m in members]  # one sample per batch, as per-sample requests arrive
         computed = engine.stats.real_tokens - before
+        tree_bytes = engine.prefix_cache.bytes
     finally:
+        engine.padding_side = "right"
         engine.overhead_tokens = saved
         engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
     assert got == pytest.approx(want, abs=FP32_TOL)
-    # The first sample keeps nothing (nothing else shared its tokens yet); the second keeps the whole blocks of the
-    # prompt it shares with the first; the others compute only what follows those.
-    kept = 60 // SeenPrefixes.BLOCK * SeenPrefixes.BLOCK
-    assert computed == len(members[0]) + len(members[1]) + sum(len(m) - kept for m in members[2:])
+    # The first sample keeps nothing in the prefix cache, but its forward stays held: the second copies the prompt
+    # out of it, and every sample after the first computes only its response.
+    assert computed == len(members[0]) + sum(len(m) - len(prompt) for m in members[1:])
+    assert tree_bytes > 0
+
+
+def test_a_prompt_whose_forward_was_let_go_is_computed_again(demo_model):
+    engine = demo_model.engine
+    rng = random.Random(12)
+    prompt = [rng.randrange(3, 300) for _ in range(48)]
+    first, second = (prompt + [3 + k, rng.randrange(3, 300)] for k in range(2))
+    want = unshared_rewards(engine, [first, second])
+    try:
+        sharing(engine, cache_bytes=1 << 24)
+        engine.score_batch([first])
+        engine.recent.clear()  # the forward is let go (the held share of the budget is full of later forwards)
+        before = engine.stats.real_tokens
+        got = engine.score_batch([second])
+        computed = engine.stats.real_tokens - before
+        third = engine.score_batch([prompt + [9, 9]])  # the second sample kept the prompt's whole blocks
+    finally:
+        engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+    assert got == pytest.approx(want[1:], abs=FP32_TOL)
+    assert computed == len(second)
+    assert third == pytest.approx(unshared_rewards(engine, [prompt + [9, 9]]), abs=FP32_TOL)
 
 
 def test_items_that_share_nothing_keep_no_states(demo_model):
@@ -134,7 +160,7 @@ def test_items_that_share_nothing_keep_no_states(demo_model):
             engine.score_batch(items[k : k + 3])
         assert engine.prefix_cache.bytes == 0  # nothing copied into the cache
         engine.score_batch([items[0][:50] + [7, 8, 9]])  # shares 50 tokens with an earlier item: those are kept
-        assert engine.prefix_cache.known(items[0], len(items[0])) == 48  # whole 16-token blocks
+        assert engine.prefix_cache.known(items[0], len(items[0])) == 50  # copied out of the held forward
     finally:
         engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
 
