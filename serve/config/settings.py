@@ -57,9 +57,9 @@ class BatchingConfig(_Section):
         0.005,
         ge=0.0,
         le=10.0,
-        description="When the engine is idle, the longest wait for more items after the first one arrived (items "
-        "that arrive during a forward go into the next one without waiting). Longer: bigger batches under light "
-        "load, higher idle latency.",
+        description="When the engine is idle, the longest wait for more items after the first one arrived, if its "
+        "last batch held items of several requests (a lone client's requests go at once; items that arrive during a "
+        "forward go into the next one without waiting). Longer: bigger batches under light load, higher latency.",
     )
     gateway_window_s: float = Field(
         0.0,

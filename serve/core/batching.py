@@ -2,14 +2,17 @@
 at a time, planned and priced by the engine: the plan that priced a batch is the plan the engine runs. Thread-safe,
 no asyncio, no Ray, no torch.
 
-``take`` (the forward thread) blocks until an item waits. When the engine was idle (nothing waited when it asked),
-it then waits up to ``wait_timeout_s`` for more items, unless the queue already holds a full batch; when items
-piled up during the previous forward, it takes them at once. A batch is the longest first-come-first-served run of
-waiting items whose plan (``ScoringEngine.plan``: duplicates and reward-cache hits answered, shared prefixes computed
-once, micro-batches) costs no more than the budget (``BatchPlan.cost``: the padded tokens of its forwards plus their
-overhead), with at most ``max_batch_items`` items; the first item always goes, however long. ``take`` hands the batch
-over with that plan, for ``ScoringEngine.run``. ``withdraw`` takes a request's waiting items out (its caller went away);
-the same lock orders it against ``take``, so an item is either withdrawn or in a batch, never both.
+``take`` (the forward thread) blocks until an item waits. When the engine was idle (nothing waited when it asked)
+and its last batch held items of more than one request (others are about), it then waits up to ``wait_timeout_s``
+for more items, unless the queue already holds a full batch; a lone client's request goes at once (it would wait
+for nobody), and items that piled up during the previous forward are taken at once. (A GRPO group's first sample
+that goes alone loses nothing: the engine copies its prompt out of that forward for the next sample.) A batch is the
+longest first-come-first-served run of waiting items whose plan (``ScoringEngine.plan``: duplicates and reward-cache
+hits answered, shared prefixes computed once, micro-batches) costs no more than the budget (``BatchPlan.cost``: the
+padded tokens of its forwards plus their overhead), with at most ``max_batch_items`` items; the first item always
+goes, however long. ``take`` hands the batch over with that plan, for ``ScoringEngine.run``. ``withdraw`` takes a
+request's waiting items out (its caller went away); the same lock orders it against ``take``, so an item is either
+withdrawn or in a batch, never both.
 
 Example::
 
@@ -87,6 +90,7 @@ class BatchQueue:
         # Tokens of the waiting items: the early close takes a budget's worth of them as a full batch (a cheap guess;
         # the plan may cost less, as shared prefixes and cached rewards are not computed).
         self._tokens = 0
+        self._company = True  # the last batch held several requests' items (at start: assume so)
         self._closed = False
         self._cond = threading.Condition()
 
@@ -129,7 +133,7 @@ class BatchQueue:
                     self._cond.wait()
                 if self._closed:
                     return None
-                if idle and self.wait_timeout_s > 0:
+                if idle and self._company and self.wait_timeout_s > 0:
                     deadline = time.monotonic() + self.wait_timeout_s
                     while self._items and not self._full() and not self._closed:
                         left = deadline - time.monotonic()
@@ -138,7 +142,9 @@ class BatchQueue:
                         self._cond.wait(left)
                 if self._items:  # (all of them may have been withdrawn meanwhile)
                     count, plan = self._planned_batch()
-                    return Batch(self._pop(count), plan)
+                    items = self._pop(count)
+                    self._company = any(q.ticket is not items[0].ticket for q in items)
+                    return Batch(items, plan)
 
     def close(self) -> None:
         """Wake the forward thread for good: ``take`` returns None from now on."""

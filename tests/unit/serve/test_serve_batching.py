@@ -95,3 +95,29 @@ def test_close_ends_take(engine):
     queue.close()
     taker.join(timeout=60)
     assert result == [None]
+
+
+def take_in_thread(queue: BatchQueue, *puts: list) -> list:
+    """``take`` on a thread that starts before the ``puts`` (an idle engine, as far as the thread got there first);
+    returns the batch's item lengths, or fails when take is still waiting after a minute."""
+    taken: list = []
+    taker = threading.Thread(target=lambda: taken.append(queue.take()))
+    taker.start()
+    for sequences in puts:
+        queue.put(Ticket(len(sequences)), sequences)
+    taker.join(timeout=60)
+    assert not taker.is_alive(), "take waited for company"
+    return [len(q.input_ids) for q in taken[0].items]
+
+
+def test_an_idle_engine_waits_for_company_only_after_a_batch_of_several_requests(engine):
+    """A lone client's request goes at once (an hour-long wait is not waited); after a batch that held two requests'
+    items, the next idle take waits until the batch is full."""
+    queue = queue_for(engine, budget=1_000_000, max_batch_items=2, wait_timeout_s=3600)
+    queue.put(Ticket(1), [ids(5)])
+    assert len(queue.take().items) == 1  # items were waiting: no wait; one request in it: no company
+    assert take_in_thread(queue, [ids(6)]) == [6]  # idle and alone last time: at once, not after an hour
+    queue.put(Ticket(1), [ids(7)])
+    queue.put(Ticket(1), [ids(8)])
+    assert len(queue.take().items) == 2  # two requests in one batch: company
+    assert take_in_thread(queue, [ids(9)], [ids(10)]) == [9, 10]  # idle after company: waits for the full batch
