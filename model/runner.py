@@ -147,7 +147,13 @@ class ForwardRunner:
         started = time.perf_counter()
         with torch.inference_mode():
             input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
-            kv = _stack_past(pasts, cached_width, self.device) if cached_width else _empty_cache() if keep else None
+            kv = (
+                _stack_past(pasts, cached_width, width, self.device)
+                if cached_width
+                else _empty_cache()
+                if keep
+                else None
+            )
             kwargs = {self._cache_kwarg: kv} if kv is not None else {}
             if self.batch_invariant:  # where each token sits in its sequence, for the fixed-block attention
                 kwargs["rmserve_blocks"] = self._layout(rows, cached_width, width)
@@ -343,19 +349,43 @@ def _empty_cache():
     return DynamicCache()
 
 
-def _stack_past(pasts: list[list[torch.Tensor]], cached_width: int, device: torch.device):
-    """A ``DynamicCache`` holding each row's cached states, left-aligned, padded to ``cached_width``."""
+def _stack_past(pasts: list[list[torch.Tensor]], cached_width: int, width: int, device: torch.device):
+    """A ``DynamicCache`` holding each row's cached states, left-aligned, padded to ``cached_width``, with room for the
+    forward's ``width`` new columns: each layer writes its new keys and values into that room (no concatenation of
+    the cached states with them, which would copy the cached states again)."""
     from transformers import DynamicCache
 
     sample = next(seg for past in pasts for seg in past)
     layers, _, heads, _, dim = sample.shape
-    buffer = torch.zeros((layers, 2, len(pasts), heads, cached_width, dim), dtype=sample.dtype, device=device)
+    shape = (layers, 2, len(pasts), heads, cached_width + width, dim)
+    buffer = torch.empty(shape, dtype=sample.dtype, device=device)
     for r, past in enumerate(pasts):
         pos = 0
         for seg in past:
             buffer[:, :, r, :, pos : pos + seg.shape[3]] = seg
             pos += seg.shape[3]
-    return DynamicCache(ddp_cache_data=[(buffer[layer, 0], buffer[layer, 1]) for layer in range(layers)])
+        buffer[:, :, r, :, pos:cached_width] = 0  # masked out, but 0 x NaN garbage would still be NaN
+    cache = DynamicCache(
+        ddp_cache_data=[
+            (buffer[layer, 0, :, :, :cached_width], buffer[layer, 1, :, :, :cached_width]) for layer in range(layers)
+        ]
+    )
+    for layer, held in zip(cache.layers, buffer, strict=True):
+        layer.update = _writer(layer, held[0], held[1], cached_width)
+    return cache
+
+
+def _writer(layer, keys: torch.Tensor, values: torch.Tensor, cached_width: int):
+    """A cache layer's ``update`` that writes the new states into the columns after ``cached_width`` of ``keys`` /
+    ``values`` and returns them whole."""
+
+    def update(key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys[:, :, cached_width:] = key_states
+        values[:, :, cached_width:] = value_states
+        layer.keys, layer.values = keys, values
+        return keys, values
+
+    return update
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
