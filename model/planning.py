@@ -15,9 +15,10 @@ where its level-k prefix ends, on the keys and values that prefix left in the en
 cache already holds (from earlier batches) are not computed again. Every row's start is fixed here.
 
 **What outlives the batch.** Prefix rows always leave their states in the prefix cache. An item keeps its states
-only as far as an earlier item shared its tokens (``keep``: the engine's ``SeenPrefixes``): a GRPO group's prompt
-is kept once its second sample is scored (the first may arrive alone), while items that share nothing (PPO traffic)
-copy nothing into the cache and leave it to the prompts that are reused. A process reward model's item (``StepIds``)
+only as far as an earlier item shared its tokens (``keep``: the engine's ``SeenPrefixes``), so items that share
+nothing (PPO traffic) copy nothing into the cache and leave it to the prompts that are reused. A GRPO group's first
+sample, alone in its batch, keeps nothing, but ``known`` counts what a recent forward still holds (the engine copies
+it into the cache before the batch runs), so the second sample does not compute the prompt again. A process reward model's item (``StepIds``)
 keeps its states up to its first step separator from its first sighting: PRM traffic comes as groups of solutions
 to one prompt, so the group's second sample does not compute the prompt again.
 
