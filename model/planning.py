@@ -18,9 +18,9 @@ cache already holds (from earlier batches) are not computed again. Every row's s
 only as far as an earlier item shared its tokens (``keep``: the engine's ``SeenPrefixes``), so items that share
 nothing (PPO traffic) copy nothing into the cache and leave it to the prompts that are reused. A GRPO group's first
 sample, alone in its batch, keeps nothing, but ``known`` counts what a recent forward still holds (the engine copies
-it into the cache before the batch runs), so the second sample does not compute the prompt again. A process reward model's item (``StepIds``)
-keeps its states up to its first step separator from its first sighting: PRM traffic comes as groups of solutions
-to one prompt, so the group's second sample does not compute the prompt again.
+it into the cache before the batch runs), so the second sample does not compute the prompt again. A process reward
+model's item (``StepIds``) keeps its states up to its first step separator from its first sighting: PRM traffic comes
+as groups of solutions to one prompt, so the group's second sample does not compute the prompt again.
 
 **Micro-batches.** Each level is cut into micro-batches by ``plan_microbatches``: exact dynamic programming
 over the rows sorted by the tokens they compute, minimising padded tokens plus ``overhead_tokens`` per

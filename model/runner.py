@@ -7,8 +7,11 @@ state of each item's last real token comes **from the attention mask** (a ``Step
 its step separators), and the reward head runs in fp32 on those positions only; a ``LabelIds`` item's outcome is
 instead its labels' next-token probabilities, read from the judge's whole ``lm_head`` (``heads.label_probabilities``).
 Rows the plan marks ``store`` put their new states into the prefix cache, unless they are not finite; given a
-``RecentForwards``, the runner also holds the whole forward's keys and values there by reference and says where
-each item row's states lie (``HeldRow``), so a later batch can copy a prompt out instead of computing it again.
+``RecentForwards``, the runner also holds a forward's keys and values there by reference and says where each item
+row's states lie (``HeldRow``), so a later batch can copy a prompt out instead of computing it again: a forward
+whose rows mostly compute new tokens (a group's first sample, perhaps after a cached system prompt; PPO items). One
+whose cached columns outnumber its new ones is not held: its key/value buffer repeats the cached prompt for every
+row, and what it adds (a group's later responses) is rarely anyone's prompt.
 
 A micro-batch that runs out of accelerator memory is split in half and retried (``run``); a row that does not fit
 even alone gets a typed error and the others are unaffected. Rewards do not depend on padding, neighbours or
@@ -181,7 +184,7 @@ class ForwardRunner:
             finite = torch.isfinite(last).all(dim=1).tolist() if keep else [True] * count
             if store:
                 self._store(rows, finite, kv, cached_width, prefix_cache)
-            if recent is not None:
+            if recent is not None and cached_width <= width:  # mostly new states (see the module's docstring)
                 self._hold(rows, finite, kv, cached_width, width, recent, held)
         seconds = time.perf_counter() - started
         if meter is not None:

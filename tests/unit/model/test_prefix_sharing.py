@@ -129,6 +129,32 @@ def test_a_group_split_across_batches_computes_its_prompt_once(demo_model, paddi
     assert tree_bytes > 0
 
 
+def test_a_group_after_a_cached_system_prompt_computes_its_prompt_once(demo_model):
+    """Every item starts with the same system prompt (a chat template's), which the prefix cache holds: a group's
+    first sample then runs on those cached states, and its forward is still held for the second sample."""
+    engine = demo_model.engine
+    rng = random.Random(13)
+    system = [rng.randrange(3, 300) for _ in range(32)]
+    others = [system + [rng.randrange(3, 300) for _ in range(40)] for _ in range(2)]
+    prompt = system + [rng.randrange(3, 300) for _ in range(64)]
+    members = [prompt + [3 + k] + [rng.randrange(3, 300) for _ in range(5)] for k in range(3)]
+    want = unshared_rewards(engine, members)
+    saved = engine.overhead_tokens
+    try:
+        sharing(engine, cache_bytes=1 << 24)
+        for item in others:  # the second keeps the system prompt in the cache
+            engine.score_batch([item])
+        assert engine.prefix_cache.known(members[0], len(members[0])) == len(system)
+        before = engine.stats.real_tokens
+        got = [engine.score_batch([m])[0] for m in members]
+        computed = engine.stats.real_tokens - before
+    finally:
+        engine.overhead_tokens = saved
+        engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+    assert got == pytest.approx(want, abs=FP32_TOL)
+    assert computed == len(members[0]) - len(system) + sum(len(m) - len(prompt) for m in members[1:])
+
+
 def test_a_prompt_whose_forward_was_let_go_is_computed_again(demo_model):
     engine = demo_model.engine
     rng = random.Random(12)
