@@ -368,12 +368,12 @@ def _stack_past(pasts: list[list[torch.Tensor]], cached_width: int, width: int, 
             buffer[:, :, r, :, pos : pos + seg.shape[3]] = seg
             pos += seg.shape[3]
         buffer[:, :, r, :, pos:cached_width] = 0  # masked out, but 0 x NaN garbage would still be NaN
+    # Built on empty views (building on the cached columns would copy them once more), then pointed at them.
     cache = DynamicCache(
-        ddp_cache_data=[
-            (buffer[layer, 0, :, :, :cached_width], buffer[layer, 1, :, :, :cached_width]) for layer in range(layers)
-        ]
+        ddp_cache_data=[(buffer[layer, 0, :, :, :0], buffer[layer, 1, :, :, :0]) for layer in range(layers)]
     )
     for layer, held in zip(cache.layers, buffer, strict=True):
+        layer.keys, layer.values = held[0, :, :, :cached_width], held[1, :, :, :cached_width]
         layer.update = _writer(layer, held[0], held[1], cached_width)
     return cache
 
