@@ -20,8 +20,8 @@ What varies on a CPU with plain torch (measured by ``benchmarks/batch_invariance
   on the row count; ``head_rewards`` multiplies and sums the hidden size in a fixed pairwise order.
 * **Activations.** torch computes SiLU (and GELU, sigmoid) with SIMD code for whole vectors and with scalar code for
   the tail of each thread's range; the two differ in the last bit, and where the tail falls depends on how many
-  tokens the tensor holds. ``FixedChunkActivation`` applies them in calls of a fixed element count that every thread
-  splits into whole vectors (``fixed_elementwise``), so every element takes the SIMD path.
+  tokens the tensor holds. ``FixedChunkActivation`` applies them to the tensor zero-padded to a size that every
+  thread's share splits into whole vectors (``fixed_elementwise``), so every element takes the SIMD path.
 
 Measured invariant, and kept: RMSNorm (its mean over the hidden size, an exact rsqrt), exp, sin and cos (rotary
 embeddings, the softmax), multiplications and adds. Positions count real tokens only (the runner's
@@ -90,23 +90,26 @@ def fixed_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def fixed_elementwise(fn, x: torch.Tensor) -> torch.Tensor:
     """``fn(x)`` for an elementwise ``fn``, every element through torch's SIMD loop (never the scalar tail).
 
-    A call of up to ``GRAIN`` elements runs on one thread: padded to whole ``VECTOR`` steps. Larger tensors go in
-    calls whose every thread takes a whole number of ``GRAIN`` (or one thread takes one ``GRAIN``), the last call
-    overlapping the one before (the same elements give the same results)."""
+    One call on ``x`` zero-padded to ``simd_size`` elements: each thread's share a whole number of ``VECTOR`` steps."""
     flat = x.reshape(-1)
     n = flat.numel()
-    if n <= GRAIN:
-        padded = flat.new_zeros(-(-n // VECTOR) * VECTOR)
-        padded[:n] = flat
-        return fn(padded)[:n].view(x.shape)
-    threads = torch.get_num_threads()
-    size = GRAIN if n < GRAIN * threads else n // (GRAIN * threads) * GRAIN * threads  # whole GRAINs per thread
-    flat = flat.contiguous()
-    out = torch.empty_like(flat)
-    for first in range(0, n, size):
-        first = min(first, n - size)
-        out[first : first + size] = fn(flat[first : first + size])
-    return out.view(x.shape)
+    size = simd_size(n)
+    if size != n:
+        flat = F.pad(flat, (0, size - n))
+    return fn(flat)[:n].view(x.shape)
+
+
+def simd_size(n: int) -> int:
+    """The fewest elements (at least ``n``) that torch's parallel elementwise loop splits into whole ``VECTOR``
+    steps for every thread: up to ``GRAIN`` one thread takes them all, above it ``min(threads, ceil(size /
+    GRAIN))`` threads take equal shares (``at::parallel_for``)."""
+    size = -(-n // VECTOR) * VECTOR
+    while True:
+        threads = 1 if size <= GRAIN else min(torch.get_num_threads(), -(-size // GRAIN))
+        whole = -(-size // (threads * VECTOR)) * threads * VECTOR
+        if whole == size:
+            return size
+        size = whole
 
 
 class FixedChunkActivation(torch.nn.Module):
