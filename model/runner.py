@@ -347,9 +347,28 @@ def _past(row: Row, prefix_cache: PrefixKVCache | None) -> list[torch.Tensor]:
 
 
 def _empty_cache():
+    """A ``DynamicCache`` for a forward with nothing cached: each layer keeps the forward's new keys and values by
+    reference (``DynamicLayer`` would concatenate them onto an empty tensor, a copy of every layer's states)."""
     from transformers import DynamicCache
 
-    return DynamicCache()
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _kept_layer
+    return cache
+
+
+def _kept_layer():
+    """A ``DynamicLayer`` whose one ``update`` keeps the states it is given."""
+    from transformers.cache_utils import DynamicLayer
+
+    layer = DynamicLayer()
+
+    def update(key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        layer.lazy_initialization(key_states, value_states)
+        layer.keys, layer.values = key_states, value_states
+        return key_states, value_states
+
+    layer.update = update
+    return layer
 
 
 def _stack_past(pasts: list[list[torch.Tensor]], cached_width: int, width: int, device: torch.device):
