@@ -16,7 +16,10 @@ from rmserve.model import load_reward_model
 pytestmark = pytest.mark.ray
 
 TOL = 1e-5
-CACHE_BYTES = 300_000  # a few demo-model items' keys and values: the stream below must evict
+# 512 bytes a token on the demo model (fp32). The engine holds recent forwards in a quarter of it: room for the GRPO
+# test's 8 interleaved first samples (about 280 KB) even when each goes in its own batch (a loaded machine), so each
+# prompt is computed once; the budget test's stream of distinct prompts (about 2.7 MB) must still evict.
+CACHE_BYTES = 2_000_000
 REWARD_ITEMS = 24
 TOPICS = ("owls", "tea", "rockets", "bridges", "poetry", "bees", "rivers", "cats")
 
@@ -85,7 +88,7 @@ async def test_caches_stay_within_their_budgets_under_distinct_prompts(app, refe
     rng = random.Random(2)
     items = [
         {"prompt": f"Question {k}: " + " ".join(rng.choice(TOPICS) for _ in range(30)), "response": "Of course."}
-        for k in range(60)
+        for k in range(150)
     ]
     async with async_client(app) as client:
         for start in range(0, len(items), 6):
