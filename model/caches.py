@@ -261,7 +261,8 @@ class HeldRow:
 
 class RecentForwards:
     """The keys and values of the most recent forwards, by reference, at most ``max_bytes`` of them: the oldest is let
-    go first. A forward larger than the whole budget is not held."""
+    go first. A forward larger than the whole budget is not held. A forward's size is that of the memory its tensors
+    keep alive: a view (values sliced from a fused QKV projection) holds all of its storage."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -269,7 +270,8 @@ class RecentForwards:
         self._held: deque[HeldForward] = deque()
 
     def hold(self, layers: list[tuple[torch.Tensor, torch.Tensor]], cached_width: int) -> HeldForward | None:
-        nbytes = sum(t.numel() * t.element_size() for pair in layers for t in pair)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for pair in layers for t in pair}
+        nbytes = sum(storages.values())
         if nbytes > self.max_bytes:
             return None
         while self._held and self.bytes + nbytes > self.max_bytes:

@@ -10,7 +10,7 @@ import torch
 from checkpoints import unshared_rewards
 
 from rmserve.model import load_reward_model
-from rmserve.model.caches import PrefixKVCache, RewardCache, SeenPrefixes
+from rmserve.model.caches import PrefixKVCache, RecentForwards, RewardCache, SeenPrefixes
 from rmserve.model.errors import InternalError
 from rmserve.model.planning import levels_cost, plan_levels
 
@@ -189,6 +189,20 @@ def test_items_that_share_nothing_keep_no_states(demo_model):
         assert engine.prefix_cache.known(items[0], len(items[0])) == 50  # copied out of the held forward
     finally:
         engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+
+
+def test_held_forwards_count_the_memory_they_keep_alive_and_let_the_oldest_go():
+    recent = RecentForwards(max_bytes=10_000)
+    fused = torch.zeros(1, 2, 30, 12)  # a fused projection's output, 2,880 bytes: keys and values are slices of it
+    keys, values = fused[..., :4], fused[..., 8:]
+    first = recent.hold([(keys, values)], cached_width=0)
+    assert recent.bytes == fused.untyped_storage().nbytes() == 2880  # not 2 x 960 for the two views
+    second = recent.hold([(torch.zeros(1, 2, 30, 4), torch.zeros(1, 2, 30, 4))], cached_width=0)  # 1,920 bytes
+    assert recent.bytes == 4800 and first.layers is not None
+    recent.hold([(torch.zeros(1, 2, 80, 8), torch.zeros(1, 2, 10, 4))], cached_width=0)  # 5,120 + 320 bytes
+    assert first.layers is None and second.layers is not None  # the oldest let go to stay within the budget
+    assert recent.bytes == 1920 + 5440
+    assert recent.hold([(torch.zeros(1, 2, 400, 4), torch.zeros(1, 2, 1, 4))], cached_width=0) is None  # too big
 
 
 def test_seen_prefixes_count_whole_shared_blocks_and_forget_the_oldest():
