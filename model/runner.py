@@ -11,7 +11,8 @@ Rows the plan marks ``store`` put their new states into the prefix cache, unless
 row's states lie (``HeldRow``), so a later batch can copy a prompt out instead of computing it again: a forward
 whose rows mostly compute new tokens (a group's first sample, perhaps after a cached system prompt; PPO items). One
 whose cached columns outnumber its new ones is not held: its key/value buffer repeats the cached prompt for every
-row, and what it adds (a group's later responses) is rarely anyone's prompt.
+row, and what it adds (a group's later responses) is rarely anyone's prompt. The mask the backbone itself gets is
+``masks.backbone_mask``'s (none for right-padded rows with nothing cached; sliding windows by position).
 
 A micro-batch that runs out of accelerator memory is split in half and retried (``run``); a row that does not fit
 even alone gets a typed error and the others are unaffected. Rewards do not depend on padding, neighbours or
@@ -37,6 +38,7 @@ from .caches import HeldRow, PrefixKVCache, RecentForwards
 from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError, WrongModelKindError
 from .heads import AttributedReward, ScoreHead, label_probabilities
 from .invariant import BlockLayout, head_rewards, make_batch_invariant
+from .masks import SlidingWindows, backbone_mask
 from .planning import LabelIds, Row, StepIds
 
 # An item's reward (one per readout for ``StepIds``) or error; a prefix row's None (its states are stored) or error.
@@ -100,6 +102,10 @@ class ForwardRunner:
         if self.batch_invariant:
             make_batch_invariant(backbone)
         self._backbone = backbone
+        config = getattr(backbone, "config", None)
+        self._windows = SlidingWindows.of(config)
+        self._eager = getattr(config, "_attn_implementation", None) == "eager"
+        self._dtype = next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32)
 
     def run(
         self,
@@ -161,7 +167,11 @@ class ForwardRunner:
             if self.batch_invariant:  # where each token sits in its sequence, for the fixed-block attention
                 kwargs["rmserve_blocks"] = self._layout(rows, cached_width, width)
             out = self.backbone(
-                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=kv is not None, **kwargs
+                input_ids=input_ids,
+                attention_mask=self._backbone_mask(mask, cached_width),
+                position_ids=position_ids,
+                use_cache=kv is not None,
+                **kwargs,
             )
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             last_col = last_token_index(mask[:, cached_width:])
@@ -268,6 +278,13 @@ class ForwardRunner:
             at_col += cols
             counts[r] = len(cols)
         return at_row, at_col, counts
+
+    def _backbone_mask(self, mask: torch.Tensor, cached_width: int):
+        """The attention mask the backbone gets (``masks.backbone_mask``); the batch-invariant attention reads the
+        runner's block layout and keeps the plain mask."""
+        if self.batch_invariant:
+            return mask
+        return backbone_mask(mask, cached_width, self.padding_side, self._windows, eager=self._eager, dtype=self._dtype)
 
     def _layout(self, rows: list[Row], cached_width: int, width: int) -> BlockLayout:
         starts, ends = [r.start for r in rows], [r.end for r in rows]

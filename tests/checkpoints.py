@@ -18,6 +18,9 @@ from rmserve.model.tokenizer_builder import train_tokenizer
 
 HEAD_FORMATS = ("score", "reward_head", "v_head_file", "value_head")
 ARCHS = ("llama", "mistral", "qwen2")
+# Sliding-window attention, a window shorter than the test items: every layer (Mistral), full and sliding layers
+# mixed (Qwen2, Gemma 2: eager attention with logit soft-capping).
+WINDOWED_ARCHS = ("mistral-window", "qwen2-window", "gemma2")
 
 
 def build_tokenizer(variant: str = "chat"):
@@ -32,7 +35,7 @@ def build_tokenizer(variant: str = "chat"):
 
 
 def _config(arch: str, vocab: int, tok):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab,
@@ -47,6 +50,13 @@ def _config(arch: str, vocab: int, tok):
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+    windowed = {
+        "mistral-window": lambda: MistralConfig(**common, sliding_window=8),
+        "qwen2-window": lambda: Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+        "gemma2": lambda: Gemma2Config(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=8),
+    }
+    if arch in windowed:
+        return windowed[arch]()
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch](**common)
 
 

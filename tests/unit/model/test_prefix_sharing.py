@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from checkpoints import unshared_rewards
+from checkpoints import WINDOWED_ARCHS, unshared_rewards
 
 from rmserve.model import load_reward_model
 from rmserve.model.caches import PrefixKVCache, RecentForwards, RewardCache, SeenPrefixes
@@ -71,6 +71,24 @@ def test_shared_rewards_on_other_architectures(checkpoint_factory, arch, device)
     sharing(rm.engine, cache_bytes=1 << 26)
     seqs = grpo_batch(random.Random(7), len(tok))
     assert rm.engine.score_batch(seqs) == pytest.approx([reference_reward(ref, s) for s in seqs], abs=FP32_TOL)
+
+
+@pytest.mark.parametrize("arch", WINDOWED_ARCHS)
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_sliding_window_models_see_the_window_by_position(checkpoint_factory, arch, padding_side, device):
+    """Rows that read cached prompts of different lengths, or whose new tokens are padded on the left, have padding
+    columns between their cached and new tokens; a sliding window (8 tokens here) still covers the same tokens as
+    for the item alone. Fails when the window is measured in columns (rewards off by up to 0.4)."""
+    from checkpoints import reference_reward
+
+    path, ref, tok = checkpoint_factory("score", arch=arch)
+    rm = load_reward_model(str(path), dtype="fp32", device=device, padding_side=padding_side)
+    sharing(rm.engine, cache_bytes=1 << 26)
+    rng = random.Random(11)
+    for _ in range(2):  # the second batch reads prompts of several lengths from the cache
+        seqs = grpo_batch(rng, len(tok))
+        assert rm.engine.score_batch(seqs) == pytest.approx([reference_reward(ref, s) for s in seqs], abs=FP32_TOL)
+    assert rm.engine.stats.prefix_hits > 0
 
 
 def test_random_batches_with_left_truncated_items_match_unshared(demo_model):
