@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import ModelLoadError
+
 ATTENTION_NAME = "rmserve_batch_invariant"
 BLOCK = 64  # tokens per key block, counted from each sequence's first token
 QUERY_CHUNK = 128  # queries per score matmul: a chunk's keys stop at its last query's block
@@ -284,6 +286,12 @@ def make_batch_invariant(backbone: torch.nn.Module) -> None:
     Idempotent."""
     from transformers import AttentionInterface
 
+    unsupported = unsupported_attention(backbone)
+    if unsupported:
+        raise ModelLoadError(
+            f"batch_invariant: this model's attention uses {unsupported}, which the fixed-block attention does not "
+            "compute; serve it with batch_invariant off"
+        )
     AttentionInterface.register(ATTENTION_NAME, block_attention)
     for parent in list(backbone.modules()):
         for name, child in list(parent.named_children()):
@@ -292,6 +300,17 @@ def make_batch_invariant(backbone: torch.nn.Module) -> None:
             elif _is_activation(child) and not isinstance(parent, FixedChunkActivation):
                 setattr(parent, name, FixedChunkActivation(child))
     backbone.set_attn_implementation(ATTENTION_NAME)
+
+
+def unsupported_attention(backbone: torch.nn.Module) -> str | None:
+    """What ``block_attention`` would silently leave out of this backbone's attention, if anything: logit
+    soft-capping (Gemma 2) or attention sinks (gpt-oss)."""
+    config = getattr(backbone, "config", None)
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return f"logit soft-capping (attn_logit_softcapping={config.attn_logit_softcapping})"
+    if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in backbone.modules()):
+        return "attention sinks"
+    return None
 
 
 def _is_activation(module: torch.nn.Module) -> bool:

@@ -11,6 +11,7 @@ import torch
 from checkpoints import ARCHS, HEAD_FORMATS, reference_reward, unshared_rewards
 
 from rmserve.model import load_reward_model
+from rmserve.model.errors import ModelLoadError
 from rmserve.model.invariant import BLOCK, FixedRowsLinear, fixed_order_sum
 from rmserve.model.planning import common_prefix_length
 
@@ -109,6 +110,25 @@ def test_every_reward_is_bitwise_its_reward_alone(checkpoint_factory, arch, head
     assert restarted.engine.score_batch(targets) == alone
     if dtype == "fp32":  # invariant, and still the reward transformers computes
         assert alone == pytest.approx([reference_reward(ref, t) for t in targets], abs=FP32_TOL)
+
+
+@pytest.mark.parametrize("arch", ["mistral-window", "qwen2-window"])
+def test_sliding_window_models_are_bitwise_and_windowed_by_position(checkpoint_factory, arch, device):
+    path, ref, tok = checkpoint_factory("score", arch=arch)
+    targets, neighbours = targets_and_neighbours(random.Random(5), len(tok))
+    alone = assert_batch_invariant(load(path, "fp32", device), targets, neighbours, 5)
+    assert alone == pytest.approx([reference_reward(ref, t) for t in targets], abs=FP32_TOL)
+
+
+def test_attention_the_fixed_blocks_do_not_compute_is_refused_at_load(checkpoint_factory):
+    """Gemma 2 soft-caps its attention logits; the fixed-block attention would leave that out (a wrong reward), so
+    the invariant mode refuses the model by name of what it lacks, and the default mode serves it."""
+    path, ref, _ = checkpoint_factory("score", arch="gemma2")
+    with pytest.raises(ModelLoadError, match="soft-capping"):
+        load_reward_model(str(path), dtype="fp32", batch_invariant=True)
+    ids = [1, 9, 17, 33, 5, 8, 12, 40, 41, 42, 43, 2]
+    default = load_reward_model(str(path), dtype="fp32")
+    assert default.engine.score_batch([ids]) == pytest.approx([reference_reward(ref, ids)], abs=FP32_TOL)
 
 
 @pytest.mark.slow
