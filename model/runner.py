@@ -35,9 +35,10 @@ from typing import Protocol
 import torch
 
 from .caches import HeldRow, PrefixKVCache, RecentForwards
+from .cascade import SharedPrefixes, use_shared_prompt_attention
 from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError, WrongModelKindError
 from .heads import AttributedReward, ScoreHead, label_probabilities
-from .invariant import BlockLayout, head_rewards, make_batch_invariant
+from .invariant import BlockLayout, head_rewards, make_batch_invariant, unsupported_attention
 from .masks import SlidingWindows, backbone_mask
 from .planning import LabelIds, Row, StepIds
 
@@ -104,6 +105,15 @@ class ForwardRunner:
         self._backbone = backbone
         config = getattr(backbone, "config", None)
         self._windows = SlidingWindows.of(config)
+        # Cascade attention for rows that continue cached prompts (``cascade.py``): CPU, default mode, SDPA, no
+        # sliding windows.
+        self._cascade = (
+            not self.batch_invariant
+            and _module_device(backbone).type == "cpu"
+            and self._windows is None
+            and unsupported_attention(backbone) is None
+            and use_shared_prompt_attention(backbone)
+        )
         self._eager = getattr(config, "_attn_implementation", None) == "eager"
         self._dtype = next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32)
 
@@ -156,14 +166,20 @@ class ForwardRunner:
         started = time.perf_counter()
         with torch.inference_mode():
             input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
-            kv = (
-                _stack_past(pasts, cached_width, width, self.device)
-                if cached_width
-                else _empty_cache()
-                if keep
-                else None
-            )
-            kwargs = {self._cache_kwarg: kv} if kv is not None else {}
+            # Rows that continue cached prompts and mostly read them (never held, see the module's docstring).
+            cascade = self._cascade and cached_width > width and self.padding_side == "right"
+            kwargs = {}
+            if cascade:
+                prefixes = SharedPrefixes.build(pasts, self.device)
+                layers = prefixes.groups[0][1].shape[0]
+                kv = prefixes.cache(count, cached_width, layers)
+                kwargs["rmserve_prefixes"] = prefixes
+            elif cached_width:
+                kv = _stack_past(pasts, cached_width, width, self.device)
+            else:
+                kv = _empty_cache() if keep else None
+            if kv is not None:
+                kwargs[self._cache_kwarg] = kv
             if self.batch_invariant:  # where each token sits in its sequence, for the fixed-block attention
                 kwargs["rmserve_blocks"] = self._layout(rows, cached_width, width)
             out = self.backbone(
@@ -192,8 +208,8 @@ class ForwardRunner:
             # A NaN or inf anywhere in a row's keys or values reaches its last token (even a masked-out NaN does:
             # 0 x NaN is NaN), so a finite last hidden state vouches for the whole row.
             finite = torch.isfinite(last).all(dim=1).tolist() if keep else [True] * count
-            if store:
-                self._store(rows, finite, kv, cached_width, prefix_cache)
+            if store:  # the layers hold the new columns alone in a cascade forward
+                self._store(rows, finite, kv, 0 if cascade else cached_width, prefix_cache)
             if recent is not None and cached_width <= width:  # mostly new states (see the module's docstring)
                 self._hold(rows, finite, kv, cached_width, width, recent, held)
         seconds = time.perf_counter() - started
@@ -307,10 +323,11 @@ class ForwardRunner:
         return input_ids, mask, position_ids
 
     def _store(
-        self, rows: list[Row], finite: list[bool], kv, cached_width: int, prefix_cache: PrefixKVCache | None
+        self, rows: list[Row], finite: list[bool], kv, new_from: int, prefix_cache: PrefixKVCache | None
     ) -> None:
-        """Put the new keys and values of each ``store`` row whose states are ``finite`` into the prefix cache (one
-        poisoned token would otherwise corrupt every item that later shares the row's prefix)."""
+        """Put the new keys and values (the layers' columns from ``new_from`` on) of each ``store`` row whose states
+        are ``finite`` into the prefix cache (one poisoned token would otherwise corrupt every item that later shares
+        the row's prefix)."""
         if prefix_cache is None:
             raise ValueError("rows marked store need a prefix cache")
         kept = [r for r, (row, ok) in enumerate(zip(rows, finite, strict=True)) if row.stored_tokens and ok]
@@ -320,9 +337,7 @@ class ForwardRunner:
         # [layers, 2, kept rows, kv_heads, new tokens, head_dim]: only the rows that keep states are copied
         new = torch.stack(
             [
-                torch.stack(
-                    (k[:, :, cached_width:].index_select(0, which), v[:, :, cached_width:].index_select(0, which))
-                )
+                torch.stack((k[:, :, new_from:].index_select(0, which), v[:, :, new_from:].index_select(0, which)))
                 for k, v in ((layer.keys, layer.values) for layer in kv.layers)
             ]
         )

@@ -91,6 +91,37 @@ def test_sliding_window_models_see_the_window_by_position(checkpoint_factory, ar
     assert rm.engine.stats.prefix_hits > 0
 
 
+def test_rows_that_continue_cached_prompts_read_each_prompt_once(checkpoint_factory, monkeypatch):
+    """Cascade attention on the CPU (``model/cascade.py``): forwards whose rows continue cached prompts keep each
+    prompt's states once and merge two attentions; a user prompt stored in such a forward (it continues a cached
+    system prompt) is stored right too. Rewards: transformers' own, grouped-query attention included."""
+    from checkpoints import reference_reward
+
+    from rmserve.model.cascade import SharedPrefixes
+
+    path, ref, tok = checkpoint_factory("score")  # 4 heads over 2 key/value heads
+    rm = load_reward_model(str(path), dtype="fp32", device="cpu")
+    sharing(rm.engine, cache_bytes=1 << 26)
+    built = []
+    build = SharedPrefixes.build
+
+    def counting(pasts, device):
+        built.append(sum(1 for past in pasts if past))
+        return build(pasts, device)
+
+    monkeypatch.setattr(SharedPrefixes, "build", counting)
+    rng = random.Random(3)
+    rand = lambda n: [rng.randrange(3, len(tok)) for _ in range(n)]  # noqa: E731
+    system = rand(60)
+    rm.engine.score_batch([system + rand(3)])  # the system prompt is cached from here on
+    prompts = [system + rand(rng.randint(4, 8)) for _ in range(3)]
+    for _ in range(2):  # the second round continues the user prompts the first stored
+        seqs = [p + rand(rng.randint(1, 10)) for p in prompts for _ in range(4)]
+        rng.shuffle(seqs)
+        assert rm.engine.score_batch(seqs) == pytest.approx([reference_reward(ref, s) for s in seqs], abs=FP32_TOL)
+    assert built and max(built) > 1
+
+
 def test_random_batches_with_left_truncated_items_match_unshared(demo_model):
     """Left truncation cuts the prompt's start, so truncated group members may share nothing or a shifted
     prefix; whatever is shared, rewards stay those of the unshared forward."""
