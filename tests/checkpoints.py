@@ -20,7 +20,8 @@ HEAD_FORMATS = ("score", "reward_head", "v_head_file", "value_head")
 ARCHS = ("llama", "mistral", "qwen2")
 # Sliding-window attention, a window shorter than the test items: every layer (Mistral), full and sliding layers
 # mixed (Qwen2, Gemma 2: eager attention with logit soft-capping).
-WINDOWED_ARCHS = ("mistral-window", "qwen2-window", "gemma2")
+WINDOWED_ARCHS = ("mistral-window", "qwen2-window", "gemma2", "gemma3")
+MORE_ARCHS = ("qwen3", "phi3", "olmo2")  # other decoder families, full attention
 
 
 def build_tokenizer(variant: str = "chat"):
@@ -35,7 +36,16 @@ def build_tokenizer(variant: str = "chat"):
 
 
 def _config(arch: str, vocab: int, tok):
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Olmo2Config,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=vocab,
@@ -50,13 +60,17 @@ def _config(arch: str, vocab: int, tok):
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    windowed = {
+    more = {
         "mistral-window": lambda: MistralConfig(**common, sliding_window=8),
         "qwen2-window": lambda: Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1),
         "gemma2": lambda: Gemma2Config(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=8),
+        "gemma3": lambda: Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=8),
+        "qwen3": lambda: Qwen3Config(**common, head_dim=8),
+        "phi3": lambda: Phi3Config(**common),
+        "olmo2": lambda: Olmo2Config(**common),
     }
-    if arch in windowed:
-        return windowed[arch]()
+    if arch in more:
+        return more[arch]()
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch](**common)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from checkpoints import WINDOWED_ARCHS
+from checkpoints import MORE_ARCHS, WINDOWED_ARCHS
 
 from rmserve.model import load_reward_model
 
@@ -78,7 +78,7 @@ def test_pad_eq_eos_guess_would_be_wrong(checkpoint_factory, device):
     assert abs(guessed - rm.score([ITEMS[0]])[0]) > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", *WINDOWED_ARCHS])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", *WINDOWED_ARCHS, *MORE_ARCHS])
 def test_other_decoder_architectures(checkpoint_factory, arch, device):
     path, ref, _ = checkpoint_factory("score", arch=arch)
     rm = load_reward_model(str(path), device=device, dtype="fp32", padding_side="left")
