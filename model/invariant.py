@@ -13,7 +13,9 @@ What varies on a CPU with plain torch (measured by ``benchmarks/batch_invariance
   order), then the weighted values per ``BLOCK``-token key block counted from the sequence's first token (one
   ``[queries, BLOCK] @ [BLOCK, head_dim + 1]`` product per block; a column of ones sums the weights) and a fixed
   pairwise sum over the blocks. A key block past a query's own adds exact zeros, so the row's length, the chunk, the
-  batch's longest row, the padding and the prefix cache give the same sums. Measured (fp32, head_dim 64): a score's
+  batch's longest row, the padding and the prefix cache give the same sums. Soft-capped logits (Gemma 2) are capped
+  score by score, the ``tanh`` through ``fixed_elementwise``; attention sinks (gpt-oss) are not computed, and such a
+  model is refused (``unsupported_attention``). Measured (fp32, head_dim 64): a score's
   and a block product's bits do not depend on how many queries (3 or more: one or two take another kernel, hence
   ``MIN_QUERIES``), keys or batch entries share the call.
 * **The reward head.** ``Linear(hidden, 1)`` over the scored rows is a matrix-vector product whose kernel depends
@@ -179,6 +181,7 @@ def block_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
+    softcap: float | None = None,
     rmserve_blocks: BlockLayout | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
@@ -204,7 +207,7 @@ def block_attention(
         for done in range(0, end - start, QUERY_CHUNK):
             count = min(QUERY_CHUNK, end - start - done)
             cols = slice(first + done, first + done + count)
-            out = _attend(query[r, :, cols], keys, values, start + done, scale, group, sliding_window)
+            out = _attend(query[r, :, cols], keys, values, start + done, scale, group, sliding_window, softcap)
             result[r, cols] = out.transpose(0, 1)
     return result, None
 
@@ -233,6 +236,7 @@ def _attend(
     scale: float,
     group: int,
     sliding_window: int | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Queries ``[heads, n, dim]`` at positions ``first_pos..`` over one row's ``_sequence_states``: ``[heads, n,
     dim]`` fp32."""
@@ -249,6 +253,8 @@ def _attend(
     blocks = -(-(first_pos + n) // BLOCK)
     seen = blocks * BLOCK
     scores = torch.matmul(keys[:, :seen], q.transpose(1, 2))  # [kv_heads, keys, group x queries]
+    if softcap is not None:  # Gemma 2: cap * tanh(score / cap), every element through the same SIMD path
+        scores = fixed_elementwise(torch.tanh, scores.div_(softcap)).mul_(softcap)
     device = query.device
     if sliding_window is None or sliding_window >= first_pos + m:  # only keys after a query's position are hidden
         hidden = torch.arange(seen - first_pos, device=device)[:, None] > torch.arange(m, device=device)
@@ -303,11 +309,8 @@ def make_batch_invariant(backbone: torch.nn.Module) -> None:
 
 
 def unsupported_attention(backbone: torch.nn.Module) -> str | None:
-    """What ``block_attention`` would silently leave out of this backbone's attention, if anything: logit
-    soft-capping (Gemma 2) or attention sinks (gpt-oss)."""
-    config = getattr(backbone, "config", None)
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        return f"logit soft-capping (attn_logit_softcapping={config.attn_logit_softcapping})"
+    """What ``block_attention`` would silently leave out of this backbone's attention, if anything: attention sinks
+    (gpt-oss)."""
     if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in backbone.modules()):
         return "attention sinks"
     return None

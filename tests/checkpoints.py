@@ -39,6 +39,7 @@ def _config(arch: str, vocab: int, tok):
     from transformers import (
         Gemma2Config,
         Gemma3TextConfig,
+        GptOssConfig,
         LlamaConfig,
         MistralConfig,
         Olmo2Config,
@@ -63,8 +64,13 @@ def _config(arch: str, vocab: int, tok):
     more = {
         "mistral-window": lambda: MistralConfig(**common, sliding_window=8),
         "qwen2-window": lambda: Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1),
-        "gemma2": lambda: Gemma2Config(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=8),
+        "gemma2": lambda: Gemma2Config(
+            **common, head_dim=8, query_pre_attn_scalar=8, sliding_window=8, attn_logit_softcapping=0.5
+        ),  # a cap small enough to bite
         "gemma3": lambda: Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=8, sliding_window=8),
+        "gpt_oss": lambda: GptOssConfig(
+            **common, head_dim=8, sliding_window=8, num_local_experts=4, num_experts_per_tok=2
+        ),  # attention sinks
         "qwen3": lambda: Qwen3Config(**common, head_dim=8),
         "phi3": lambda: Phi3Config(**common),
         "olmo2": lambda: Olmo2Config(**common),

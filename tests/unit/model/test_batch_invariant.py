@@ -113,8 +113,9 @@ def test_every_reward_is_bitwise_its_reward_alone(checkpoint_factory, arch, head
         assert alone == pytest.approx([reference_reward(ref, t) for t in targets], abs=FP32_TOL)
 
 
-@pytest.mark.parametrize("arch", ["mistral-window", "qwen2-window"])
-def test_sliding_window_models_are_bitwise_and_windowed_by_position(checkpoint_factory, arch, device):
+@pytest.mark.parametrize("arch", ["mistral-window", "qwen2-window", "gemma2"])
+def test_sliding_windows_and_soft_capping_are_bitwise_and_exact(checkpoint_factory, arch, device):
+    """Windows measured by position; Gemma 2's logit soft-capping (cap x tanh(score / cap)) applied per score."""
     path, ref, tok = checkpoint_factory("score", arch=arch)
     targets, neighbours = targets_and_neighbours(random.Random(5), len(tok))
     alone = assert_batch_invariant(load(path, "fp32", device), targets, neighbours, 5)
@@ -122,10 +123,10 @@ def test_sliding_window_models_are_bitwise_and_windowed_by_position(checkpoint_f
 
 
 def test_attention_the_fixed_blocks_do_not_compute_is_refused_at_load(checkpoint_factory):
-    """Gemma 2 soft-caps its attention logits; the fixed-block attention would leave that out (a wrong reward), so
-    the invariant mode refuses the model by name of what it lacks, and the default mode serves it."""
-    path, ref, _ = checkpoint_factory("score", arch="gemma2")
-    with pytest.raises(ModelLoadError, match="soft-capping"):
+    """gpt-oss adds a learned sink to each head's softmax; the fixed-block attention would leave it out (a wrong
+    reward), so the invariant mode refuses the model by name of what it lacks, and the default mode serves it."""
+    path, ref, _ = checkpoint_factory("score", arch="gpt_oss")
+    with pytest.raises(ModelLoadError, match="attention sinks"):
         load_reward_model(str(path), dtype="fp32", batch_invariant=True)
     ids = [1, 9, 17, 33, 5, 8, 12, 40, 41, 42, 43, 2]
     default = load_reward_model(str(path), dtype="fp32")
