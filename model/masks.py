@@ -67,11 +67,9 @@ def backbone_mask(
     if windows is None or not _has_gap(mask):
         return mask
     full, sliding = _position_masks(mask, cached_width, windows.window)
-    device = mask.device
     if eager:
         full, sliding = (
-            torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, torch.finfo(dtype).min)
-            for m in (full, sliding)
+            torch.zeros_like(m, dtype=dtype).masked_fill_(~m, torch.finfo(dtype).min) for m in (full, sliding)
         )
     return {FULL: full, SLIDING: sliding} if windows.mixed else sliding
 
