@@ -182,6 +182,7 @@ def load_checkpoint(model_dir: Path, spec: ModelSpec) -> RewardModel:
         prefix_cache_bytes=resolve_prefix_cache_bytes(spec.prefix_cache_bytes, device),
         reward_cache_items=spec.reward_cache_items,
         batch_invariant=spec.batch_invariant,
+        compile=spec.compile,
     )
     if spec.forward_overhead_tokens is not None:
         engine.overhead_tokens = spec.forward_overhead_tokens

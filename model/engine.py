@@ -79,9 +79,16 @@ class ScoringEngine:
         reward_cache_items: int = 0,
         overhead_tokens: float = DEFAULT_OVERHEAD_TOKENS,
         batch_invariant: bool = False,
+        compile: str = "auto",
     ):
         self.runner = ForwardRunner(
-            backbone, head, padding_side=padding_side, pad_id=pad_id, device=device, batch_invariant=batch_invariant
+            backbone,
+            head,
+            padding_side=padding_side,
+            pad_id=pad_id,
+            device=device,
+            batch_invariant=batch_invariant,
+            compile=compile,
         )
         self.max_batch_tokens = max_batch_tokens
         self.prefix_sharing = prefix_sharing

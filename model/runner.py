@@ -37,6 +37,7 @@ import torch
 from .caches import HeldRow, PrefixKVCache, RecentForwards
 from .cascade import SharedPrefixes, use_shared_prompt_attention
 from .errors import InternalError, ItemTooLargeForMemoryError, RMServeError, WrongModelKindError
+from .fusion import compile_backbone, wanted
 from .heads import AttributedReward, ScoreHead, label_probabilities
 from .invariant import BlockLayout, head_rewards, make_batch_invariant, unsupported_attention
 from .masks import SlidingWindows, backbone_mask
@@ -79,8 +80,11 @@ class ForwardRunner:
         pad_id: int = 0,
         device: torch.device | str | None = None,
         batch_invariant: bool = False,
+        compile: str = "auto",
     ):
         self.batch_invariant = batch_invariant
+        self.compile = compile  # ``model.compile``: norms and MLPs through torch.compile (``fusion.py``)
+        self.compiled_modules = 0
         self.backbone = backbone
         self.head = head.float()
         self.padding_side = padding_side
@@ -98,10 +102,14 @@ class ForwardRunner:
 
     @backbone.setter
     def backbone(self, backbone: torch.nn.Module) -> None:
-        """In batch-invariant mode every backbone it is given (a reload too) gets the fixed-order linears and
-        attention of ``invariant.py``."""
+        """Every backbone it is given (a reload too) gets, in batch-invariant mode, the fixed-order linears and
+        attention of ``invariant.py``; otherwise, where ``model.compile`` wants it, compiled norms and MLPs
+        (``fusion.py``)."""
         if self.batch_invariant:
             make_batch_invariant(backbone)
+        device = _module_device(backbone)
+        if wanted(self.compile, backbone, device, batch_invariant=self.batch_invariant):
+            self.compiled_modules = compile_backbone(backbone)
         self._backbone = backbone
         config = getattr(backbone, "config", None)
         self._windows = SlidingWindows.of(config)
@@ -109,7 +117,7 @@ class ForwardRunner:
         # sliding windows.
         self._cascade = (
             not self.batch_invariant
-            and _module_device(backbone).type == "cpu"
+            and device.type == "cpu"
             and self._windows is None
             and unsupported_attention(backbone) is None
             and use_shared_prompt_attention(backbone)

@@ -99,6 +99,12 @@ class ModelSpec(BaseModel):
         "micro-batch split, prefix- and reward-cache hits (fixed-shape matmuls and attention over fixed key blocks; "
         "costs some throughput, see the README). Not with quantization.",
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Run each RMSNorm and MLP module through torch.compile, fusing their elementwise work (needs a "
+        "C++ compiler on a CPU; compiling takes seconds at load; falls back to eager if it fails). 'auto': on a CPU, "
+        "not batch-invariant, unquantized, hidden size at least 512.",
+    )
     reward_kind: Literal["auto", "outcome", "process"] = Field(
         "auto",
         description="'process': a reward per step (POST /v1/steps only); 'outcome': one reward per item; 'auto' "
