@@ -333,7 +333,8 @@ def peer_specs(openrlhf: OpenRLHFSetup | None, *, dtype: str, inprocess: bool, w
     ``threads``: "defaults", every server at its own (torch's one thread per core for the peer and the baseline,
     ``num_cpus: auto`` for rmserve), or "one", every server on one torch thread (``OMP_NUM_THREADS=1``,
     ``--num-cpus 1``; names end in ``-1t``): on a small, shared CPU torch's default threads spin in OpenMP barriers
-    and the one-thread set shows the serving path without that. Returns (specs, notes on what was left out)."""
+    and the one-thread set shows the serving path without that. At defaults, the in-process runtime runs again with
+    ``--compile off`` (``rmserve-inprocess-eager``). Returns (specs, notes on what was left out)."""
     if threads not in PEER_THREADS:
         raise ValueError(f"threads must be one of {PEER_THREADS}, not {threads!r}")
     one = threads == "one"
@@ -350,6 +351,9 @@ def peer_specs(openrlhf: OpenRLHFSetup | None, *, dtype: str, inprocess: bool, w
         if inprocess:
             inproc = ("--runtime", "inprocess", *cpus)
             specs.append(ServerSpec(f"rmserve-inprocess{suffix}", "rmserve", args=inproc, optional=True))
+            if not one:  # what compiling norms and MLPs (model.compile, on by default for wide CPU models) buys
+                eager = (*inproc, "--compile", "off")
+                specs.append(ServerSpec("rmserve-inprocess-eager", "rmserve", args=eager, optional=True))
         else:
             notes.append("rmserve-inprocess skipped: this `rmserve serve` has no `--runtime inprocess` yet")
     else:
@@ -759,13 +763,15 @@ def prefix_ratios(points: list[dict]) -> list[dict]:
 
 def peer_ratios(points: list[dict]) -> list[dict]:
     """Each server against OpenRLHF's ``serve_rm.py`` with the same threads (items/s ratio, and its server CPU per
-    item over the peer's), and rmserve in one process against rmserve on Ray, per (model, workload, concurrency)."""
+    item over the peer's), rmserve in one process against rmserve on Ray and against itself with ``--compile off``,
+    per (model, workload, concurrency)."""
     by_key = {(p["model"], p["workload"], p["concurrency"], p["server"]): p for p in points}
     rows = []
     for (model, workload, concurrency, server), p in by_key.items():
         base_name, suffix = variant_of(server)
         against = [] if base_name == "openrlhf" else ["openrlhf" + suffix]
         against += ["rmserve" + suffix] if base_name == "rmserve-inprocess" else []
+        against += ["rmserve-inprocess-eager"] if server == "rmserve-inprocess" else []  # what model.compile buys
         for other in against:
             base = by_key.get((model, workload, concurrency, other))
             if not base or base["items_per_s"] <= 0:

@@ -199,7 +199,9 @@ SETUP = OpenRLHFSetup("/v/bin/python", "/s:/src")
 
 def test_peer_specs_at_defaults_and_at_one_thread():
     specs, notes = peer_specs(SETUP, dtype="bf16", inprocess=True)
-    assert [s.name for s in specs] == ["openrlhf", "rmserve", "rmserve-inprocess", "baseline"] and notes == []
+    names = ["openrlhf", "rmserve", "rmserve-inprocess", "rmserve-inprocess-eager", "baseline"]
+    assert [s.name for s in specs] == names and notes == []
+    assert specs[3].args == ("--runtime", "inprocess", "--compile", "off")
     peer = specs[0]
     assert peer.command("/c", 9, "bf16")[:3] == ["/v/bin/python", "-m", "openrlhf.cli.serve_rm"]
     assert peer.env == {"PYTHONPATH": "/s:/src"} and peer.probe.path == "/get_reward" and peer.optional
@@ -226,7 +228,7 @@ def test_spec_sets_run_one_after_the_other_and_count_their_points():
     quick, _ = peer_spec_sets(SETUP, dtype="bf16", quick=True, with_rmserve=True, inprocess=False)
     assert len(quick) == 1 and len(quick[0]) == 3
     assert count_points(True, True, spec_sets=quick, plan=peer_plan(True)) == 4 * 3
-    assert count_points(False, True, spec_sets=sets, plan=peer_plan(False)) == 4 * 8
+    assert count_points(False, True, spec_sets=sets, plan=peer_plan(False)) == 4 * 9
 
 
 def test_filters_pick_servers_by_name_or_variant_and_scenarios_by_model_and_workload():
@@ -285,10 +287,13 @@ def point(server: str, items_per_s: float, cpu: float) -> dict:
 
 def test_peer_ratios_pair_servers_with_the_peer_of_the_same_threads_and_inprocess_with_ray():
     points = [point("openrlhf", 10.0, 40.0), point("rmserve", 100.0, 8.0), point("rmserve-inprocess", 120.0, 4.0),
-              point("openrlhf-1t", 50.0, 10.0), point("rmserve-1t", 100.0, 5.0)]  # fmt: skip
+              point("rmserve-inprocess-eager", 100.0, 5.0), point("openrlhf-1t", 50.0, 10.0),
+              point("rmserve-1t", 100.0, 5.0)]  # fmt: skip
     rows = {(r["server"], r["against"]): r for r in peer_ratios(points)}
     assert set(rows) == {("rmserve", "openrlhf"), ("rmserve-inprocess", "openrlhf"), ("rmserve-inprocess", "rmserve"),
+                         ("rmserve-inprocess", "rmserve-inprocess-eager"), ("rmserve-inprocess-eager", "openrlhf"),
                          ("rmserve-1t", "openrlhf-1t")}  # fmt: skip
+    assert rows[("rmserve-inprocess", "rmserve-inprocess-eager")]["speedup"] == pytest.approx(1.2)
     assert rows[("rmserve", "openrlhf")]["speedup"] == 10.0
     assert rows[("rmserve", "openrlhf")]["cpu_per_item_ratio"] == pytest.approx(0.2)
     assert rows[("rmserve-inprocess", "rmserve")]["speedup"] == pytest.approx(1.2)
