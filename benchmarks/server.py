@@ -386,14 +386,15 @@ def variant_of(name: str) -> tuple[str, str]:
     return name, ""
 
 
-def select_specs(specs: list[ServerSpec], names: list[str] | None) -> list[ServerSpec]:
+def select_specs(specs: list[ServerSpec], names: list[str] | None, *, strict: bool = True) -> list[ServerSpec]:
     """The specs named in ``names`` (all when None), in their own order; a name without its thread suffix names every
-    variant (``rmserve``: ``rmserve`` and ``rmserve-1t``); a name that matches nothing is an error."""
+    variant (``rmserve``: ``rmserve`` and ``rmserve-1t``); a name that matches nothing is an error (``strict``; not
+    when picking from one of several sets, checked against all of them first)."""
     if names is None:
         return specs
     known = {s.name for s in specs} | {variant_of(s.name)[0] for s in specs}
     unknown = sorted(set(names) - known)
-    if unknown:
+    if unknown and strict:
         raise ValueError(f"unknown or skipped server(s) {unknown}; this run has {[s.name for s in specs]}")
     return [s for s in specs if s.name in names or variant_of(s.name)[0] in names]
 
@@ -698,8 +699,9 @@ def run_server_benchmarks(
         else:
             own = [prefix_specs() if prefix else server_specs(name, with_rmserve, quick)]  # pure: cheap
         spec_sets = peer_sets if peers else own
+        select_specs([s for specs in spec_sets for s in specs], servers)  # a name no set has is an error
         for specs in spec_sets:
-            run = run_model(name, scenarios, select_specs(specs, servers), dtype=dtype, repeats=repeats,
+            run = run_model(name, scenarios, select_specs(specs, servers, strict=False), dtype=dtype, repeats=repeats,
                             out_dir=out_dir, progress=progress, say=say)  # fmt: skip
             for key in ("points", "overhead", "reward_checks"):
                 results[key] += run[key]

@@ -237,6 +237,8 @@ def test_filters_pick_servers_by_name_or_variant_and_scenarios_by_model_and_work
     assert select_specs(specs, None) == specs
     with pytest.raises(ValueError, match="vllm"):
         select_specs(specs, ["vllm"])
+    # a server only the defaults set has (the eager in-process runtime) leaves the one-thread set without it
+    assert [s.name for s in select_specs(specs, ["rmserve-inprocess-eager", "rmserve"], strict=False)] == ["rmserve-1t"]
     assert variant_of("rmserve-inprocess-1t") == ("rmserve-inprocess", "-1t") and variant_of("x") == ("x", "")
     plan = select_plan(peer_plan(True), ["tiny-1L"], ["ppo-query"])
     assert [(s.model, s.workload, s.concurrencies) for s in plan] == [("tiny-1L", "ppo-query", (64,))]
