@@ -306,8 +306,11 @@ class SeenPrefixes:
 
     BLOCK = 16
 
+    RECENT_KEYS = 512  # sequences whose block keys are remembered (a batch asks for each one's several times)
+
     def __init__(self, max_blocks: int = 1 << 16):
         self._blocks: BlockLRU[HeldRow | None] = BlockLRU(max_blocks)
+        self._recent: OrderedDict[bytes, list[bytes]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -319,7 +322,7 @@ class SeenPrefixes:
         """How many leading tokens of ``ids`` (at most ``limit``) a held forward computed, and where they lie: the
         sequence that last recorded ``ids``' deepest shared block, compared token by token (a digest is not
         trusted)."""
-        keys = self._block_keys(ids[: limit // self.BLOCK * self.BLOCK])
+        keys = self._block_keys(ids)[: limit // self.BLOCK]  # a prefix's keys are the first of the whole's
         blocks = self._blocks.held(keys)
         where = self._blocks.get(keys[blocks - 1]) if blocks else None
         if where is None or not where.alive:
@@ -331,11 +334,20 @@ class SeenPrefixes:
 
     def clear(self) -> None:
         self._blocks.clear()
+        self._recent.clear()
 
     def _block_keys(self, ids: Sequence[int]) -> list[bytes]:
+        """The chained digest of each whole block of ``ids`` (planning, keeping and recording one batch ask for the
+        same sequence's three times: the last ``RECENT_KEYS`` sequences' are remembered)."""
         raw = array("q", ids).tobytes()
-        step = self.BLOCK * 8
-        return chained_digests((raw[end - step : end] for end in range(step, len(raw) + 1, step)), size=8)
+        keys = self._recent.get(raw)
+        if keys is None:
+            step = self.BLOCK * 8
+            keys = chained_digests((raw[end - step : end] for end in range(step, len(raw) + 1, step)), size=8)
+            self._recent[raw] = keys
+            if len(self._recent) > self.RECENT_KEYS:
+                self._recent.popitem(last=False)
+        return keys
 
 
 class RewardCache:
