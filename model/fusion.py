@@ -86,7 +86,8 @@ def compile_backbone(backbone: torch.nn.Module) -> int:
 
 
 def _warm_up(modules: list[torch.nn.Module]) -> None:
-    """One call per module class and input shape class (1 row or more, 1 token or more: size 1 compiles apart)."""
+    """One call per module class and input shape class (1 row or more, 1 token or more: a size of 1 compiles apart),
+    so no request waits for a compile."""
     seen: set[type] = set()
     for module in modules:
         if type(module) in seen:
@@ -97,7 +98,7 @@ def _warm_up(modules: list[torch.nn.Module]) -> None:
             continue
         width = _input_width(module, param)
         with torch.inference_mode():
-            for rows, tokens in ((1, 1), (2, 3)):
+            for rows, tokens in ((1, 1), (1, 3), (2, 1), (2, 3)):
                 module.forward.compiled(torch.zeros((rows, tokens, width), dtype=param.dtype, device=param.device))
 
 
