@@ -89,6 +89,11 @@ def test_auto_compiles_wide_cpu_models_only(checkpoint_factory, tmp_path):
     assert rm.engine.runner.compiled_modules > 0
     seq = groups(len(tok), seed=3)[4]
     assert rm.engine.score_batch([seq]) == pytest.approx([reference_reward(ref, seq)], abs=FP32_TOL)
+    fresh = load_reward_model(str(wide), dtype="fp32", device="cpu", compile="off").engine.backbone
+    rm.engine.runner.backbone = fresh  # what a reload (wake from sleep level 2) does: compiled again
+    assert isinstance(fresh.norm.forward, FusedForward) and rm.engine.runner.compiled_modules > 0
+    rm.engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 24, reward_cache_items=0)
+    assert rm.engine.score_batch([seq]) == pytest.approx([reference_reward(ref, seq)], abs=FP32_TOL)
     off = load_reward_model(str(wide), dtype="fp32", device="cpu", compile="off")
     assert off.engine.runner.compiled_modules == 0
     assert not any(isinstance(m.__dict__.get("forward"), FusedForward) for m in off.engine.backbone.modules())
