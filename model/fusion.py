@@ -51,6 +51,7 @@ class FusedForward:
     """A module's ``forward`` through ``torch.compile``; eager again for good if compiling ever fails."""
 
     def __init__(self, module: torch.nn.Module):
+        self.name = type(module).__name__
         self.eager = module.forward
         self.compiled = torch.compile(self.eager, dynamic=True)
         self.failed: BaseException | None = None
@@ -63,7 +64,7 @@ class FusedForward:
                 if not _is_compile_failure(exc):
                     raise
                 self.failed = exc
-                log.warning("torch.compile failed for %s; it runs eagerly from now on: %s", self.eager, exc)
+                log.warning("torch.compile failed for a %s; it runs eagerly from now on: %s", self.name, exc)
         return self.eager(*args, **kwargs)
 
 
