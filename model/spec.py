@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 Quantization = Literal["none", "int8", "nf4"]
 HeadName = Literal["auto", "score", "reward_head", "v_head", "value_head"]
 PAIR_PLACEHOLDERS = ("prompt", "response_a", "response_b")  # what verdict_pair_template is filled with
+
+
+def _yaml_switch(value: Any) -> Any:
+    """An unquoted ``on``/``off`` (or ``yes``/``no``) in a YAML file arrives as a boolean: take it as the word."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+OnOff = Annotated[Literal["on", "off"], BeforeValidator(_yaml_switch)]
+AutoOnOff = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 
 
 class ModelSpec(BaseModel):
@@ -64,7 +75,7 @@ class ModelSpec(BaseModel):
     padding_side: Literal["right", "left"] = Field(
         "right", description="Where micro-batches are padded; rewards do not depend on it."
     )
-    prefix_sharing: Literal["on", "off"] = Field(
+    prefix_sharing: OnOff = Field(
         "on",
         description="Compute token-id prefixes shared by several items (a GRPO group's prompt, a system prompt) "
         "once and score the rest against their cached keys/values. Rewards are unchanged; 'off' runs every item "
@@ -99,7 +110,7 @@ class ModelSpec(BaseModel):
         "micro-batch split, prefix- and reward-cache hits (fixed-shape matmuls and attention over fixed key blocks; "
         "costs some throughput, see the README). Not with quantization.",
     )
-    compile: Literal["auto", "on", "off"] = Field(
+    compile: AutoOnOff = Field(
         "auto",
         description="Run each RMSNorm and MLP module through torch.compile, fusing their elementwise work (needs a "
         "C++ compiler on a CPU; compiling takes seconds at load; falls back to eager if it fails). 'auto': on a CPU, "

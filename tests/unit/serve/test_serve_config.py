@@ -37,6 +37,16 @@ def test_precedence_yaml_then_env_then_cli(tmp_path):
     assert config.replicas == 2  # YAML beats defaults
 
 
+def test_yaml_on_and_off_unquoted_are_the_switch_words(tmp_path):
+    """YAML reads an unquoted on/off as a boolean; the switches take it as the word the user wrote."""
+    config = load_config(yaml_path=write(tmp_path, "model: {prefix_sharing: off, compile: off}\n"))
+    assert (config.model.prefix_sharing, config.model.compile) == ("off", "off")
+    config = load_config(yaml_path=write(tmp_path, "model:\n  prefix_sharing: on\n  compile: on\n"))
+    assert (config.model.prefix_sharing, config.model.compile) == ("on", "on")
+    with pytest.raises(ConfigError, match="model.compile"):
+        load_config(yaml_path=write(tmp_path, "model: {compile: sometimes}\n"))
+
+
 def test_env_nesting_lists_and_empty_values():
     environ = {
         "RMSERVE_MODEL__PATH": "/ckpt/rm",
