@@ -70,41 +70,56 @@ class FusedForward:
 
 def compile_backbone(backbone: torch.nn.Module) -> int:
     """Compile ``backbone``'s RMSNorm and MLP modules in place (idempotent) and run each class once on small inputs;
-    returns how many modules run compiled (0 when compiling failed: the backbone is left as it was)."""
+    returns how many modules run compiled (0 when compiling failed: the backbone is left as it was). A class whose
+    forward does not take one hidden-state tensor (the warm-up's call fails) stays eager."""
     fused = [m for m in backbone.modules() if type(m).__name__.endswith(FUSED_SUFFIXES)]
     started = time.perf_counter()
     for module in fused:
         if not isinstance(module.forward, FusedForward):
             module.forward = FusedForward(module)
     try:
-        _warm_up(fused)
+        eager = _warm_up(fused)
     except Exception as exc:
         if not _is_compile_failure(exc):
             raise
-        for module in fused:
-            del module.forward  # the class's own forward again
+        eager = set(map(type, fused))
         log.warning("torch.compile is unavailable here, so norms and MLPs run eagerly (model.compile: off): %s", exc)
-        return 0
-    compiled = sum(module.forward.failed is None for module in fused)
-    log.info("compiled %d norm and MLP modules in %.1f s (model.compile)", compiled, time.perf_counter() - started)
+    for module in fused:
+        if type(module) in eager:
+            del module.forward  # the class's own forward again
+    compiled = sum(type(module) not in eager and module.forward.failed is None for module in fused)
+    if compiled:
+        log.info("compiled %d norm and MLP modules in %.1f s (model.compile)", compiled, time.perf_counter() - started)
     return compiled
 
 
-def _warm_up(modules: list[torch.nn.Module]) -> None:
+def _warm_up(modules: list[torch.nn.Module]) -> set[type]:
     """One call per module class and input shape class (1 row or more, 1 token or more: a size of 1 compiles apart),
-    so no request waits for a compile."""
+    so no request waits for a compile; returns the classes whose forward the call does not fit (left eager). A
+    failure of torch.compile itself is raised."""
     seen: set[type] = set()
+    unfit: set[type] = set()
     for module in modules:
         if type(module) in seen:
             continue
         seen.add(type(module))
         param = next(module.parameters(), None)
         if param is None:
+            unfit.add(type(module))
             continue
         width = _input_width(module, param)
-        with torch.inference_mode():
-            for rows, tokens in ((1, 1), (1, 3), (2, 1), (2, 3)):
-                module.forward.compiled(torch.zeros((rows, tokens, width), dtype=param.dtype, device=param.device))
+        try:
+            with torch.inference_mode():
+                for rows, tokens in ((1, 1), (1, 3), (2, 1), (2, 3)):
+                    zeros = torch.zeros((rows, tokens, width), dtype=param.dtype, device=param.device)
+                    module.forward.compiled(zeros)
+        except Exception as exc:
+            if _is_compile_failure(exc):
+                raise
+            name = type(module).__name__
+            log.info("%s stays eager: its forward does not take one hidden-state tensor (%s)", name, exc)
+            unfit.add(type(module))
+    return unfit
 
 
 def _input_width(module: torch.nn.Module, param: torch.Tensor) -> int:
