@@ -11,6 +11,7 @@ from checkpoints import WINDOWED_ARCHS, unshared_rewards
 
 from rmserve.model import load_reward_model
 from rmserve.model.caches import PrefixKVCache, RecentForwards, RewardCache, SeenPrefixes
+from rmserve.model.engine import IDLE_ITEMS
 from rmserve.model.errors import InternalError
 from rmserve.model.planning import levels_cost, plan_levels
 
@@ -416,3 +417,28 @@ def test_a_nan_item_never_poisons_the_prefixes_other_items_share(demo_model):
         engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
     assert isinstance(first[0], InternalError)
     assert [first[1], *later] == pytest.approx(want, abs=FP32_TOL)
+
+
+def test_traffic_that_shares_nothing_stops_holding_forwards_until_an_item_shares_again(demo_model):
+    """After ``IDLE_ITEMS`` items that shared nothing (PPO), forwards are not held (their memory goes back); a group's
+    first sample then is not held either, its second is computed whole but keeps the prompt, and the third reads it:
+    rewards unchanged, and holding is back."""
+    engine = demo_model.engine
+    rng = random.Random(21)
+    items = [[rng.randrange(3, 300) for _ in range(rng.randint(20, 40))] for _ in range(IDLE_ITEMS + 8)]
+    prompt = [rng.randrange(3, 300) for _ in range(48)]
+    group = [prompt + [3 + k, rng.randrange(3, 300)] for k in range(3)]
+    want = unshared_rewards(engine, group)
+    try:
+        sharing(engine, cache_bytes=1 << 24)
+        for k in range(0, len(items), 4):
+            engine.score_batch(items[k : k + 4])
+        assert engine.recent.bytes == 0
+        before = engine.stats.real_tokens
+        got = [engine.score_batch([member])[0] for member in group]
+        computed = engine.stats.real_tokens - before
+        assert engine.recent.bytes > 0
+    finally:
+        engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+    assert got == pytest.approx(want, abs=FP32_TOL)
+    assert computed == len(group[0]) + len(group[1]) + len(group[2]) - len(prompt)
