@@ -84,7 +84,6 @@ class ForwardRunner:
     ):
         self.batch_invariant = batch_invariant
         self.compile = compile  # ``model.compile``: norms and MLPs through torch.compile (``fusion.py``)
-        self.compiled_modules = 0
         self.backbone = backbone
         self.head = head.float()
         self.padding_side = padding_side
@@ -108,8 +107,8 @@ class ForwardRunner:
         if self.batch_invariant:
             make_batch_invariant(backbone)
         device = _module_device(backbone)
-        if wanted(self.compile, backbone, device, batch_invariant=self.batch_invariant):
-            self.compiled_modules = compile_backbone(backbone)
+        fuse = wanted(self.compile, backbone, device, batch_invariant=self.batch_invariant)
+        self.compiled_modules = compile_backbone(backbone) if fuse else 0  # of this backbone, not a previous one
         self._backbone = backbone
         config = getattr(backbone, "config", None)
         self._windows = SlidingWindows.of(config)
