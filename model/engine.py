@@ -30,8 +30,9 @@ alone). ``prefix_sharing=False`` runs every item whole; ``prefix_cache_bytes=0``
 Example::
 
     engine = ScoringEngine(backbone, head, max_batch_tokens=16384, prefix_cache_bytes=2**30)
-    engine.score_batch([[1, 5, 9], [1, 5, 7]])   # -> [0.31, -1.2]; [1, 5] computed once
-    plan = engine.plan([[1, 5, 9], [1, 5, 7]])   # the same, in two steps: plan.cost is its price
+    prompt = list(range(3, 403))                             # 400 tokens (a stretch under 16 is not shared)
+    engine.score_batch([prompt + [9], prompt + [7]])        # -> [0.31, -1.2]; the prompt computed once
+    plan = engine.plan([prompt + [9], prompt + [7]])        # the same, in two steps: plan.cost is its price
     engine.run(plan)
     engine.score_batch([StepIds([1, 5, 2, 9, 2], readouts=(2, 4))])   # -> [[0.8, 0.3]]: one reward per separator
 """

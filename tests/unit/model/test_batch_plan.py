@@ -133,9 +133,11 @@ def _known(stored: list[list[int]]):
 
 @pytest.mark.parametrize("seed", range(20))
 @pytest.mark.parametrize("keeps", [False, True])
-def test_planned_starts_are_what_matching_the_cache_at_run_time_finds(seed, keeps):
+@pytest.mark.parametrize("min_start", [1, 4])
+def test_planned_starts_are_what_matching_the_cache_at_run_time_finds(seed, keeps, min_start):
     """Every row's start, fixed at plan time, equals what matching the prefix cache just before the row runs would
-    find: the cache before the batch plus whatever the earlier levels stored."""
+    find (the cache before the batch plus whatever the earlier levels stored) when that is at least ``min_start``
+    tokens, and 0 when it is shorter."""
     rng = random.Random(seed)
     vocab = rng.choice([3, 5, 50])  # a small vocabulary: many nested and accidental shared prefixes
     seqs = {tuple(rng.randrange(vocab) for _ in range(rng.randint(1, 30))) for _ in range(rng.randint(1, 40))}
@@ -143,12 +145,13 @@ def test_planned_starts_are_what_matching_the_cache_at_run_time_finds(seed, keep
     seqs = sorted(seqs, key=lambda s: rng.random())
     before = [list(rng.choice(seqs))[: rng.randint(1, 20)] for _ in range(rng.randint(0, 4))]
     keep = (lambda ids: rng.choice([0, len(ids)])) if keeps else None  # an item kept whole, or not at all
-    levels = plan_levels(seqs, _known(before), rng.choice([0, 3, 10]), keep=keep)
+    levels = plan_levels(seqs, _known(before), rng.choice([0, 3, 10]), keep=keep, min_start=min_start)
     stored = list(before)
     for k, level in enumerate(levels):
         for row in level:
             limit = row.end - 1 if row.item is not None else row.end
-            assert row.start == _known(stored)(row.seq, limit)
+            found = _known(stored)(row.seq, limit)
+            assert row.start == (found if found >= min_start else 0)
             if row.parent is not None:
                 assert row.parent.end == row.start and row.parent in levels[k - 1]
         stored += [list(row.seq[: row.start + row.stored_tokens]) for row in level if row.stored_tokens]

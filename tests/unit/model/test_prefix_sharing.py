@@ -442,3 +442,26 @@ def test_traffic_that_shares_nothing_stops_holding_forwards_until_an_item_shares
         engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
     assert got == pytest.approx(want, abs=FP32_TOL)
     assert computed == len(group[0]) + len(group[1]) + len(group[2]) - len(prompt)
+
+
+def test_items_that_share_only_a_template_start_are_computed_whole_and_not_held(demo_model):
+    """Every item of PPO traffic starts with the chat template's first tokens: a stretch that short (under
+    ``MIN_SHARED_TOKENS``) gets no level and no row reads it from the cache (the causal kernel, nothing copied), so
+    after ``IDLE_ITEMS`` items forwards are not held either; rewards as unshared."""
+    engine = demo_model.engine
+    rng = random.Random(23)
+    template = [1, 5, 7]
+    items = [template + [rng.randrange(8, 300) for _ in range(rng.randint(20, 40))] for _ in range(IDLE_ITEMS + 8)]
+    want = unshared_rewards(engine, items)
+    got = []
+    try:
+        sharing(engine, cache_bytes=1 << 24)  # overhead 0: a level for any prefix that saves a token
+        for k in range(0, len(items), 8):
+            plan = engine.plan(items[k : k + 8])
+            rows = [r for level in plan.microbatches for chunk in level for r in chunk]
+            assert len(plan.microbatches) == 1 and all(r.item is not None and r.start == 0 for r in rows)
+            got += engine.run(plan)
+        assert engine.recent.bytes == 0 and engine.prefix_cache.bytes == 0
+    finally:
+        engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+    assert got == pytest.approx(want, abs=FP32_TOL)
