@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -59,12 +60,29 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 
 
 def resolve_prefix_cache_bytes(requested: int | None, device: torch.device) -> int:
-    """The prefix cache's byte budget: as requested, else 10% of the GPU's memory on CUDA, 1 GiB on CPU."""
+    """The prefix cache's byte budget: as requested, else 10% of the device's memory (the GPU's on CUDA; on CPU the
+    host's, or its container's limit, and at least 1 GiB)."""
     if requested is not None:
         return requested
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 10
-    return 1 << 30
+    return max(1 << 30, host_memory_bytes() // 10)
+
+
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
+def host_memory_bytes() -> int:
+    """The memory this process may use: the machine's RAM, or its cgroup's limit (a container's) where lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in CGROUP_MEMORY_LIMITS:
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
 
 
 def read_normalization(model_dir: Path, spec: ModelSpec) -> Normalization | None:

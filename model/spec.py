@@ -86,8 +86,8 @@ class ModelSpec(BaseModel):
         ge=0,
         le=1 << 44,
         description="Bytes of prefix keys/values kept across batches (least recently used out), so group members "
-        "arriving in later batches reuse their prompt. Default: 10% of the GPU's memory on CUDA, 1 GiB on CPU; 0 "
-        "shares prefixes within a batch only.",
+        "arriving in later batches reuse their prompt. Default: 10% of the device's memory (the GPU's on CUDA; on CPU "
+        "the host's or its container's limit, at least 1 GiB); 0 shares prefixes within a batch only.",
     )
     reward_cache_items: int = Field(
         65536,

@@ -136,3 +136,25 @@ def test_auto_dtype_rule():
     assert resolve_dtype("auto", torch.device("cuda")) == "bf16"
     assert resolve_dtype("auto", torch.device("cpu")) == ("bf16" if cpu_has_bf16_units() else "fp32")
     assert resolve_dtype("fp16", torch.device("cpu")) == "fp16"
+
+
+def test_cpu_prefix_cache_takes_a_tenth_of_the_memory_a_container_allows(monkeypatch, tmp_path):
+    import os
+
+    import torch
+
+    from rmserve.model import checkpoint
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(checkpoint, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "absent"),))
+    assert checkpoint.host_memory_bytes() == ram
+    assert checkpoint.resolve_prefix_cache_bytes(None, torch.device("cpu")) == max(1 << 30, ram // 10)
+    limit = tmp_path / "memory.max"
+    limit.write_text(f"{20 << 30}\n")  # a container limited to 20 GiB (on this machine, or below its RAM)
+    monkeypatch.setattr(checkpoint, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "absent"), str(limit)))
+    assert checkpoint.host_memory_bytes() == min(ram, 20 << 30)
+    limit.write_text("max\n")  # cgroup v2: no limit
+    assert checkpoint.host_memory_bytes() == ram
+    limit.write_text(f"{4 << 30}\n")  # a small container: never under 1 GiB
+    assert checkpoint.resolve_prefix_cache_bytes(None, torch.device("cpu")) == max(1 << 30, min(ram, 4 << 30) // 10)
+    assert checkpoint.resolve_prefix_cache_bytes(12345, torch.device("cpu")) == 12345  # what the config asks for
