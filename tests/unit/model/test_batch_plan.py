@@ -169,3 +169,15 @@ def test_a_process_reward_item_keeps_its_prompt_at_first_sight_and_an_outcome_it
     assert not outcome_row.store and outcome_row.stored_tokens == 0
     ((unkept,),) = plan_levels([StepIds(ids, readouts=(62, 65))], nothing_cached, 0, keep=None)
     assert not unkept.store  # prefix sharing off: nothing is kept
+
+
+def test_common_prefix_length_at_every_place_the_ids_can_differ():
+    rng = random.Random(3)
+    base = [rng.randrange(1000) for _ in range(300)]
+    assert common_prefix_length([], base) == 0 and common_prefix_length(base, base) == 300
+    assert common_prefix_length(base[:130], tuple(base)) == 130  # a list and a tuple, one a prefix of the other
+    for at in [0, 1, 62, 63, 64, 65, 127, 128, 129, 200, 299]:
+        other = list(base)
+        other[at] += 1
+        assert common_prefix_length(tuple(base), other) == at
+        assert common_prefix_length(other[: at + 1], base[: at + 5]) == at
