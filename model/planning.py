@@ -12,7 +12,7 @@ prefixes off the longest common prefixes of neighbours (a radix tree, nested pre
 shared prefix only where it pays: ``(branches - 1) x (tokens it saves each)`` must reach ``min_shared_tokens``
 (the per-forward overhead measured on the machine, in tokens). Level 0 runs first; a row of level k+1 starts
 where its level-k prefix ends, on the keys and values that prefix left in the engine's prefix cache. Tokens the
-cache already holds (from earlier batches) are not computed again. A stretch shorter than ``MIN_SHARED_TOKENS`` (a
+cache already holds (from earlier batches) are not computed again. A stretch shorter than ``MIN_REUSED_TOKENS`` (a
 chat template's first tokens, which every item shares) is computed in every row: reading it costs more than it
 saves. Every row's start is fixed here.
 
@@ -170,7 +170,7 @@ Keep = Callable[[Sequence[int]], int]  # (ids) -> how many leading tokens an ear
 # mask instead of the causal kernel, which costs more than computing a few tokens: PPO traffic whose items share
 # only a chat template's first 2 tokens, all read from the cache, ran 8 % slower than with sharing off (engine
 # alone, bench-20M bf16, 60-item batches), while a shared 16-token system prompt already pays (3-5 % faster).
-MIN_SHARED_TOKENS = 16
+MIN_REUSED_TOKENS = 16
 Reward = float | list[float]  # a sequence's outcome: one reward, or one per readout (``StepIds``)
 
 
@@ -180,7 +180,7 @@ def plan_levels(
     min_shared_tokens: float,
     *,
     keep: Keep | None = None,
-    min_start: int = MIN_SHARED_TOKENS,
+    min_start: int = MIN_REUSED_TOKENS,
 ) -> list[list[Row]]:
     """Rows by level for unique, non-empty ``seqs``; every sequence gets exactly one item row (``keep``: its states
     are kept as far as an earlier item shared them, when that is at least ``min_start`` past its start). Each row

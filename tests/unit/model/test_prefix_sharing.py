@@ -446,7 +446,7 @@ def test_traffic_that_shares_nothing_stops_holding_forwards_until_an_item_shares
 
 def test_items_that_share_only_a_template_start_are_computed_whole_and_not_held(demo_model):
     """Every item of PPO traffic starts with the chat template's first tokens: a stretch that short (under
-    ``MIN_SHARED_TOKENS``) gets no level and no row reads it from the cache (the causal kernel, nothing copied), so
+    ``MIN_REUSED_TOKENS``) gets no level and no row reads it from the cache (the causal kernel, nothing copied), so
     after ``IDLE_ITEMS`` items forwards are not held either; rewards as unshared."""
     engine = demo_model.engine
     rng = random.Random(23)
