@@ -24,6 +24,7 @@ Three parts (``--parts``):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -33,7 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from rmserve.model import load_reward_model
-from rmserve.model.invariant import MATMUL_ROWS, fixed_elementwise, fixed_rows_linear, head_rewards
+from rmserve.model.invariant import (
+    MATMUL_ROWS,
+    QUERY_STEP,
+    fixed_elementwise,
+    fixed_rows_linear,
+    head_rewards,
+    value_width,
+)
 
 from .machine import machine_info
 from .models import resolve_model_dir
@@ -116,7 +124,7 @@ def measure_ops(dtypes: list[str]) -> list[dict]:
                 fixed += int((fixed_elementwise(fn, x[:size]) != fixed_whole[:size]).sum())
             record(f"{label} elementwise, by tensor size", name, "sizes 1-299, 32K-100K", plain, fixed,
                    "elements that differ")  # fmt: skip
-    rows += measure_attention(dtypes, gen)
+    rows += measure_attention(dtypes, gen) + measure_block_matmuls(gen)
     return rows
 
 
@@ -154,31 +162,40 @@ def measure_attention(dtypes: list[str], gen: torch.Generator) -> list[dict]:
             out.append(row)
             print(f"{row['op']:<44} {name:<5} {row['shape']:<24} plain {value:>10.2e}   invariant (block attention: "
                   "see rewards)")  # fmt: skip
-        # Block attention's matmuls (fp32, dim 64): one score (a key . a query) of ``keys @ queries.T`` and one
-        # block's weighted values ``weights.T @ values`` over 64 keys, by how many queries, keys and batch entries
-        # share the call.
-        for label, counts in (
-            ("plain: 1-2,000 queries", (1, 2, 3, 5, 17, 64, 130, 2000)),
-            ("invariant: >= 4", (4, 5, 17, 64, 130, 2000)),
+    return out
+
+
+def measure_block_matmuls(gen: torch.Generator) -> list[dict]:
+    """The two matmuls of ``block_attention``, per head dimension: how many distinct results one score and one
+    block's weighted values get across calls (1 = invariant)."""
+    out = []
+    for dim in (8, 64, 128):
+        # Block attention's matmuls (fp32): one score (a key . a query) of ``keys @ queries.T`` and one block's
+        # weighted values ``weights.T @ values`` over 64 keys, by how many queries, keys and batch entries share the
+        # call and by the query's row in it; plain (any query count, values head_dim + 1 wide) and as
+        # ``block_attention`` calls them (query counts a multiple of QUERY_STEP, values ``value_width`` wide).
+        for label, counts, width in (
+            ("plain: 1-2,000 queries", (1, 2, 3, 5, 9, 17, 64, 130, 2000), dim + 1),
+            (f"invariant: x{QUERY_STEP}", (16, 32, 48, 64, 144, 2000), value_width(dim)),
         ):
             key0, query0 = torch.randn((1, dim), generator=gen), torch.randn((1, dim), generator=gen)
-            weights0, values0 = torch.rand((64, 1), generator=gen), torch.randn((64, dim + 1), generator=gen)
+            weights0, values0 = torch.rand((64, 1), generator=gen), torch.randn((64, width), generator=gen)
             scores, weighted = [], []
             for n in counts:
-                for keys in (64, 640, 4096):
+                for keys, place in itertools.product((64, 640, 4096), {0, min(1, n - 1), n // 2, n - 1}):
                     batch = 1 + (n + keys) % 5
                     k = torch.randn((batch, keys, dim), generator=gen)
                     q = torch.randn((batch, n, dim), generator=gen)
-                    k[-1, keys // 2], q[-1, n // 2] = key0[0], query0[0]
-                    scores.append(torch.matmul(k, q.transpose(1, 2))[-1, keys // 2, n // 2])
-                w = torch.rand((batch, 64, n), generator=gen)
-                w[-1, :, n // 2] = weights0[:, 0]
-                v = torch.randn((batch, 64, dim + 1), generator=gen)
-                v[-1] = values0
-                weighted.append(torch.matmul(w.transpose(1, 2), v)[-1, n // 2])
+                    k[-1, keys // 2], q[-1, place] = key0[0], query0[0]
+                    scores.append(torch.matmul(k, q.transpose(1, 2))[-1, keys // 2, place])
+                    w = torch.rand((batch, 64, n), generator=gen)
+                    w[-1, :, place] = weights0[:, 0]
+                    v = torch.randn((batch, 64, width), generator=gen)
+                    v[-1] = values0
+                    weighted.append(torch.matmul(w.transpose(1, 2), v)[-1, place])
             for op, results in (("scores keys @ queries.T", scores), ("weights.T @ values, 64 keys", weighted)):
                 distinct = _distinct(results)
-                row = {"op": f"attention {op} ({label})", "dtype": "fp32", "shape": f"dim {dim}",
+                row = {"op": f"attention {op} ({label})", "dtype": "fp32", "shape": f"head_dim {dim}",
                        "plain": distinct, "invariant": distinct, "unit": "distinct results"}  # fmt: skip
                 out.append(row)
                 print(f"{row['op']:<44} fp32  {row['shape']:<24} distinct {distinct:>6}")

@@ -54,6 +54,14 @@ class SharedPrefixes:
         )
         return cls(groups)
 
+    def per_row(self, rows: int) -> tuple[torch.Tensor | None, ...]:
+        """Each of ``rows`` rows' cached prompt states (None for a row that reads none)."""
+        states: list[torch.Tensor | None] = [None] * rows
+        for members, prompt in self.groups:
+            for r in members.tolist():
+                states[r] = prompt
+        return tuple(states)
+
     def cache(self, rows: int, cached_width: int, layers: int):
         """A ``DynamicCache`` that reports ``cached_width`` cached columns (so transformers sizes its masks and
         positions as for the padded buffer) but holds none: each layer's ``update`` keeps and returns the forward's

@@ -15,9 +15,13 @@ What varies on a CPU with plain torch (measured by ``benchmarks/batch_invariance
   pairwise sum over the blocks. A key block past a query's own adds exact zeros, so the row's length, the chunk, the
   batch's longest row, the padding and the prefix cache give the same sums. Soft-capped logits (Gemma 2) are capped
   score by score, the ``tanh`` through ``fixed_elementwise``; attention sinks (gpt-oss) are not computed, and such a
-  model is refused (``unsupported_attention``). Measured (fp32, head_dim 64): a score's
-  and a block product's bits do not depend on how many queries (3 or more: one or two take another kernel, hence
-  ``MIN_QUERIES``), keys or batch entries share the call.
+  model is refused (``unsupported_attention``). Every score and block product is a matmul whose query count is a
+  multiple of ``QUERY_STEP`` (zero queries pad it) and whose value width (head_dim + the ones column) a multiple of
+  ``VALUE_STEP`` (zero columns pad it): measured (fp32, head_dims 8-256), a score's and a block product's bits then do
+  not depend on how many queries, keys or batch entries share the call, nor on the query's row in it. Without the
+  padding they do on some CPUs: on an AMD EPYC (Zen 4) a score computed among 4-11 queries, and a block product of
+  head_dim 8 with the ones column (9 wide), differ in the last bit from the same product in a larger call (an Intel
+  Xeon showed it only below 4 queries).
 * **The reward head.** ``Linear(hidden, 1)`` over the scored rows is a matrix-vector product whose kernel depends
   on the row count; ``head_rewards`` multiplies and sums the hidden size in a fixed pairwise order.
 * **Activations.** torch computes SiLU (and GELU, sigmoid) with SIMD code for whole vectors and with scalar code for
@@ -49,7 +53,8 @@ from .errors import ModelLoadError
 ATTENTION_NAME = "rmserve_batch_invariant"
 BLOCK = 64  # tokens per key block, counted from each sequence's first token
 QUERY_CHUNK = 128  # queries per score matmul: a chunk's keys stop at its last query's block
-MIN_QUERIES = 4  # score and value matmuls get at least this many query rows (fewer take another kernel)
+QUERY_STEP = 16  # score and value matmuls get a multiple of this many query rows (zero-padded)
+VALUE_STEP = 8  # the values' columns (head_dim + the weights' ones column), zero-padded to a multiple of this
 MATMUL_ROWS = 256  # rows of every linear-layer matmul call (fewer calls: each starts the thread pool)
 GRAIN = 32768  # torch's parallel grain (elements): a call this size runs on one thread
 VECTOR = 64  # elements a SIMD loop takes per step, for every dtype and vector width torch dispatches to
@@ -149,27 +154,48 @@ def head_rewards(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
 class BlockLayout:
     """Where each row's tokens sit in the layer's keys and queries, for ``block_attention``.
 
-    Row ``r`` computes positions ``starts[r]..ends[r] - 1`` of its sequence: its cached keys are the layer's key
-    columns ``0..starts[r] - 1`` (left-aligned), its new tokens the query columns from ``firsts[r]`` on and the key
-    columns from ``cached_width + firsts[r]`` on. Plain ints: nothing to move to a device.
+    Row ``r`` computes positions ``starts[r]..ends[r] - 1`` of its sequence; its new tokens are the query columns
+    from ``firsts[r]`` on. Its cached keys are either the layer's key columns ``0..starts[r] - 1`` (left-aligned; the
+    new tokens' keys from column ``cached_width + firsts[r]`` on) or, with ``prompts``, the row's prompt states
+    ``[layers, 2, kv_heads, starts[r], head_dim]`` where the prefix cache holds them (the layer's keys are then the
+    new tokens' alone, from column ``firsts[r]`` on).
     """
 
     starts: tuple[int, ...]
     ends: tuple[int, ...]
     firsts: tuple[int, ...]  # each row's first new token among the new-token columns (padding side)
     cached_width: int
+    prompts: tuple[torch.Tensor | None, ...] | None = None
 
     @classmethod
     def build(
-        cls, starts: list[int], ends: list[int], *, cached_width: int, width: int, padding_side: str
+        cls,
+        starts: list[int],
+        ends: list[int],
+        *,
+        cached_width: int,
+        width: int,
+        padding_side: str,
+        prompts: tuple[torch.Tensor | None, ...] | None = None,
     ) -> BlockLayout:
         """Rows compute ``seq[start:end]`` on top of cached ``seq[:start]`` (left-aligned in ``cached_width``
-        columns); the new tokens are padded on ``padding_side`` to ``width``."""
+        columns, or read from ``prompts``); the new tokens are padded on ``padding_side`` to ``width``."""
         firsts = [0 if padding_side == "right" else width - (e - s) for s, e in zip(starts, ends, strict=True)]
-        return cls(tuple(starts), tuple(ends), tuple(firsts), cached_width)
+        return cls(tuple(starts), tuple(ends), tuple(firsts), cached_width, prompts)
 
-    def to(self, device: torch.device) -> BlockLayout:
-        return self
+    def cached_states(self, r: int, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """Row ``r``'s cached keys and values ``[kv_heads, starts[r], head_dim]`` in ``layer``, and the column of the
+        layer's ``key`` where its new tokens start."""
+        start, first = self.starts[r], self.firsts[r]
+        if self.prompts is None:
+            return key[r, :, :start], value[r, :, :start], self.cached_width + first
+        prompt = self.prompts[r]
+        if prompt is None:
+            prompt = key.new_empty((1, 2, key.shape[1], 0, key.shape[3]))
+            layer = 0
+        if prompt.shape[3] != start:  # the runner's prompts are the plan's cached starts; a bug if not
+            raise RuntimeError(f"row {r} starts at {start} but its cached prompt holds {prompt.shape[3]} tokens")
+        return prompt[layer, 0], prompt[layer, 1], first
 
 
 def block_attention(
@@ -203,7 +229,8 @@ def block_attention(
     scale = dim**-0.5 if scaling is None else scaling
     result = query.new_zeros((rows, width, heads, dim))
     for r, (start, end, first) in enumerate(zip(lay.starts, lay.ends, lay.firsts, strict=True)):
-        keys, values = _sequence_states(key[r], value[r], start, end, lay.cached_width + first)
+        cached_key, cached_value, new_col = lay.cached_states(r, module.layer_idx, key, value)
+        keys, values = _sequence_states(cached_key, cached_value, key[r], value[r], end, new_col)
         for done in range(0, end - start, QUERY_CHUNK):
             count = min(QUERY_CHUNK, end - start - done)
             cols = slice(first + done, first + done + count)
@@ -213,19 +240,25 @@ def block_attention(
 
 
 def _sequence_states(
-    key: torch.Tensor, value: torch.Tensor, start: int, end: int, new_col: int
+    cached_key: torch.Tensor, cached_value: torch.Tensor, key: torch.Tensor, value: torch.Tensor, end: int, new_col: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row's keys ``[kv_heads, blocks x BLOCK, dim]`` and values with a column of ones ``[..., dim + 1]`` at their
-    sequence positions, fp32; positions from ``end`` on are zeros (no query sees them)."""
-    kv_heads, _, dim = key.shape
+    """One row's keys ``[kv_heads, blocks x BLOCK, dim]`` and values ``[..., value_width(dim)]`` (the head_dim values,
+    a column of ones, zero columns) at their sequence positions, fp32: the cached ``[kv_heads, start, dim]``, then the
+    new ones from ``key``'s column ``new_col`` on; positions from ``end`` on are zeros (no query sees them)."""
+    kv_heads, start, dim = cached_key.shape
     length = -(-end // BLOCK) * BLOCK
     keys = key.new_empty((kv_heads, length, dim), dtype=torch.float32)
-    values = value.new_empty((kv_heads, length, dim + 1), dtype=torch.float32)
+    values = value.new_zeros((kv_heads, length, value_width(dim)), dtype=torch.float32)
     new = slice(new_col, new_col + end - start)
-    keys[:, :start], keys[:, start:end], keys[:, end:] = key[:, :start], key[:, new], 0.0
-    values[:, :start, :dim], values[:, start:end, :dim], values[:, end:, :dim] = value[:, :start], value[:, new], 0.0
+    keys[:, :start], keys[:, start:end], keys[:, end:] = cached_key, key[:, new], 0.0
+    values[:, :start, :dim], values[:, start:end, :dim] = cached_value, value[:, new]
     values[:, :, dim] = 1.0
     return keys, values
+
+
+def value_width(dim: int) -> int:
+    """Columns of a row's values in ``block_attention``: head_dim, the ones column, zeros up to ``VALUE_STEP``."""
+    return -(-(dim + 1) // VALUE_STEP) * VALUE_STEP
 
 
 def _attend(
@@ -242,7 +275,7 @@ def _attend(
     dim]`` fp32."""
     heads, n, dim = query.shape
     kv_heads = keys.shape[0]
-    m = max(n, MIN_QUERIES)  # a score or value matmul with one or two query rows takes another kernel
+    m = -(-n // QUERY_STEP) * QUERY_STEP  # the matmuls' query rows: see the module's docstring
     q = (
         query.new_zeros((heads, m, dim), dtype=torch.float32)
         if m > n
@@ -266,10 +299,10 @@ def _attend(
     weights = scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()  # every query sees its own key: max is finite
     per_block = torch.matmul(
         weights.view(kv_heads, blocks, BLOCK, group * m).transpose(-1, -2),
-        values[:, :seen].view(kv_heads, blocks, BLOCK, dim + 1),
-    )  # [kv_heads, blocks, group x queries, dim + 1]: each block's weighted values and weights' sum
+        values[:, :seen].view(kv_heads, blocks, BLOCK, values.shape[-1]),
+    )  # [kv_heads, blocks, group x queries, value_width]: each block's weighted values and weights' sum
     total = _sum_blocks_(per_block, blocks)
-    return (total[..., :dim] / total[..., dim:]).view(heads, m, dim)[:, :n]
+    return (total[..., :dim] / total[..., dim : dim + 1]).view(heads, m, dim)[:, :n]
 
 
 def _sum_blocks_(per_block: torch.Tensor, count: int) -> torch.Tensor:

@@ -2,16 +2,17 @@
 
 What one forward does: each row computes ``seq[start:end]`` (its start was fixed by the plan), padded on the
 ``padding_side`` to the longest; the cached states of ``seq[:start]`` are stacked, left-aligned, into the model's
-key/value cache; positions count real tokens only, so every row sees the positions it would see alone. The hidden
-state of each item's last real token comes **from the attention mask** (a ``StepIds`` item's: those at its readouts,
-its step separators), and the reward head runs in fp32 on those positions only; a ``LabelIds`` item's outcome is
-instead its labels' next-token probabilities, read from the judge's whole ``lm_head`` (``heads.label_probabilities``).
-Rows the plan marks ``store`` put their new states into the prefix cache, unless they are not finite; given a
-``RecentForwards``, the runner also holds a forward's keys and values there by reference and says where each item
-row's states lie (``HeldRow``), so a later batch can copy a prompt out instead of computing it again: a forward
-whose rows mostly compute new tokens (a group's first sample, perhaps after a cached system prompt; PPO items). One
-whose cached columns outnumber its new ones is not held: its key/value buffer repeats the cached prompt for every
-row, and what it adds (a group's later responses) is rarely anyone's prompt. The mask the backbone itself gets is
+key/value cache, or, where the rows mostly read cached prompts, read in place by the attention (``cascade.py``, and the
+batch-invariant attention of ``invariant.py``); positions count real tokens only, so every row sees the positions it
+would see alone. The hidden state of each item's last real token comes **from the attention mask** (a ``StepIds``
+item's: those at its readouts, its step separators), and the reward head runs in fp32 on those positions only; a
+``LabelIds`` item's outcome is instead its labels' next-token probabilities, read from the judge's whole ``lm_head``
+(``heads.label_probabilities``). Rows the plan marks ``store`` put their new states into the prefix cache, unless they
+are not finite; given a ``RecentForwards``, the runner also holds a forward's keys and values there by reference and
+says where each item row's states lie (``HeldRow``), so a later batch can copy a prompt out instead of computing it
+again: a forward whose rows mostly compute new tokens (a group's first sample, perhaps after a cached system prompt; PPO
+items). One whose cached columns outnumber its new ones is not held: its key/value buffer repeats the cached prompt for
+every row, and what it adds (a group's later responses) is rarely anyone's prompt. The mask the backbone itself gets is
 ``masks.backbone_mask``'s (none for right-padded rows with nothing cached; sliding windows by position).
 
 A micro-batch that runs out of accelerator memory is split in half and retried (``run``); a row that does not fit
@@ -173,14 +174,19 @@ class ForwardRunner:
         started = time.perf_counter()
         with torch.inference_mode():
             input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
-            # Rows that continue cached prompts and mostly read them (never held, see the module's docstring).
-            cascade = self._cascade and cached_width > width and self.padding_side == "right"
+            # Rows that continue cached prompts and mostly read them (never held, see the module's docstring): the
+            # attention reads each prompt where the prefix cache holds it, nothing is stacked into a padded buffer.
+            in_place = cached_width > width and (
+                self.batch_invariant or (self._cascade and self.padding_side == "right")
+            )
             kwargs = {}
-            if cascade:
+            prefixes = None
+            if in_place:
                 prefixes = SharedPrefixes.build(pasts, self.device)
                 layers = prefixes.groups[0][1].shape[0]
                 kv = prefixes.cache(count, cached_width, layers)
-                kwargs["rmserve_prefixes"] = prefixes
+                if not self.batch_invariant:
+                    kwargs["rmserve_prefixes"] = prefixes
             elif cached_width:
                 kv = _stack_past(pasts, cached_width, width, self.device)
             else:
@@ -188,7 +194,7 @@ class ForwardRunner:
             if kv is not None:
                 kwargs[self._cache_kwarg] = kv
             if self.batch_invariant:  # where each token sits in its sequence, for the fixed-block attention
-                kwargs["rmserve_blocks"] = self._layout(rows, cached_width, width)
+                kwargs["rmserve_blocks"] = self._layout(rows, cached_width, width, prefixes)
             out = self.backbone(
                 input_ids=input_ids,
                 attention_mask=self._backbone_mask(mask, cached_width),
@@ -215,8 +221,8 @@ class ForwardRunner:
             # A NaN or inf anywhere in a row's keys or values reaches its last token (even a masked-out NaN does:
             # 0 x NaN is NaN), so a finite last hidden state vouches for the whole row.
             finite = torch.isfinite(last).all(dim=1).tolist() if keep else [True] * count
-            if store:  # the layers hold the new columns alone in a cascade forward
-                self._store(rows, finite, kv, 0 if cascade else cached_width, prefix_cache)
+            if store:  # the layers hold the new columns alone when the prompts were read in place
+                self._store(rows, finite, kv, 0 if in_place else cached_width, prefix_cache)
             if recent is not None and cached_width <= width:  # mostly new states (see the module's docstring)
                 self._hold(rows, finite, kv, cached_width, width, recent, held)
         seconds = time.perf_counter() - started
@@ -309,10 +315,14 @@ class ForwardRunner:
             return mask
         return backbone_mask(mask, cached_width, self.padding_side, self._windows, eager=self._eager, dtype=self._dtype)
 
-    def _layout(self, rows: list[Row], cached_width: int, width: int) -> BlockLayout:
+    def _layout(self, rows: list[Row], cached_width: int, width: int, prefixes: SharedPrefixes | None) -> BlockLayout:
+        """Where each row's tokens sit, for the batch-invariant attention; with ``prefixes``, the layers hold the new
+        columns alone and each row's cached prompt is read where the prefix cache holds it."""
         starts, ends = [r.start for r in rows], [r.end for r in rows]
-        layout = BlockLayout.build(starts, ends, cached_width=cached_width, width=width, padding_side=self.padding_side)
-        return layout.to(self.device)
+        prompts = prefixes.per_row(len(rows)) if prefixes is not None else None
+        return BlockLayout.build(
+            starts, ends, cached_width=cached_width, width=width, padding_side=self.padding_side, prompts=prompts
+        )
 
     def _inputs(self, rows: list[Row], cached_width: int, width: int) -> tuple[torch.Tensor, ...]:
         """Token ids (padded to ``width``), the attention mask over cached and new tokens, and position ids."""

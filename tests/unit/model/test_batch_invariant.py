@@ -4,6 +4,7 @@ changes."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -13,7 +14,7 @@ from checkpoints import ARCHS, HEAD_FORMATS, reference_reward, unshared_rewards
 from rmserve.model import load_reward_model
 from rmserve.model.cascade import ATTENTION_NAME as CASCADE
 from rmserve.model.errors import ModelLoadError
-from rmserve.model.invariant import BLOCK, FixedRowsLinear, fixed_order_sum
+from rmserve.model.invariant import BLOCK, QUERY_STEP, FixedRowsLinear, fixed_order_sum, value_width
 from rmserve.model.planning import common_prefix_length
 
 FP32_TOL = 1e-5  # the invariant path still computes what transformers computes
@@ -190,6 +191,29 @@ def test_invariant_mode_is_reported_and_survives_a_new_backbone(demo_model_dir):
     rm.engine.runner.backbone = fresh.engine.backbone  # what a reload (wake from sleep level 2) does
     assert any(isinstance(m, FixedRowsLinear) for m in rm.engine.backbone.modules())
     assert unshared_rewards(rm.engine, [seq]) == before
+
+
+@pytest.mark.parametrize("dim", [8, 64, 128])
+def test_block_attention_matmuls_do_not_depend_on_the_other_queries(dim):
+    """The two matmuls ``block_attention`` runs, shaped as it shapes them (query counts a multiple of QUERY_STEP,
+    values ``value_width`` wide): one score and one block's weighted values are the same bits whatever the query
+    count, the query's row, the key count and the batch entries (on an AMD EPYC, without the padding, a score
+    among 4-11 queries and a head_dim-8 block product moved in the last bit)."""
+    gen = torch.Generator().manual_seed(dim)
+    key0, query0 = torch.randn(dim, generator=gen), torch.randn(dim, generator=gen)
+    weights0, values0 = torch.rand(BLOCK, generator=gen), torch.randn(BLOCK, value_width(dim), generator=gen)
+    scores, weighted = set(), set()
+    for n in (QUERY_STEP, 2 * QUERY_STEP, 3 * QUERY_STEP, 9 * QUERY_STEP, 64 * QUERY_STEP):
+        for keys, place in itertools.product((BLOCK, 10 * BLOCK), {0, 1, n // 2, n - 1}):
+            batch = 1 + (n + keys + place) % 4
+            k, q = torch.randn(batch, keys, dim, generator=gen), torch.randn(batch, n, dim, generator=gen)
+            k[-1, keys // 2], q[-1, place] = key0, query0
+            scores.add(torch.matmul(k, q.transpose(1, 2))[-1, keys // 2, place].item())
+            w = torch.rand(batch, BLOCK, n, generator=gen)
+            v = torch.randn(batch, BLOCK, value_width(dim), generator=gen)
+            w[-1, :, place], v[-1] = weights0, values0
+            weighted.add(tuple(torch.matmul(w.transpose(1, 2), v)[-1, place].tolist()))
+    assert len(scores) == 1 and len(weighted) == 1
 
 
 def test_fixed_order_sum_ignores_the_other_rows():
