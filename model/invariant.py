@@ -190,11 +190,11 @@ class BlockLayout:
         if self.prompts is None:
             return key[r, :, :start], value[r, :, :start], self.cached_width + first
         prompt = self.prompts[r]
+        held = 0 if prompt is None else prompt.shape[3]
+        if held != start:  # the runner's prompts are the plan's cached starts; a bug if not
+            raise RuntimeError(f"row {r} starts at {start} but its cached prompt holds {held} tokens")
         if prompt is None:
-            prompt = key.new_empty((1, 2, key.shape[1], 0, key.shape[3]))
-            layer = 0
-        if prompt.shape[3] != start:  # the runner's prompts are the plan's cached starts; a bug if not
-            raise RuntimeError(f"row {r} starts at {start} but its cached prompt holds {prompt.shape[3]} tokens")
+            return key[r, :, :0], value[r, :, :0], first
         return prompt[layer, 0], prompt[layer, 1], first
 
 
