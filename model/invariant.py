@@ -290,7 +290,7 @@ def _attend(
         scores = fixed_elementwise(torch.tanh, scores.div_(softcap)).mul_(softcap)
     device = query.device
     if sliding_window is None or sliding_window >= first_pos + m:  # only keys after a query's position are hidden
-        hidden = torch.arange(seen - first_pos, device=device)[:, None] > torch.arange(m, device=device)
+        hidden = _later_keys(seen - first_pos, m, device)
         scores[:, first_pos:].view(kv_heads, seen - first_pos, group, m).masked_fill_(hidden[:, None], -math.inf)
     else:
         delta = first_pos + torch.arange(m, device=device) - torch.arange(seen, device=device)[:, None]
@@ -303,6 +303,22 @@ def _attend(
     )  # [kv_heads, blocks, group x queries, value_width]: each block's weighted values and weights' sum
     total = _sum_blocks_(per_block, blocks)
     return (total[..., :dim] / total[..., dim : dim + 1]).view(heads, m, dim)[:, :n]
+
+
+_LATER_KEYS: dict[torch.device, torch.Tensor] = {}
+
+
+def _later_keys(keys: int, queries: int, device: torch.device) -> torch.Tensor:
+    """``[keys, queries]``: True where key ``i`` comes after query ``j`` (``i > j``), a view of one triangle per
+    device (no new tensor per call). A chunk's keys past its first query are at most ``QUERY_CHUNK + BLOCK``, so the
+    triangle stays 1,024 square (1 MB)."""
+    tri = _LATER_KEYS.get(device)
+    size = max(keys, queries)
+    if tri is None or tri.shape[0] < size:
+        size = 1 << max(10, (size - 1).bit_length())
+        index = torch.arange(size, device=device)
+        tri = _LATER_KEYS[device] = index[:, None] > index
+    return tri[:keys, :queries]
 
 
 def _sum_blocks_(per_block: torch.Tensor, count: int) -> torch.Tensor:
