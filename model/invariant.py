@@ -290,8 +290,8 @@ def _attend(
         scores = fixed_elementwise(torch.tanh, scores.div_(softcap)).mul_(softcap)
     device = query.device
     if sliding_window is None or sliding_window >= first_pos + m:  # only keys after a query's position are hidden
-        hidden = _later_keys(seen - first_pos, m, device)
-        scores[:, first_pos:].view(kv_heads, seen - first_pos, group, m).masked_fill_(hidden[:, None], -math.inf)
+        # -inf added to the hidden scores, 0 to the others (x + 0 is x): several times faster than masked_fill_
+        scores[:, first_pos:].view(kv_heads, seen - first_pos, group, m).add_(_later_keys(seen - first_pos, m, device))
     else:
         delta = first_pos + torch.arange(m, device=device) - torch.arange(seen, device=device)[:, None]
         hidden = (delta < 0) | (delta >= sliding_window)  # query position - key position
@@ -309,16 +309,17 @@ _LATER_KEYS: dict[torch.device, torch.Tensor] = {}
 
 
 def _later_keys(keys: int, queries: int, device: torch.device) -> torch.Tensor:
-    """``[keys, queries]``: True where key ``i`` comes after query ``j`` (``i > j``), a view of one triangle per
-    device (no new tensor per call). A chunk's keys past its first query are at most ``QUERY_CHUNK + BLOCK``, so the
-    triangle stays 1,024 square (1 MB)."""
+    """``[keys, 1, queries]`` fp32: -inf where key ``i`` comes after query ``j`` (``i > j``), else 0; a view of one
+    triangle per device (no new tensor per call). A chunk's keys past its first query are at most ``QUERY_CHUNK +
+    BLOCK``, so the triangle stays 1,024 square (4 MB)."""
     tri = _LATER_KEYS.get(device)
     size = max(keys, queries)
     if tri is None or tri.shape[0] < size:
         size = 1 << max(10, (size - 1).bit_length())
         index = torch.arange(size, device=device)
-        tri = _LATER_KEYS[device] = index[:, None] > index
-    return tri[:keys, :queries]
+        tri = torch.zeros((size, size), device=device).masked_fill_(index[:, None] > index, -math.inf)
+        _LATER_KEYS[device] = tri
+    return tri[:keys, None, :queries]
 
 
 def _sum_blocks_(per_block: torch.Tensor, count: int) -> torch.Tensor:
