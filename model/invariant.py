@@ -55,6 +55,7 @@ BLOCK = 64  # tokens per key block, counted from each sequence's first token
 QUERY_CHUNK = 128  # queries per score matmul: a chunk's keys stop at its last query's block
 QUERY_STEP = 16  # score and value matmuls get a multiple of this many query rows (zero-padded)
 VALUE_STEP = 8  # the values' columns (head_dim + the weights' ones column), zero-padded to a multiple of this
+MIN_EXPONENT = -87.0  # softmax exponents are raised to this (exp: 1.6e-38; the smallest normal fp32 is 1.2e-38)
 MATMUL_ROWS = 256  # rows of every linear-layer matmul call (fewer calls: each starts the thread pool)
 GRAIN = 32768  # torch's parallel grain (elements): a call this size runs on one thread
 VECTOR = 64  # elements a SIMD loop takes per step, for every dtype and vector width torch dispatches to
@@ -290,13 +291,19 @@ def _attend(
         scores = fixed_elementwise(torch.tanh, scores.div_(softcap)).mul_(softcap)
     device = query.device
     if sliding_window is None or sliding_window >= first_pos + m:  # only keys after a query's position are hidden
-        # -inf added to the hidden scores, 0 to the others (x + 0 is x): several times faster than masked_fill_
-        scores[:, first_pos:].view(kv_heads, seen - first_pos, group, m).add_(_later_keys(seen - first_pos, m, device))
+        band = scores[:, first_pos:].view(kv_heads, seen - first_pos, group, m)
+        hidden, shown = _later_keys(seen - first_pos, m, device)
+        band.add_(hidden)  # -inf on the hidden scores, 0 on the others (x + 0 is x): faster than masked_fill_
     else:
         delta = first_pos + torch.arange(m, device=device) - torch.arange(seen, device=device)[:, None]
-        hidden = (delta < 0) | (delta >= sliding_window)  # query position - key position
-        scores.view(kv_heads, seen, group, m).masked_fill_(hidden[:, None], -math.inf)
-    weights = scores.sub_(scores.amax(dim=1, keepdim=True)).exp_()  # every query sees its own key: max is finite
+        band = scores.view(kv_heads, seen, group, m)
+        shown = ((delta >= 0) & (delta < sliding_window))[:, None].float()  # query position - key position
+        band.masked_fill_(shown == 0, -math.inf)
+    # Every query sees its own key: the max is finite. An exp whose result underflows (or of -inf) takes the CPU's
+    # slow path, 5-13x slower, and a trained model's peaked scores underflow a lot: exponents are raised to
+    # MIN_EXPONENT (a weight of 1.6e-38 at least, nothing beside the max's 1), and the hidden weights are zeroed after.
+    weights = scores.sub_(scores.amax(dim=1, keepdim=True)).clamp_(min=MIN_EXPONENT).exp_()
+    band.mul_(shown)
     per_block = torch.matmul(
         weights.view(kv_heads, blocks, BLOCK, group * m).transpose(-1, -2),
         values[:, :seen].view(kv_heads, blocks, BLOCK, values.shape[-1]),
@@ -305,21 +312,22 @@ def _attend(
     return (total[..., :dim] / total[..., dim : dim + 1]).view(heads, m, dim)[:, :n]
 
 
-_LATER_KEYS: dict[torch.device, torch.Tensor] = {}
+_LATER_KEYS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _later_keys(keys: int, queries: int, device: torch.device) -> torch.Tensor:
-    """``[keys, 1, queries]`` fp32: -inf where key ``i`` comes after query ``j`` (``i > j``), else 0; a view of one
-    triangle per device (no new tensor per call). A chunk's keys past its first query are at most ``QUERY_CHUNK +
-    BLOCK``, so the triangle stays 1,024 square (4 MB)."""
-    tri = _LATER_KEYS.get(device)
+def _later_keys(keys: int, queries: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two ``[keys, 1, queries]`` fp32 masks for key ``i`` and query ``j``: -inf where the key comes after the query
+    (``i > j``), else 0; and 0 there, else 1. Views of two triangles per device (no new tensors per call): a chunk's
+    keys past its first query are at most ``QUERY_CHUNK + BLOCK``, so they stay 1,024 square (4 MB each)."""
+    cached = _LATER_KEYS.get(device)
     size = max(keys, queries)
-    if tri is None or tri.shape[0] < size:
+    if cached is None or cached[0].shape[0] < size:
         size = 1 << max(10, (size - 1).bit_length())
         index = torch.arange(size, device=device)
-        tri = torch.zeros((size, size), device=device).masked_fill_(index[:, None] > index, -math.inf)
-        _LATER_KEYS[device] = tri
-    return tri[:keys, None, :queries]
+        later = index[:, None] > index
+        cached = torch.zeros((size, size), device=device).masked_fill_(later, -math.inf), (~later).float()
+        _LATER_KEYS[device] = cached
+    return cached[0][:keys, None, :queries], cached[1][:keys, None, :queries]
 
 
 def _sum_blocks_(per_block: torch.Tensor, count: int) -> torch.Tensor:
