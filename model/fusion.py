@@ -13,9 +13,11 @@ When (``model.compile``, ``wanted``): ``auto`` compiles on a CPU, in the default
 unquantized models at least ``AUTO_MIN_HIDDEN`` wide (a narrower model's elementwise passes cost little, and
 compiling costs seconds at load); ``on`` wherever asked; ``off`` never. Each module class compiles once per process
 (instances share the code; shapes are dynamic), at load (``compile_backbone`` runs every compiled class once on
-small inputs: rows and tokens of 1 and more, which compile apart). If compiling fails (no C++ compiler, an
-unsupported operation), the backbone stays eager and the load logs why; if a later call fails to compile, that
-module goes back to eager for good.
+small seeded random inputs: rows and tokens of 1 and more, which compile apart, each output checked against the
+eager forward's). If compiling fails (no C++ compiler, an unsupported operation), the backbone stays eager and the
+load logs why; a class whose compiled output disagrees with its eager one stays eager too (seen: inductor's disk
+cache hands a kernel built for another CPU capability back, keyed without it, and it computes garbage); if a later
+call fails to compile, that module goes back to eager for good.
 
 Example::
 
@@ -33,6 +35,11 @@ import torch
 log = logging.getLogger(__name__)
 
 AUTO_MIN_HIDDEN = 512  # ``auto`` compiles models at least this wide (hidden size)
+WARM_UP_SHAPES = ((1, 1), (1, 3), (2, 1), (2, 3))  # (rows, tokens): a size of 1 compiles apart from larger ones
+# How far a compiled output may be from the eager one at warm-up, relative to the eager output's largest magnitude:
+# a fused loop keeps fp32 where eager rounds each step to the model's dtype. A miscompile is off by far more.
+AGREEMENT = {torch.float32: 1e-4, torch.float64: 1e-8}
+HALF_AGREEMENT = 5e-2  # bf16, fp16
 FUSED_SUFFIXES = ("RMSNorm", "MLP")  # module classes whose forward is compiled, by class-name suffix
 
 
@@ -94,9 +101,9 @@ def compile_backbone(backbone: torch.nn.Module) -> int:
 
 
 def _warm_up(modules: list[torch.nn.Module]) -> set[type]:
-    """One call per module class and input shape class (1 row or more, 1 token or more: a size of 1 compiles apart),
-    so no request waits for a compile; returns the classes whose forward the call does not fit (left eager). A
-    failure of torch.compile itself is raised."""
+    """One call per module class and input shape class (``WARM_UP_SHAPES``), so no request waits for a compile, each
+    output compared with the eager forward's; returns the classes left eager: those whose forward the call does not
+    fit, and those whose compiled output disagrees. A failure of torch.compile itself is raised."""
     seen: set[type] = set()
     unfit: set[type] = set()
     for module in modules:
@@ -107,19 +114,43 @@ def _warm_up(modules: list[torch.nn.Module]) -> set[type]:
         if param is None:
             unfit.add(type(module))
             continue
-        width = _input_width(module, param)
+        width, name = _input_width(module, param), type(module).__name__
+        generator = torch.Generator(device=param.device).manual_seed(0)
         try:
             with torch.inference_mode():
-                for rows, tokens in ((1, 1), (1, 3), (2, 1), (2, 3)):
-                    zeros = torch.zeros((rows, tokens, width), dtype=param.dtype, device=param.device)
-                    module.forward.compiled(zeros)
+                for rows, tokens in WARM_UP_SHAPES:
+                    x = torch.randn((rows, tokens, width), generator=generator, device=param.device).to(param.dtype)
+                    compiled, eager = module.forward.compiled(x), module.forward.eager(x)
+                    if not _agrees(compiled, eager):
+                        log.warning(
+                            "%s stays eager: its compiled forward disagrees with the eager one on a warm-up input "
+                            "(a stale or foreign inductor cache? TORCHINDUCTOR_CACHE_DIR)",
+                            name,
+                        )
+                        unfit.add(type(module))
+                        break
         except Exception as exc:
             if _is_compile_failure(exc):
                 raise
-            name = type(module).__name__
             log.info("%s stays eager: its forward does not take one hidden-state tensor (%s)", name, exc)
             unfit.add(type(module))
     return unfit
+
+
+def _agrees(compiled, eager) -> bool:
+    """A compiled output within ``AGREEMENT`` of the eager one (relative to its largest finite magnitude), finite
+    where it is finite."""
+    if not (isinstance(compiled, torch.Tensor) and isinstance(eager, torch.Tensor)) or compiled.shape != eager.shape:
+        return False
+    got, want = compiled.float(), eager.float()
+    finite = want.isfinite()
+    if not torch.equal(got.isfinite(), finite):
+        return False
+    if not finite.any():
+        return True
+    got, want = got[finite], want[finite]
+    scale = 1.0 + want.abs().max().item()
+    return (got - want).abs().max().item() <= AGREEMENT.get(eager.dtype, HALF_AGREEMENT) * scale
 
 
 def _input_width(module: torch.nn.Module, param: torch.Tensor) -> int:

@@ -143,3 +143,48 @@ def test_a_norm_or_mlp_that_takes_other_arguments_stays_eager():
     with torch.inference_mode():
         assert torch.allclose(backbone.norm(x), LlamaRMSNorm.forward(backbone.norm, x), atol=1e-6)
         assert backbone.mlp(x, x).shape == (2, 3, 8)
+
+
+SCORE_IN_A_PROCESS = """
+import json, sys
+from rmserve.model import load_reward_model
+rm = load_reward_model(sys.argv[1], dtype="fp32", device="cpu", compile="on", forward_overhead_tokens=0)
+items = json.loads(sys.argv[2])
+print(json.dumps({"compiled": rm.engine.runner.compiled_modules, "rewards": rm.engine.score_batch(items)}))
+"""
+
+
+@needs_compiler
+@pytest.mark.skipif(
+    not torch.backends.cpu.get_cpu_capability().startswith("AVX512"), reason="needs a CPU above AVX2 to emulate one"
+)
+def test_a_kernel_from_another_cpu_capability_in_the_cache_is_not_used(checkpoint_factory, tmp_path):
+    """inductor's disk cache keys a compiled norm or MLP without the CPU capability it was built for: a process that
+    runs ATen at another capability (here AVX2 on an AVX-512 CPU, as `ATEN_CPU_CAPABILITY` sets) gets the kernel back
+    and it computes garbage (NaN). The warm-up's comparison with the eager forward leaves those classes eager: rewards
+    stay transformers'."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path, ref, tok = checkpoint_factory("score", arch="llama")
+    items = groups(len(tok), seed=11)
+    expected = [reference_reward(ref, seq) for seq in items]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+
+    def score(**extra_env) -> dict:
+        run = subprocess.run(
+            [sys.executable, "-c", SCORE_IN_A_PROCESS, str(path), json.dumps(items)],
+            env={**env, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    built = score()  # compiles at this CPU's own capability and fills the cache
+    assert built["compiled"] > 0 and built["rewards"] == pytest.approx(expected, abs=FP32_TOL)
+    foreign = score(ATEN_CPU_CAPABILITY="avx2")
+    assert foreign["rewards"] == pytest.approx(expected, abs=FP32_TOL)
