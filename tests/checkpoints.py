@@ -74,6 +74,7 @@ def _config(arch: str, vocab: int, tok):
         "qwen3": lambda: Qwen3Config(**common, head_dim=8),
         "phi3": lambda: Phi3Config(**common),
         "olmo2": lambda: Olmo2Config(**common),
+        "llama-mqa": lambda: LlamaConfig(**{**common, "num_key_value_heads": 1, "head_dim": 64}),  # MQA, wide heads
     }
     if arch in more:
         return more[arch]()

@@ -15,7 +15,14 @@ from checkpoints import ARCHS, HEAD_FORMATS, reference_reward, unshared_rewards
 from rmserve.model import load_reward_model
 from rmserve.model.cascade import ATTENTION_NAME as CASCADE
 from rmserve.model.errors import ModelLoadError
-from rmserve.model.invariant import BLOCK, QUERY_STEP, FixedRowsLinear, fixed_order_sum, value_width
+from rmserve.model.invariant import (
+    BLOCK,
+    QUERY_STEP,
+    FixedRowsLinear,
+    block_products,
+    fixed_order_sum,
+    value_width,
+)
 from rmserve.model.planning import common_prefix_length
 
 FP32_TOL = 1e-5  # the invariant path still computes what transformers computes
@@ -112,6 +119,21 @@ def test_every_reward_is_bitwise_its_reward_alone(checkpoint_factory, arch, head
     restarted = load(path, dtype, device, padding_side="left")  # (e) a fresh load
     assert restarted.engine.score_batch(targets) == alone
     if dtype == "fp32":  # invariant, and still the reward transformers computes
+        assert alone == pytest.approx([reference_reward(ref, t) for t in targets], abs=FP32_TOL)
+
+
+@pytest.mark.parametrize("threads", [4, 16])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_one_key_value_head_on_many_threads_is_bitwise(checkpoint_factory, dtype, threads, torch_threads):
+    """One key/value head (MQA, head_dim 64) on 4 and 16 threads: a chunk that sees one key block then has a lone
+    block product (``block_products`` pairs it: a lone product runs as one GEMM split over the threads, which a probe
+    measured to sum in another order from 4 threads up). Rewards the same bits in any batch, warm or cold caches, at
+    that thread count."""
+    torch_threads(threads)
+    path, ref, tok = checkpoint_factory("score", arch="llama-mqa")
+    targets, neighbours = targets_and_neighbours(random.Random(threads), len(tok))
+    alone = assert_batch_invariant(load(path, dtype, "cpu"), targets, neighbours, threads)
+    if dtype == "fp32":
         assert alone == pytest.approx([reference_reward(ref, t) for t in targets], abs=FP32_TOL)
 
 
@@ -212,12 +234,23 @@ def test_invariant_mode_is_reported_and_survives_a_new_backbone(demo_model_dir):
     assert unshared_rewards(rm.engine, [seq]) == before
 
 
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count for a test (a 2-core machine can still run 16 threads: the split is what differs)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4, 16])
 @pytest.mark.parametrize("dim", [8, 64, 128])
-def test_block_attention_matmuls_do_not_depend_on_the_other_queries(dim):
+def test_block_attention_matmuls_do_not_depend_on_the_other_queries(dim, threads, torch_threads):
     """The two matmuls ``block_attention`` runs, shaped as it shapes them (query counts a multiple of QUERY_STEP,
-    values ``value_width`` wide): one score and one block's weighted values are the same bits whatever the query
-    count, the query's row, the key count and the batch entries (on an AMD EPYC, without the padding, a score
-    among 4-11 queries and a head_dim-8 block product moved in the last bit)."""
+    values ``value_width`` wide, key blocks through ``block_products``): one score and one block's weighted values
+    are the same bits whatever the query count, the query's row, the key count and the batch entries, at each thread
+    count (on an AMD EPYC, without the padding, a score among 4-11 queries and a head_dim-8 block product moved in the
+    last bit; from 4 threads up, a lone block's product, one GEMM split over the threads, did too)."""
+    torch_threads(threads)
     gen = torch.Generator().manual_seed(dim)
     key0, query0 = torch.randn(dim, generator=gen), torch.randn(dim, generator=gen)
     weights0, values0 = torch.rand(BLOCK, generator=gen), torch.randn(BLOCK, value_width(dim), generator=gen)
@@ -228,10 +261,11 @@ def test_block_attention_matmuls_do_not_depend_on_the_other_queries(dim):
             k, q = torch.randn(batch, keys, dim, generator=gen), torch.randn(batch, n, dim, generator=gen)
             k[-1, keys // 2], q[-1, place] = key0, query0
             scores.add(torch.matmul(k, q.transpose(1, 2))[-1, keys // 2, place].item())
-            w = torch.rand(batch, BLOCK, n, generator=gen)
-            v = torch.randn(batch, BLOCK, value_width(dim), generator=gen)
-            w[-1, :, place], v[-1] = weights0, values0
-            weighted.add(tuple(torch.matmul(w.transpose(1, 2), v)[-1, place].tolist()))
+            for blocks in {1, batch}:  # a lone block too
+                w = torch.rand(blocks, BLOCK, n, generator=gen)
+                v = torch.randn(blocks, BLOCK, value_width(dim), generator=gen)
+                w[-1, :, place], v[-1] = weights0, values0
+                weighted.add(tuple(block_products(w, v)[-1, place].tolist()))
     assert len(scores) == 1 and len(weighted) == 1
 
 
