@@ -1,4 +1,5 @@
-"""``load_checkpoint(model_dir, spec)``: a local safetensors checkpoint directory in, a ready ``RewardModel`` out.
+"""``load_checkpoint(model_dir, spec)``: a local checkpoint directory in (safetensors or PyTorch ``.bin`` weights), a
+ready ``RewardModel`` out.
 
 Everything about one directory: device and dtype rules, quantisation, the backbone (every weight from the checkpoint
 or an error), the reward head, the tokenizer, normalisation. ``loading.load_reward_model`` turns a name (``"demo"``)
@@ -114,7 +115,8 @@ def load_backbone(model_dir: Path, spec: ModelSpec, device: torch.device, dtype:
     from transformers import AutoModel
 
     quant = _quantization_config(spec, dtype)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "use_safetensors": True}
+    # safetensors where the checkpoint has them, else its .bin files (transformers reads those weights-only)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": str(device)})
     try:
@@ -149,7 +151,9 @@ def load_checkpoint(model_dir: Path, spec: ModelSpec) -> RewardModel:
     from transformers import AutoConfig, AutoTokenizer
 
     if not weight_files(model_dir):
-        raise ModelLoadError(f"no safetensors weights in {model_dir} (only safetensors are loaded)")
+        raise ModelLoadError(
+            f"no weights in {model_dir}: expected model.safetensors, pytorch_model.bin, or their shards and index"
+        )
     device = resolve_device(spec.device)
     dtype_name = resolve_dtype(spec.dtype, device)
     if spec.quantization != "none" and dtype_name == "fp16" and device.type == "cpu":

@@ -1,4 +1,5 @@
-"""Find a checkpoint's reward head among its safetensors tensors, and build it as the fp32 module the engine runs.
+"""Find a checkpoint's reward head among its weight tensors (safetensors, or PyTorch ``.bin``), and build it as
+the fp32 module the engine runs.
 
 Accepted layouts: ``score`` (``*ForSequenceClassification``, TRL, OpenRLHF exports; ``*ForTokenClassification``
 with two labels), ``reward_head`` (``LlamaRewardModel``: a causal LM + ``Linear(hidden, 1, bias=False)``), ``v_head``
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,19 +226,61 @@ class ScoreHead(torch.nn.Module):
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's safetensors shards (single file or an index)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / s for s in shards]
-    single = model_dir / "model.safetensors"
-    return [single] if single.exists() else sorted(model_dir.glob("model*.safetensors"))
+    """The checkpoint's weight shards: safetensors (one file or an index), else PyTorch ``.bin`` ones (one file or an
+    index; read with torch's weights-only unpickler, which loads tensors and runs no code)."""
+    for index_name, single_name, pattern in (
+        ("model.safetensors.index.json", "model.safetensors", "model*.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"),
+    ):
+        index = model_dir / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [model_dir / s for s in shards]
+        single = model_dir / single_name
+        found = [single] if single.exists() else sorted(model_dir.glob(pattern))
+        if found:
+            return found
+    return []
+
+
+class _StateDict:
+    """A ``.bin`` file's tensors behind ``safe_open``'s three methods."""
+
+    def __init__(self, file: Path):
+        try:
+            self._tensors = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # a pickle that holds more than tensors, or not a torch file at all
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else repr(exc))
+            raise ModelLoadError(
+                f"could not read {file.name} as a state dict of tensors ({detail.split(' Please')[0][:300]}); rmserve "
+                "runs no code from a checkpoint: save the weights alone (a state dict, or safetensors)"
+            ) from exc
+
+    def keys(self):
+        return self._tensors.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def get_slice(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+@contextmanager
+def open_tensors(file: Path):
+    """A weight file's tensors by name (``keys``, ``get_tensor``, ``get_slice``): safetensors, or a ``.bin``."""
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt") as handle:
+            yield handle
+    else:
+        yield _StateDict(file)
 
 
 def tensor_names(files: list[Path]) -> dict[str, Path]:
     names: dict[str, Path] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as handle:
+        with open_tensors(f) as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
                 names[key] = f
     return names
@@ -259,7 +303,7 @@ def _match(names: dict[str, Path], head: str) -> str | None:
 
 def _read(file: Path, weight_key: str) -> Layer:
     bias_key = weight_key[: -len("weight")] + "bias"
-    with safe_open(str(file), framework="pt") as handle:
+    with open_tensors(file) as handle:
         weight = handle.get_tensor(weight_key)
         bias = handle.get_tensor(bias_key) if bias_key in handle.keys() else None  # noqa: SIM118
     return weight, bias
@@ -297,7 +341,7 @@ def label_token_head(model_dir: Path, hidden_size: int, token_ids: tuple[int, ..
         key = tied[0] if len(tied) == 1 else None
     if key is None:
         raise ModelLoadError(f"no lm_head.weight (nor tied embed_tokens.weight) in {model_dir} to read label logits")
-    with safe_open(str(names[key]), framework="pt") as handle:
+    with open_tensors(names[key]) as handle:
         if token_ids is None:
             weight = handle.get_tensor(key)
         else:

@@ -78,8 +78,59 @@ def test_bad_paths(tmp_path):
     with pytest.raises(ModelLoadError, match="not a directory"):
         load_reward_model(str(tmp_path / "nope"))
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelLoadError, match="safetensors"):
+    with pytest.raises(ModelLoadError, match="no weights .* model.safetensors, pytorch_model.bin"):
         load_reward_model(str(tmp_path))
+
+
+class TrainerState:
+    """An object a trainer might pickle beside its weights (not a tensor)."""
+
+
+def as_bin_checkpoint(src, dst, shards: int) -> None:
+    """``src``'s checkpoint with its ``model.safetensors`` as PyTorch ``.bin`` file(s) (``torch.save``, as older
+    trainers write them): one ``pytorch_model.bin``, or ``shards`` files and their index."""
+    import torch
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    (dst / "model.safetensors").unlink()
+    if shards == 1:
+        torch.save(weights, dst / "pytorch_model.bin")
+        return
+    keys = sorted(weights)
+    weight_map = {}
+    for k in range(shards):
+        name = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = {key: weights[key] for key in keys[k::shards]}
+        torch.save(part, dst / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("head_format", ["score", "reward_head", "value_head"])
+def test_pytorch_bin_weights_give_the_same_rewards(checkpoint_factory, tmp_path, head_format, shards):
+    """A checkpoint whose weights are ``pytorch_model.bin`` (or shards and an index) instead of safetensors: the
+    backbone and the head are read from them (weights-only: tensors, no code), rewards as from safetensors."""
+    path, ref, tok = checkpoint_factory(head_format)
+    as_bin_checkpoint(path, tmp_path / "bin", shards)
+    items = [{"prompt": "Tell me about owls.", "response": r} for r in ("Gladly! They hunt at night.", "No.")]
+    expected = load_reward_model(str(path), device="cpu", dtype="fp32").score(items)
+    got = load_reward_model(str(tmp_path / "bin"), device="cpu", dtype="fp32").score(items)
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_bin_file_that_holds_more_than_tensors_is_refused(checkpoint_factory, tmp_path):
+    """torch's weights-only unpickler refuses a pickle with other objects in it (it could run code): a load error
+    naming the file, not a backbone of random weights."""
+    import torch
+
+    path, _ref, _tok = checkpoint_factory("score")
+    as_bin_checkpoint(path, tmp_path / "bin", 1)
+    weights = torch.load(tmp_path / "bin" / "pytorch_model.bin", weights_only=True)
+    torch.save({**weights, "trainer_state": TrainerState()}, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pytorch_model.bin"):
+        load_reward_model(str(tmp_path / "bin"), device="cpu", dtype="fp32")
 
 
 @pytest.mark.parametrize(
