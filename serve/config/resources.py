@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from rmserve.serve.config.settings import ServerConfig
 
@@ -44,12 +45,41 @@ class Capacity:
         return self.gpus if self.node_gpus is None else self.node_gpus
 
 
+# A container's CPU quota: cgroup v2 ("<quota> <period>" or "max <period>"), v1 (quota -1: none; period beside it)
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_V1_CPU_QUOTA = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
 def host_cores() -> int:
-    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    """The cores this process may use: its CPU affinity (else the machine's count), capped by its container's CPU
+    quota in whole CPUs (a Kubernetes CPU limit shows every core of the node to ``sched_getaffinity``; torch
+    threads past the quota are throttled, and one throttled thread stalls the others at each barrier). Ray counts a
+    container's CPUs the same way (quota, rounded down, at least 1)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return cores if quota is None else max(1, min(cores, int(quota)))
+
+
+def cgroup_cpu_quota() -> float | None:
+    """The CPUs this process's container may use per period (e.g. 2.5), or None where no quota is set."""
+    quota = period = None
+    try:
+        text = Path(CGROUP_CPU_MAX).read_text().split()
+        if len(text) == 2 and text[0] != "max":
+            quota, period = text
+    except OSError:
+        try:
+            quota, period = (Path(f).read_text().strip() for f in CGROUP_V1_CPU_QUOTA)
+        except OSError:
+            return None
+    try:
+        value = float(quota) / float(period) if quota is not None else -1.0
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return value if value > 0 else None
 
 
 def ray_capacity() -> Capacity:

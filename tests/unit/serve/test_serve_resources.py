@@ -60,6 +60,33 @@ def test_torch_threads_follow_the_replicas_cpus_within_the_cores_there_are():
     assert torch_threads("auto") == host_cores()
 
 
+def test_host_cores_respect_a_containers_cpu_quota(monkeypatch, tmp_path):
+    """A container with a CPU limit sees every core of its node in its affinity; its quota (cgroup v2 ``cpu.max``, or
+    v1's quota and period) caps the cores, rounded down, at least 1 ("max" or a quota of -1: no limit)."""
+    import os
+
+    from rmserve.serve.config import resources
+
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max, quota, period = tmp_path / "cpu.max", tmp_path / "cpu.cfs_quota_us", tmp_path / "cpu.cfs_period_us"
+    monkeypatch.setattr(resources, "CGROUP_CPU_MAX", str(cpu_max))
+    monkeypatch.setattr(resources, "CGROUP_V1_CPU_QUOTA", (str(quota), str(period)))
+    assert host_cores() == affinity  # no cgroup files: no container limit
+    cpu_max.write_text("max 100000\n")
+    assert host_cores() == affinity
+    cpu_max.write_text("50000 100000\n")  # half a CPU
+    assert host_cores() == 1 and torch_threads("auto") == 1 and torch_threads(4) == 1
+    cpu_max.write_text(f"{(affinity + 8) * 100000} 100000\n")  # a quota above the cores there are
+    assert host_cores() == affinity
+    cpu_max.unlink()
+    quota.write_text("-1\n")  # cgroup v1, no limit
+    period.write_text("100000\n")
+    assert host_cores() == affinity
+    quota.write_text("150000\n")  # 1.5 CPUs
+    assert host_cores() == 1
+    assert resources.cgroup_cpu_quota() == pytest.approx(1.5)
+
+
 def test_auto_is_the_default_and_every_source_can_set_it():
     assert (ServerConfig().num_cpus, ServerConfig().num_gpus) == ("auto", "auto")
     config = load_config(environ={"RMSERVE_NUM_CPUS": "3", "RMSERVE_NUM_GPUS": "auto"})
