@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
+from .errors import ModelLoadError
 from .spec import ModelSpec
 from .synthetic import make_preference_pairs, make_rankings
 from .training import TrainConfig, train_reward_model
@@ -77,8 +78,15 @@ def ensure_demo_model(cache_dir: Path | None = None, *, progress: bool = False) 
     target = demo_dir(cache_dir)
     if (target / MARKER).exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".demo-{DEMO_VERSION}.lock", "w") as lock:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.parent / f".demo-{DEMO_VERSION}.lock", "w")  # noqa: SIM115 - held by the with below
+    except OSError as exc:
+        raise ModelLoadError(
+            f"the demo model is built on first use into {target.parent}, which cannot be written ({exc.strerror}); "
+            "point RMSERVE_CACHE_DIR at a writable directory"
+        ) from exc
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait, then find it built
         if (target / MARKER).exists():
             return target

@@ -209,3 +209,13 @@ def test_cpu_prefix_cache_takes_a_tenth_of_the_memory_a_container_allows(monkeyp
     limit.write_text(f"{4 << 30}\n")  # a small container: never under 1 GiB
     assert checkpoint.resolve_prefix_cache_bytes(None, torch.device("cpu")) == max(1 << 30, min(ram, 4 << 30) // 10)
     assert checkpoint.resolve_prefix_cache_bytes(12345, torch.device("cpu")) == 12345  # what the config asks for
+
+
+def test_a_demo_cache_that_cannot_be_written_is_a_clear_error(tmp_path):
+    """The demo model is built on first use; where its cache directory cannot be created (here a file is in the way;
+    a read-only mount fails alike) the error names the directory and RMSERVE_CACHE_DIR, not a bare OSError."""
+    from rmserve.model.demo import ensure_demo_model
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ModelLoadError, match=r"a-file/cache, which cannot be written .*RMSERVE_CACHE_DIR"):
+        ensure_demo_model(tmp_path / "a-file" / "cache")
