@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from .engine import ScoringEngine
 from .errors import ModelLoadError
 from .formatting import ItemFormatter
-from .heads import find_reward_head, has_score_mlp, label_token_head, weight_files
+from .heads import find_reward_head, has_score_mlp, label_token_head, tensor_names, weight_files
 from .quiet import quiet_transformers
 from .reward_formats import detect_format, separator_id
 from .reward_model import Normalization, RewardModel
@@ -110,6 +111,11 @@ def _quantization_config(spec: ModelSpec, dtype: torch.dtype):
     )
 
 
+# Backbone weights a trainer saved under its own wrapper's attribute, read as the decoder's ``model.``: DeepSpeed-Chat's
+# ``RewardModel`` keeps the decoder in ``rwtranrsformer`` (sic) beside its ``v_head``.
+TRAINER_PREFIXES = ("rwtranrsformer.",)
+
+
 def load_backbone(model_dir: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The decoder without any head (``AutoModel``), every weight loaded from the checkpoint or an error."""
     from transformers import AutoModel
@@ -117,6 +123,10 @@ def load_backbone(model_dir: Path, spec: ModelSpec, device: torch.device, dtype:
     quant = _quantization_config(spec, dtype)
     # safetensors where the checkpoint has them, else its .bin files (transformers reads those weights-only)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
+    names = tensor_names(weight_files(model_dir))
+    prefixes = [p for p in TRAINER_PREFIXES if any(name.startswith(p) for name in names)]
+    if prefixes:
+        kwargs["key_mapping"] = {f"^{re.escape(p)}": "model." for p in prefixes}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": str(device)})
     try:

@@ -120,6 +120,28 @@ def test_pytorch_bin_weights_give_the_same_rewards(checkpoint_factory, tmp_path,
     assert got == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_deepspeed_chat_reward_model_directory(checkpoint_factory, tmp_path):
+    """What DeepSpeed-Chat's ``save_hf_format`` writes for a reward model: ``torch.save`` of its ``RewardModel``'s
+    state dict (the decoder under ``rwtranrsformer.``, the head as ``v_head.weight``) beside the decoder's config.
+    Rewards are the same checkpoint's as a ``score`` model."""
+    import torch
+
+    path, ref, tok = checkpoint_factory("score")
+    dst = tmp_path / "ds-chat"
+    as_bin_checkpoint(path, dst, 1)
+    weights = torch.load(dst / "pytorch_model.bin", weights_only=True)
+    renamed = {("rwtranrsformer." + k.removeprefix("model.")): v for k, v in weights.items() if k.startswith("model.")}
+    torch.save({**renamed, "v_head.weight": weights["score.weight"]}, dst / "pytorch_model.bin")
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaModel"]}))
+    items = [{"prompt": "Tell me about owls.", "response": r} for r in ("Gladly! They hunt at night.", "No.")]
+    rm = load_reward_model(str(dst), device="cpu", dtype="fp32")
+    assert rm.info()["head"] == "v_head"
+    assert rm.score(items) == pytest.approx(
+        load_reward_model(str(path), device="cpu", dtype="fp32").score(items), abs=1e-6
+    )
+
+
 def test_a_bin_file_that_holds_more_than_tensors_is_refused(checkpoint_factory, tmp_path):
     """torch's weights-only unpickler refuses a pickle with other objects in it (it could run code): a load error
     naming the file, not a backbone of random weights."""
