@@ -65,21 +65,20 @@ def host_cores() -> int:
 
 def cgroup_cpu_quota() -> float | None:
     """The CPUs this process's container may use per period (e.g. 2.5), or None where no quota is set."""
-    quota = period = None
     try:
-        text = Path(CGROUP_CPU_MAX).read_text().split()
-        if len(text) == 2 and text[0] != "max":
-            quota, period = text
-    except OSError:
+        quota, period = Path(CGROUP_CPU_MAX).read_text().split()
+    except OSError:  # no cgroup v2 file: v1's pair, or not in a container
         try:
-            quota, period = (Path(f).read_text().strip() for f in CGROUP_V1_CPU_QUOTA)
+            quota, period = (Path(f).read_text() for f in CGROUP_V1_CPU_QUOTA)
         except OSError:
             return None
-    try:
-        value = float(quota) / float(period) if quota is not None else -1.0
-    except (TypeError, ValueError, ZeroDivisionError):
+    except ValueError:
         return None
-    return value if value > 0 else None
+    try:
+        value = float(quota) / float(period)  # "max" (v2) is no number: no quota
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if value > 0 else None  # v1 says -1 for none
 
 
 def ray_capacity() -> Capacity:
