@@ -34,8 +34,9 @@ from pathlib import Path
 import httpx
 import yaml
 
+from rmserve.model.host import host_cores
 from rmserve.serve.config.loading import load_config
-from rmserve.serve.config.resources import Capacity, host_cores, resolve_resources, torch_threads
+from rmserve.serve.config.resources import Capacity, resolve_resources, torch_threads
 from rmserve.serve.config.served_models import EnsembleConfig
 from rmserve.serve.routing.ensemble import EnsembleRewards, combine_rewards
 

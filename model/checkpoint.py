@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from .engine import ScoringEngine
 from .errors import ModelLoadError
 from .formatting import ItemFormatter
 from .heads import find_reward_head, has_score_mlp, label_token_head, tensor_names, weight_files
+from .host import host_memory_bytes
 from .quiet import quiet_transformers
 from .reward_formats import detect_format, separator_id
 from .reward_model import Normalization, RewardModel
@@ -69,22 +69,6 @@ def resolve_prefix_cache_bytes(requested: int | None, device: torch.device) -> i
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 10
     return max(1 << 30, host_memory_bytes() // 10)
-
-
-CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
-
-
-def host_memory_bytes() -> int:
-    """The memory this process may use: the machine's RAM, or its cgroup's limit (a container's) where lower."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit in CGROUP_MEMORY_LIMITS:
-        try:
-            text = Path(limit).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
 
 
 def read_normalization(model_dir: Path, spec: ModelSpec) -> Normalization | None:

@@ -30,8 +30,9 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from rmserve.model.host import host_cores
 from rmserve.serve.config.loading import load_config
-from rmserve.serve.config.resources import Capacity, host_cores, ray_capacity, resolve_resources
+from rmserve.serve.config.resources import Capacity, ray_capacity, resolve_resources
 from rmserve.serve.config.settings import RoutingConfig, ServerConfig
 from rmserve.serve.rayserve.affinity import PrefixAffinityRouter
 from rmserve.serve.rayserve.autoscaling import serve_autoscaling_config

@@ -16,10 +16,9 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
+from rmserve.model.host import host_cores
 from rmserve.serve.config.settings import ServerConfig
 
 
@@ -43,42 +42,6 @@ class Capacity:
     @property
     def largest_node_gpus(self) -> float:
         return self.gpus if self.node_gpus is None else self.node_gpus
-
-
-# A container's CPU quota: cgroup v2 ("<quota> <period>" or "max <period>"), v1 (quota -1: none; period beside it)
-CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
-CGROUP_V1_CPU_QUOTA = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-
-
-def host_cores() -> int:
-    """The cores this process may use: its CPU affinity (else the machine's count), capped by its container's CPU
-    quota in whole CPUs (a Kubernetes CPU limit shows every core of the node to ``sched_getaffinity``; torch
-    threads past the quota are throttled, and one throttled thread stalls the others at each barrier). Ray counts a
-    container's CPUs the same way (quota, rounded down, at least 1)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
-    return cores if quota is None else max(1, min(cores, int(quota)))
-
-
-def cgroup_cpu_quota() -> float | None:
-    """The CPUs this process's container may use per period (e.g. 2.5), or None where no quota is set."""
-    try:
-        quota, period = Path(CGROUP_CPU_MAX).read_text().split()
-    except OSError:  # no cgroup v2 file: v1's pair, or not in a container
-        try:
-            quota, period = (Path(f).read_text() for f in CGROUP_V1_CPU_QUOTA)
-        except OSError:
-            return None
-    except ValueError:
-        return None
-    try:
-        value = float(quota) / float(period)  # "max" (v2) is no number: no quota
-    except (ValueError, ZeroDivisionError):
-        return None
-    return value if value > 0 else None  # v1 says -1 for none
 
 
 def ray_capacity() -> Capacity:

@@ -24,9 +24,10 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from rmserve.model.host import host_cores
 from rmserve.serve.cli.process import check_port_free, install_stop_signals
 from rmserve.serve.config.loading import ConfigError
-from rmserve.serve.config.resources import Capacity, host_cores, resolve_resources
+from rmserve.serve.config.resources import Capacity, resolve_resources
 from rmserve.serve.config.settings import ServerConfig
 from rmserve.serve.core.replica import LocalLink, load_scoring_core
 from rmserve.serve.core.scoring_core import ScoringCore

@@ -216,18 +216,18 @@ def test_cpu_prefix_cache_takes_a_tenth_of_the_memory_a_container_allows(monkeyp
 
     import torch
 
-    from rmserve.model import checkpoint
+    from rmserve.model import checkpoint, host
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    monkeypatch.setattr(checkpoint, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "absent"),))
-    assert checkpoint.host_memory_bytes() == ram
+    monkeypatch.setattr(host, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "absent"),))
+    assert host.host_memory_bytes() == ram
     assert checkpoint.resolve_prefix_cache_bytes(None, torch.device("cpu")) == max(1 << 30, ram // 10)
     limit = tmp_path / "memory.max"
     limit.write_text(f"{20 << 30}\n")  # a container limited to 20 GiB (on this machine, or below its RAM)
-    monkeypatch.setattr(checkpoint, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "absent"), str(limit)))
-    assert checkpoint.host_memory_bytes() == min(ram, 20 << 30)
+    monkeypatch.setattr(host, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "absent"), str(limit)))
+    assert host.host_memory_bytes() == min(ram, 20 << 30)
     limit.write_text("max\n")  # cgroup v2: no limit
-    assert checkpoint.host_memory_bytes() == ram
+    assert host.host_memory_bytes() == ram
     limit.write_text(f"{4 << 30}\n")  # a small container: never under 1 GiB
     assert checkpoint.resolve_prefix_cache_bytes(None, torch.device("cpu")) == max(1 << 30, min(ram, 4 << 30) // 10)
     assert checkpoint.resolve_prefix_cache_bytes(12345, torch.device("cpu")) == 12345  # what the config asks for

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from rmserve.model.host import host_cores
 from rmserve.serve.config.loading import load_config
 from rmserve.serve.config.resources import (
     Capacity,
     ResourceError,
     check_fits,
-    host_cores,
     resolve_resources,
     torch_threads,
 )
@@ -65,12 +65,12 @@ def test_host_cores_respect_a_containers_cpu_quota(monkeypatch, tmp_path):
     v1's quota and period) caps the cores, rounded down, at least 1 ("max" or a quota of -1: no limit)."""
     import os
 
-    from rmserve.serve.config import resources
+    from rmserve.model import host
 
     affinity = len(os.sched_getaffinity(0))
     cpu_max, quota, period = tmp_path / "cpu.max", tmp_path / "cpu.cfs_quota_us", tmp_path / "cpu.cfs_period_us"
-    monkeypatch.setattr(resources, "CGROUP_CPU_MAX", str(cpu_max))
-    monkeypatch.setattr(resources, "CGROUP_V1_CPU_QUOTA", (str(quota), str(period)))
+    monkeypatch.setattr(host, "CGROUP_CPU_MAX", str(cpu_max))
+    monkeypatch.setattr(host, "CGROUP_V1_CPU_QUOTA", (str(quota), str(period)))
     assert host_cores() == affinity  # no cgroup files: no container limit
     cpu_max.write_text("max 100000\n")
     assert host_cores() == affinity
@@ -84,7 +84,7 @@ def test_host_cores_respect_a_containers_cpu_quota(monkeypatch, tmp_path):
     assert host_cores() == affinity
     quota.write_text("150000\n")  # 1.5 CPUs
     assert host_cores() == 1
-    assert resources.cgroup_cpu_quota() == pytest.approx(1.5)
+    assert host.cgroup_cpu_quota() == pytest.approx(1.5)
 
 
 def test_auto_is_the_default_and_every_source_can_set_it():
