@@ -218,8 +218,8 @@ class ItemFormatter:
     def _messages(self, item: PairItem | ConversationItem, index: int) -> list[Message]:
         if isinstance(item, ConversationItem):
             return list(item.messages)
-        if not item.response:
-            raise item_error(InvalidRequestError, index, "response is empty", field="response")
+        # An empty response is a rollout that ended at once: scored as the assistant's empty turn (as the same
+        # conversation in the messages form is), never refused, so one empty sample cannot fail its request.
         prompt = item.prompt if isinstance(item.prompt, list) else [Message(role="user", content=item.prompt)]
         return [*prompt, Message(role="assistant", content=item.response)]
 

@@ -55,6 +55,7 @@ SCORE_REQUESTS = {
     "pair": [
         {"prompt": "Tell me about cats.", "response": "Gladly! Cats are fascinating to study."},
         {"prompt": "Tell me about cats.", "response": "Go away."},
+        {"prompt": "Tell me about cats.", "response": ""},  # a rollout that ended at once is scored, not refused
         {"prompt": CHAT_PROMPT, "response": "Sure."},
         {"prompt": LONG_TEXT, "response": "Of course. Rivers change with the seasons."},
     ],

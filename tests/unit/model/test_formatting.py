@@ -52,6 +52,21 @@ def test_pair_and_conversation_forms_agree(chat_tok):
     assert fmt.encode(PAIR) == fmt.encode(conv) == fmt.encode(listed)
 
 
+@pytest.mark.parametrize("template", ["chat", "raw"])
+def test_an_empty_response_is_scored_as_the_assistants_empty_turn(chat_tok, template):
+    """A rollout that ended at once: the pair form renders what the conversation form renders for an empty assistant
+    message (the template's assistant turn, then EOS), never an error that would fail its whole request."""
+    fmt = _fmt(chat_tok, template=template)
+    empty = fmt.encode({"prompt": PAIR["prompt"], "response": ""}, index=3)
+    conv = {"messages": [{"role": "user", "content": PAIR["prompt"]}, {"role": "assistant", "content": ""}]}
+    assert empty == fmt.encode(conv)
+    prompt_only = fmt.encode({"text": PAIR["prompt"]}).input_ids
+    assert len(empty.input_ids) > len(prompt_only) - 1  # more than the prompt: the turn's markers or separator
+    if template == "chat":
+        rendered = chat_tok.apply_chat_template(conv["messages"], tokenize=False)
+        assert "<|assistant|>" in rendered and empty.input_ids == tuple(chat_tok(rendered)["input_ids"][1:])
+
+
 def test_raw_join_uses_separator(chat_tok):
     ids = _fmt(chat_tok, template="raw", separator=" || ").encode(PAIR).input_ids
     assert ids == tuple(chat_tok(PAIR["prompt"] + " || " + PAIR["response"])["input_ids"])
@@ -101,7 +116,6 @@ def test_truncation_policy_error(chat_tok):
     ("item", "match"),
     [
         ({"prompt": "Hi"}, "match no item form"),
-        ({"prompt": "Hi", "response": ""}, "response is empty"),
         ({"prompt": "Hi", "response": 5}, "response"),
         ({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role"),
         ({"messages": [{"role": "user", "content": "x"}]}, "last message"),
