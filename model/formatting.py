@@ -120,7 +120,8 @@ class ItemFormatter:
             ids = self._tokenize_text(item.text)
         else:
             messages = self._messages(item, index)
-            ids = self._apply_eos(self._render(messages))
+            field = "messages" if isinstance(item, ConversationItem) else "prompt"
+            ids = self._apply_eos(self._render(messages, index, field))
         if not ids:
             raise item_error(InvalidRequestError, index, "item has no tokens")
         if process:  # separators already in the text (vLLM's /pooling): a reward at each
@@ -164,7 +165,7 @@ class ItemFormatter:
     def _encode_steps(self, item: StepsItem, index: int) -> TokenizedItem:
         """The prompt's ids (templated: the assistant turn's start), then each step's ids and the separator id."""
         separator = self.step_separator_id
-        ids = self._steps_prefix(item)
+        ids = self._steps_prefix(item, index)
         readouts = []
         for j, step in enumerate(item.steps):
             if not step:
@@ -184,14 +185,11 @@ class ItemFormatter:
             ids.append(separator)
         return self._truncate_steps(ids, readouts, index)
 
-    def _steps_prefix(self, item: StepsItem) -> list[int]:
+    def _steps_prefix(self, item: StepsItem, index: int) -> list[int]:
         prompt = item.prompt if isinstance(item.prompt, list) else [Message(role="user", content=item.prompt)]
         if not self.use_template:
             return self._tokenize_text(self.spec.separator.join(m.content for m in prompt))
-        messages = [*prompt, Message(role="assistant", content=STEPS_MARKER)]
-        text = self.tokenizer.apply_chat_template(
-            [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=False
-        )
+        text = self._apply_template([*prompt, Message(role="assistant", content=STEPS_MARKER)], index, "prompt")
         if STEPS_MARKER not in text:
             raise InvalidRequestError("the chat template does not render the assistant's turn; use template 'raw'")
         return self._tokenize_text(text[: text.index(STEPS_MARKER)])
@@ -223,14 +221,25 @@ class ItemFormatter:
         prompt = item.prompt if isinstance(item.prompt, list) else [Message(role="user", content=item.prompt)]
         return [*prompt, Message(role="assistant", content=item.response)]
 
-    def _render(self, messages: list[Message]) -> list[int]:
+    def _render(self, messages: list[Message], index: int, field: str) -> list[int]:
         if self.use_template:
-            text = self.tokenizer.apply_chat_template(
+            return self._tokenize_text(self._apply_template(messages, index, field))
+        return self._tokenize_text(self.spec.separator.join(m.content for m in messages))
+
+    def _apply_template(self, messages: list[Message], index: int, field: str) -> str:
+        """The chat template's text of ``messages``. A template that refuses them (``raise_exception``: Gemma's "System
+        role not supported", Mistral's and Llama 2's roles that must alternate) is the caller's to fix: a 422 naming
+        the item's ``field`` with the template's own reason, not a server error."""
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
                 [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=False
             )
-            return self._tokenize_text(text)
-        text = self.spec.separator.join(m.content for m in messages)
-        return self._tokenize_text(text)
+        except TemplateError as exc:
+            raise item_error(
+                InvalidRequestError, index, f"the model's chat template refuses these messages: {exc}", field=field
+            ) from None
 
     def _tokenize_text(self, text: str) -> list[int]:
         """Tokenize with the tokenizer's own special tokens, then collapse a duplicated leading BOS."""

@@ -67,6 +67,55 @@ def test_an_empty_response_is_scored_as_the_assistants_empty_turn(chat_tok, temp
         assert "<|assistant|>" in rendered and empty.input_ids == tuple(chat_tok(rendered)["input_ids"][1:])
 
 
+# Gemma's template refuses a system message; Mistral's and Llama 2's, roles that do not alternate.
+REFUSING_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("item", "param", "reason"),
+    [
+        (
+            {
+                "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                "response": "Yo",
+            },
+            "items[3].prompt",
+            "System role not supported",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "user", "content": "b"},
+                    {"role": "assistant", "content": "c"},
+                ]
+            },  # noqa: E501
+            "items[3].messages",
+            "roles must alternate",
+        ),
+    ],
+)
+def test_a_chat_template_that_refuses_the_messages_is_the_callers_error(chat_tok, item, param, reason):
+    """The template's ``raise_exception`` becomes a 422 naming the item's field with the template's reason (it was a
+    jinja2 error, which the server answered as a 500)."""
+    import copy
+
+    tok = copy.deepcopy(chat_tok)
+    tok.chat_template = REFUSING_TEMPLATE
+    fmt = _fmt(tok)
+    with pytest.raises(InvalidRequestError, match=reason) as info:
+        fmt.encode(item, index=3)
+    assert (info.value.param, info.value.status) == (param, 422)
+    assert info.value.message.startswith(f"{param}: the model's chat template refuses these messages")
+    assert fmt.encode({"prompt": "Hi", "response": "Yo"}).input_ids  # what it accepts still renders
+
+
 def test_raw_join_uses_separator(chat_tok):
     ids = _fmt(chat_tok, template="raw", separator=" || ").encode(PAIR).input_ids
     assert ids == tuple(chat_tok(PAIR["prompt"] + " || " + PAIR["response"])["input_ids"])
