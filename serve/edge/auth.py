@@ -1,4 +1,9 @@
-"""API-key check: ``Authorization: Bearer <key>`` (or ``X-API-Key: <key>``), compared in constant time.
+"""API-key check: ``Authorization: Bearer <key>``, ``X-API-Key: <key>`` or HTTP Basic with the key as the password
+(or as the user name, with no password), compared in constant time.
+
+Basic is for the trainers whose reward clients send no headers of their own (OpenRLHF's ``--remote_rm_url`` and
+slime's ``--rm-url`` post with aiohttp, which turns a URL's ``user:password@`` into Basic credentials): the key goes
+in the URL they are configured with, ``http://rmserve:<key>@host:8000/get_reward``.
 
 Keys are held only as SHA-256 digests, so every comparison has the same length and timing, and a
 key never appears in a log line or a repr.
@@ -11,6 +16,8 @@ Example::
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
@@ -39,7 +46,9 @@ class ApiKeyAuth:
             return
         token = _presented_key(headers)
         if token is None:
-            raise UnauthorizedError("missing API key; send 'Authorization: Bearer <key>'")
+            raise UnauthorizedError(
+                "missing API key; send 'Authorization: Bearer <key>', or put it in the URL as http://rmserve:<key>@host"
+            )
         digest = _digest(token)
         valid = False
         for expected in self._digests:  # no early exit: the time does not depend on which key matched
@@ -54,5 +63,19 @@ def _presented_key(headers: Mapping[str, str]) -> str | None:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
+        if scheme.lower() == "basic":
+            return _basic_key(value.strip())
         return None
     return headers.get("x-api-key") or None
+
+
+def _basic_key(credentials: str) -> str | None:
+    """The key in Basic ``base64(user:password)``: the password, or the user name when the password is empty (a URL
+    ``http://<key>@host``); None when the credentials are not of that form."""
+    try:
+        user, colon, password = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    if not colon:
+        return None
+    return password or user or None

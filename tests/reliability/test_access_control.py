@@ -6,6 +6,7 @@ or ``RMSERVE_API_KEY``) and never retries a 401; no key, right or wrong, ever re
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hmac
 import secrets
@@ -41,6 +42,10 @@ BAD_CREDENTIALS = {
     "key with a suffix": {"Authorization": f"Bearer {KEY_A}x"},
     "key prefix": {"Authorization": f"Bearer {KEY_A[:-1]}"},
     "wrong X-API-Key": {"X-API-Key": WRONG},
+    "Basic, wrong password": {"Authorization": "Basic " + base64.b64encode(f"rmserve:{WRONG}".encode()).decode()},
+    "Basic, the key as user and a wrong password": {
+        "Authorization": "Basic " + base64.b64encode(f"{KEY_A}:{WRONG}".encode()).decode()
+    },
 }
 
 
@@ -86,9 +91,29 @@ async def test_every_scoring_route_needs_a_valid_key(locked_app, route):
             {"Authorization": f"Bearer {KEY_A}"},
             {"Authorization": f"bearer {KEY_B}"},
             {"X-API-Key": KEY_B},
+            {"Authorization": "Basic " + base64.b64encode(f"rmserve:{KEY_A}".encode()).decode()},
         ):
             response = await client.post(route, json=SCORING[route], headers=headers)
             assert response.status_code == 200, (route, headers, response.text)
+
+
+@pytest.mark.ray
+async def test_a_trainer_that_sends_no_headers_authenticates_with_the_key_in_its_url(locked_app):
+    """OpenRLHF's and slime's reward clients post with aiohttp and no headers of their own: the key goes in the URL
+    they are configured with, which aiohttp sends as Basic credentials (the password, or the user name alone)."""
+    import aiohttp
+
+    async def post(url: str) -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as session, session.post(url, json={"query": ["Tea is nice."]}) as reply:
+            return reply.status, await reply.json()
+
+    host = locked_app.url.removeprefix("http://")
+    for userinfo in (f"rmserve:{KEY_A}", KEY_B):
+        status, body = await post(f"http://{userinfo}@{host}/get_reward")
+        assert status == 200 and len(body["rewards"]) == 1, (status, body)
+    for userinfo in (f"rmserve:{WRONG}", "rmserve", f"{KEY_A[:-1]}"):
+        status, body = await post(f"http://{userinfo}@{host}/get_reward")
+        assert status == 401 and body["error"]["type"] == "unauthorized", (userinfo, status, body)
 
 
 @pytest.mark.ray

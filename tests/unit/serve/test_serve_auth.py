@@ -16,7 +16,13 @@ def test_disabled_without_keys():
 
 @pytest.mark.parametrize(
     "headers",
-    [{"authorization": "Bearer k2"}, {"authorization": "bearer  k1 "}, {"x-api-key": "k1"}],
+    [
+        {"authorization": "Bearer k2"},
+        {"authorization": "bearer  k1 "},
+        {"x-api-key": "k1"},
+        {"authorization": "Basic cm1zZXJ2ZTprMg=="},  # rmserve:k2 (a URL http://rmserve:k2@host)
+        {"authorization": "basic azE6"},  # k1: (a URL http://k1@host)
+    ],
 )
 def test_valid_keys_pass(headers):
     ApiKeyAuth(["k1", "k2"]).check(headers)
@@ -26,7 +32,10 @@ def test_valid_keys_pass(headers):
     ("headers", "message"),
     [
         ({}, "missing API key"),
-        ({"authorization": "Basic azE="}, "missing API key"),
+        ({"authorization": "Basic azE="}, "missing API key"),  # k1, not user:password
+        ({"authorization": "Basic not base64!"}, "missing API key"),
+        ({"authorization": "Basic cm1zZXJ2ZTo="}, "invalid API key"),  # rmserve: (a user name, no key)
+        ({"authorization": "Basic azE6azM="}, "invalid API key"),  # k1:k3 (the password is the key)
         ({"authorization": "Bearer "}, "missing API key"),
         ({"authorization": "Bearer k3"}, "invalid API key"),
         ({"x-api-key": "k1x"}, "invalid API key"),
