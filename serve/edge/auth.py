@@ -1,7 +1,7 @@
 """API-key check: ``Authorization: Bearer <key>``, ``X-API-Key: <key>`` or HTTP Basic with the key as the password
 (or as the user name, with no password), compared in constant time.
 
-Basic is for the trainers whose reward clients send no headers of their own (OpenRLHF's ``--remote_rm_url`` and
+Basic is for the trainers whose reward clients send no headers of their own (OpenRLHF's ``--reward.remote_url`` and
 slime's ``--rm-url`` post with aiohttp, which turns a URL's ``user:password@`` into Basic credentials): the key goes
 in the URL they are configured with, ``http://rmserve:<key>@host:8000/get_reward``.
 
