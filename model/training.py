@@ -115,7 +115,7 @@ def _encode_records(records: list[dict], formatter: ItemFormatter) -> list[dict]
     encoded = []
     for i, rec in enumerate(records):
         seqs = [formatter.encode({"prompt": rec["prompt"], "response": r}, i).input_ids for r in rec["responses"]]
-        prompt_len = len(formatter._render([Message(role="user", content=rec["prompt"])]))
+        prompt_len = len(formatter._render([Message(role="user", content=rec["prompt"])], i, "prompt"))
         encoded.append({"seqs": seqs, "margin": rec["margin"], "prompt_len": prompt_len})
     return encoded
 

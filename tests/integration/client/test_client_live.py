@@ -75,9 +75,11 @@ def test_sync_client_matches_raw_routes(app):
         for got, want in zip(ranked, raw_rerank["results"], strict=True):
             assert got.best_index == want["best_index"]
             assert [r.index for r in got.ranking] == [r["index"] for r in want["ranking"]][:2]
+        empty = _raw(app, "/v1/score", {"items": [{"prompt": "Hi", "response": ""}]})["rewards"]
+        assert client.score(["Hi", "Hi"], ["Hello", ""])[1] == pytest.approx(empty[0], abs=TOL)  # scored, not refused
         with pytest.raises(InvalidRequestError) as info:
-            client.score(["Hi", "Hi"], ["Hello", ""])
-        assert info.value.status_code == 422 and info.value.param == "items[1].response"
+            client.score_items([{"text": "Hi"}, {"text": ""}])
+        assert info.value.status_code == 422 and info.value.param == "items[1].text"
 
 
 async def test_async_client_matches_raw_routes(app):
