@@ -34,18 +34,25 @@ def add_score_io_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def read_items(path: Path, rm) -> tuple[list, list]:
-    """Tokenize every line; collect ``(line number, message)`` for the bad ones instead of stopping."""
+def read_items(path: Path, rm, *, progress: bool = True) -> tuple[list, list]:
+    """Tokenize every line; collect ``(line number, message)`` for the bad ones instead of stopping. A bar follows
+    the file's bytes (tokenizing a large file takes minutes before the first forward)."""
+    from tqdm import tqdm
+
     tokenized, ids, problems = [], [], []
-    with open(path, encoding="utf-8") as handle:
+    bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="reading", disable=not progress)
+    with open(path, "rb") as handle, bar:
         for lineno, line in enumerate(handle, start=1):
+            bar.update(len(line))
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.decode("utf-8"))
                 item_id = obj.pop("id", None) if isinstance(obj, dict) else None
                 tokenized.append(rm.tokenize(obj, len(tokenized)))
                 ids.append(item_id)
+            except UnicodeDecodeError:
+                problems.append(f"line {lineno}: not valid UTF-8")
             except json.JSONDecodeError as exc:
                 problems.append(f"line {lineno}: not valid JSON ({exc.msg})")
             except RMServeError as exc:
@@ -62,7 +69,7 @@ def score_file(args: argparse.Namespace, load_model: Callable[[], Any]) -> int:
     if not in_path.is_file():
         raise CommandError(f"--input {in_path} does not exist")
     rm = load_model()
-    rows, problems = read_items(in_path, rm)
+    rows, problems = read_items(in_path, rm, progress=not args.no_progress)
     if problems:
         for p in problems[:20]:
             print(f"{in_path}: {p}", file=sys.stderr)

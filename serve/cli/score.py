@@ -75,7 +75,7 @@ def score_file_with_models(args: argparse.Namespace, config: ServerConfig) -> in
     ids: list = []
     for index, served in enumerate(config.served_models()):
         rm = load_reward_model(config.model_spec(index))
-        rows, problems = read_items(in_path, rm)
+        rows, problems = read_items(in_path, rm, progress=not args.no_progress)
         if problems:
             for p in problems[:20]:
                 print(f"{in_path}: {p}", file=sys.stderr)

@@ -46,17 +46,21 @@ def test_score_file_matches_python_api(tmp_path, demo_model_dir, demo_model):
 
 def test_score_reports_bad_lines_with_numbers_and_exit_2(tmp_path, demo_model_dir):
     src = tmp_path / "bad.jsonl"
-    src.write_text(
-        '{"prompt": "Hi", "response": "Hello"}\n'
-        "{not json\n"
-        '{"prompt": "Hi"}\n'
-        '{"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
+    src.write_bytes(
+        b'{"prompt": "Hi", "response": "Hello"}\n'
+        b"{not json\n"
+        b'{"prompt": "Hi"}\n'
+        b'{"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
+        b'{"prompt": "Hi", "response": "caf\xe9"}\n'  # Latin-1, not UTF-8: that line, not the whole file
+        b'{"prompt": "Hi", "response": ""}\n'  # an empty response is scored
     )
     out = tmp_path / "out.jsonl"
     proc = rmserve("score", "--model", str(demo_model_dir), "--input", str(src), "--output", str(out))
     assert proc.returncode == 2
-    for n in (2, 3, 4):
+    for n in (2, 3, 4, 5):
         assert f"line {n}:" in proc.stderr
+    assert "line 5: not valid UTF-8" in proc.stderr and "line 6:" not in proc.stderr
+    assert "reading: 100%" in proc.stderr  # the bar of the tokenizing pass
     assert "line 1:" not in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
 
