@@ -47,7 +47,7 @@ def read_items(path: Path, rm, *, progress: bool = True) -> tuple[list, list]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line.decode("utf-8"))
+                obj = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))  # a BOM may open the file
                 item_id = obj.pop("id", None) if isinstance(obj, dict) else None
                 tokenized.append(rm.tokenize(obj, len(tokenized)))
                 ids.append(item_id)

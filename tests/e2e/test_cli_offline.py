@@ -47,7 +47,7 @@ def test_score_file_matches_python_api(tmp_path, demo_model_dir, demo_model):
 def test_score_reports_bad_lines_with_numbers_and_exit_2(tmp_path, demo_model_dir):
     src = tmp_path / "bad.jsonl"
     src.write_bytes(
-        b'{"prompt": "Hi", "response": "Hello"}\n'
+        b'\xef\xbb\xbf{"prompt": "Hi", "response": "Hello"}\n'  # a file saved with a UTF-8 BOM: line 1 is fine
         b"{not json\n"
         b'{"prompt": "Hi"}\n'
         b'{"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
