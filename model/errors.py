@@ -181,6 +181,12 @@ _ITEM_TAGS = frozenset({"pair", "conversation", "text", "tokens"})
 _TYPE_LABELS = frozenset({"str", "int", "bool", "float"})
 
 
+def meant_error(errors: list[dict]) -> dict:
+    """Of the errors pydantic reports for a value (one per alternative of a union: a prompt that is text or messages),
+    the one the sender meant: the deepest location (a list of messages is judged as messages, not as a string)."""
+    return max(errors, key=lambda e: len(e["loc"]))
+
+
 def field_path(loc: tuple) -> str:
     """A pydantic error location in the caller's terms, the one place positions are named:
     ``('items', 0, 'pair', 'response')`` → ``items[0].response``."""

@@ -137,7 +137,7 @@ class ItemFormatter:
                 param="model",
             )
         if isinstance(item, JudgedPairItem):
-            return self._truncate(self._tokenize_text(self._fill_pair_template(item)), index)
+            return self._truncate(self._tokenize_text(self._fill_pair_template(item, index)), index)
         self._check_token_ids(list(item.label_token_ids), index, field="label_token_ids")
         if isinstance(item.input, str):
             ids = self._tokenize_text(item.input)
@@ -149,15 +149,13 @@ class ItemFormatter:
         labelled = LabelIds(tokenized.input_ids, item.label_token_ids, whole_vocabulary=not item.apply_softmax)
         return TokenizedItem(labelled, tokenized.truncated)
 
-    def _fill_pair_template(self, item: JudgedPairItem) -> str:
+    def _fill_pair_template(self, item: JudgedPairItem, index: int) -> str:
         template = self.spec.verdict_pair_template
         if template is None:
             raise WrongModelKindError(
                 "this judge is pointwise: set verdict_pair_template to judge pairs", param="model"
             )
-        prompt = (
-            item.prompt if isinstance(item.prompt, str) else self.spec.separator.join(m.content for m in item.prompt)
-        )
+        prompt = item.prompt if isinstance(item.prompt, str) else self._joined(item.prompt, index, "prompt")
         values = {"prompt": prompt, "response_a": item.response_a, "response_b": item.response_b}
         return PAIR_PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
 
@@ -188,7 +186,7 @@ class ItemFormatter:
     def _steps_prefix(self, item: StepsItem, index: int) -> list[int]:
         prompt = item.prompt if isinstance(item.prompt, list) else [Message(role="user", content=item.prompt)]
         if not self.use_template:
-            return self._tokenize_text(self.spec.separator.join(m.content for m in prompt))
+            return self._tokenize_text(self._joined(prompt, index, "prompt"))
         text = self._apply_template([*prompt, Message(role="assistant", content=STEPS_MARKER)], index, "prompt")
         if STEPS_MARKER not in text:
             raise InvalidRequestError("the chat template does not render the assistant's turn; use template 'raw'")
@@ -224,18 +222,49 @@ class ItemFormatter:
     def _render(self, messages: list[Message], index: int, field: str) -> list[int]:
         if self.use_template:
             return self._tokenize_text(self._apply_template(messages, index, field))
-        return self._tokenize_text(self.spec.separator.join(m.content for m in messages))
+        return self._tokenize_text(self._joined(messages, index, field))
+
+    def _joined(self, messages: list[Message], index: int, field: str) -> str:
+        """The messages' contents joined by ``separator`` (no chat template). Tool calls have no text without a
+        template: refused, never dropped from what the reward model reads."""
+        if any(m.tool_calls for m in messages):
+            raise item_error(
+                InvalidRequestError,
+                index,
+                "tool_calls need the model's chat template (without one only the messages' contents are joined); "
+                "send the conversation as formatted text",
+                field=field,
+            )
+        return self.spec.separator.join(m.content or "" for m in messages)
 
     def _apply_template(self, messages: list[Message], index: int, field: str) -> str:
-        """The chat template's text of ``messages``. A template that refuses them (``raise_exception``: Gemma's "System
-        role not supported", Mistral's and Llama 2's roles that must alternate) is the caller's to fix: a 422 naming
-        the item's ``field`` with the template's own reason, not a server error."""
+        """The chat template's text of ``messages`` (the fields each message has; none set to null). A template that
+        refuses them (``raise_exception``: Gemma's "System role not supported", Mistral's and Llama 2's roles that
+        must alternate) is the caller's to fix: a 422 naming the item's ``field`` with the template's own reason, not
+        a server error. So is a template that leaves an assistant's ``tool_calls`` out of its text: the reward would
+        not see them."""
+        text = self._template_text([m.model_dump(exclude_none=True) for m in messages], index, field)
+        if any(m.tool_calls for m in messages):
+            bare = [m.model_dump(exclude_none=True, exclude={"tool_calls"}) for m in messages]
+            try:
+                unchanged = self._template_text(bare, index, field) == text
+            except InvalidRequestError:  # the template needs them: it renders them
+                unchanged = False
+            if unchanged:
+                raise item_error(
+                    InvalidRequestError,
+                    index,
+                    "the model's chat template does not render tool_calls, so the reward would not see them; send the "
+                    "conversation as formatted text",
+                    field=field,
+                )
+        return text
+
+    def _template_text(self, messages: list[dict], index: int, field: str) -> str:
         from jinja2.exceptions import TemplateError
 
         try:
-            return self.tokenizer.apply_chat_template(
-                [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=False
-            )
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
         except TemplateError as exc:
             raise item_error(
                 InvalidRequestError, index, f"the model's chat template refuses these messages: {exc}", field=field

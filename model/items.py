@@ -22,10 +22,11 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
-from .errors import InvalidRequestError, field_path, item_error
+from .errors import InvalidRequestError, field_path, item_error, meant_error
 
 KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
@@ -35,8 +36,15 @@ class _Strict(BaseModel):
 
 
 class Message(_Strict):
+    """A chat message as OpenAI's API writes one: its content a string or a list of text parts (joined by newlines,
+    as vLLM renders them for a text-only model); an assistant's ``tool_calls`` (its content may then be null) and a
+    tool result's ``tool_call_id`` and ``name`` go to the chat template as they are."""
+
     role: StrictStr
-    content: StrictStr
+    tool_calls: list[dict[str, Any]] | None = None  # before content: its check reads them
+    content: StrictStr | None = Field(None, validate_default=True)
+    tool_call_id: StrictStr | None = None
+    name: StrictStr | None = None
 
     @field_validator("role")
     @classmethod
@@ -44,6 +52,31 @@ class Message(_Strict):
         if role not in KNOWN_ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {sorted(KNOWN_ROLES)}")
         return role
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _an_assistants_calls(cls, calls: list | None, info: ValidationInfo) -> list | None:
+        if calls is not None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError(f"only an assistant message carries tool_calls, not a {info.data['role']!r} message")
+        return calls
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, content: Any, info: ValidationInfo) -> Any:
+        if content is None and not info.data.get("tool_calls"):
+            raise ValueError("content is required (null only beside an assistant's tool_calls)")
+        if not isinstance(content, list):
+            return content
+        texts = []
+        for k, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+                raise ValueError(
+                    f"part {k} is not a text part ({kind!r}); a reward model reads text: "
+                    '{"type": "text", "text": "..."}'
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
 
 
 def _has_messages(prompt: str | list[Message]) -> str | list[Message]:
@@ -142,6 +175,8 @@ def payload_size(obj: Any) -> int:
     measure of how long tokenizing it will take."""
     if isinstance(obj, str):
         return len(obj)
+    if obj is None:  # a message's unset field
+        return 0
     if isinstance(obj, BaseModel):
         obj = obj.__dict__
     if isinstance(obj, dict):
@@ -170,7 +205,7 @@ def parse_item(obj: Any, index: int = 0) -> Item | StepsItem | LabelsItem | Judg
         try:
             item = cls.model_validate(obj)
         except ValidationError as exc:
-            first = exc.errors()[0]
+            first = meant_error(exc.errors())
             where = field_path(first["loc"])
             message = first["msg"].removeprefix("Value error, ")
             raise item_error(InvalidRequestError, index, f"{where}: {message}", field=where) from None

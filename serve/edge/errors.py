@@ -36,6 +36,7 @@ from rmserve.model.errors import (
     SleepingError,
     UnauthorizedError,
     field_path,
+    meant_error,
 )
 
 log = logging.getLogger("rmserve.serve")
@@ -69,9 +70,7 @@ def internal_error(exc: BaseException, context: str = "handling a request") -> I
 
 def validation_error(exc: ValidationError) -> InvalidRequestError:
     """A 422 ``invalid_request`` naming the offending field as the caller wrote it, e.g. ``items[2].response``."""
-    errors = exc.errors()
-    # Of the alternatives a union reports, the deepest location is the one the sender meant.
-    first = max(errors, key=lambda e: len(e["loc"]))
+    first = meant_error(exc.errors())
     if first["type"] == "model_type" and not first["loc"]:
         message = "the request body must be a JSON object"
     else:

@@ -93,6 +93,13 @@ CASES = [
     ("/v1/score", {"items": [{"messages": [{"role": "user", "content": "q"}]}]}, 422, "invalid_request",
      "items[0].messages"),
     ("/v1/score", {"items": [{"text": "x"}], "normalize": True}, 422, "invalid_request", "normalize"),
+    # the demo's chat template renders contents only: an assistant's tool calls would vanish from the scored text
+    ("/v1/score", {"items": [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+                                           "tool_calls": [{"type": "function", "function": {"name": "f"}}]}]}]},
+     422, "invalid_request", "items[0].messages"),
+    ("/v1/score", {"items": [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+                                           {"role": "assistant", "content": "a"}]}]}, 422, "invalid_request",
+     "items[0].messages[0].content"),
     ("/v1/preference", {"pairs": []}, 422, "invalid_request", "pairs"),
     ("/v1/preference", b"[", 422, "invalid_request", None),
     ("/v1/preference", {"pairs": [{"prompt": "q", "response_a": "a", "response_b": 1}]}, 422, "invalid_request",

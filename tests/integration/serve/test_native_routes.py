@@ -59,7 +59,18 @@ SCORE_REQUESTS = {
         {"prompt": CHAT_PROMPT, "response": "Sure."},
         {"prompt": LONG_TEXT, "response": "Of course. Rivers change with the seasons."},
     ],
-    "conversation": [{"messages": OWL_CHAT}],
+    "conversation": [
+        {"messages": OWL_CHAT},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Why are owls"}, {"type": "text", "text": "interesting?"}],
+                },
+                OWL_CHAT[1],
+            ]
+        },  # OpenAI's text parts: joined by a newline
+    ],
     "text": [{"text": "Tell me about bread. Of course. Bread has a long history."}, {"text": LONG_TEXT}],
     "tokens": [{"input_ids": [1, 50, 60, 70, 2]}, {"input_ids": list(range(3, 200))}],
 }

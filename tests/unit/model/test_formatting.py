@@ -116,6 +116,76 @@ def test_a_chat_template_that_refuses_the_messages_is_the_callers_error(chat_tok
     assert fmt.encode({"prompt": "Hi", "response": "Yo"}).input_ids  # what it accepts still renders
 
 
+OWL_TURNS = [
+    {"role": "user", "content": "Tell me about owls."},
+    {"role": "assistant", "content": "Owls hunt at night."},
+]
+# A template that renders an assistant's tool calls and a tool result's id (as Qwen's and Llama 3.1's do).
+TOOL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{% if m.content %}{{ m.content }}{% endif %}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<call>{{ c.function.name }} {{ c.function.arguments }}</call>"
+    "{% endfor %}{% endif %}{% if m.tool_call_id %}[{{ m.tool_call_id }}]{% endif %}{{ eos_token }}{% endfor %}"
+)
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "How many owls?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "count", "arguments": '{"bird": "owl"}'}}],
+    },
+    {"role": "tool", "content": "7", "tool_call_id": "c1", "name": "count"},
+    {"role": "assistant", "content": "There are 7 owls."},
+]
+
+
+def test_content_as_text_parts_is_the_joined_text(chat_tok):
+    """OpenAI's content parts: text parts joined by newlines (as vLLM renders them for a text-only model)."""
+    fmt = _fmt(chat_tok)
+    parts = [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "about owls."}]
+    as_parts = fmt.encode({"messages": [{"role": "user", "content": parts}, OWL_TURNS[1]]})
+    as_text = fmt.encode({"messages": [{"role": "user", "content": "Tell me\nabout owls."}, OWL_TURNS[1]]})
+    assert as_parts == as_text
+    image = [{"type": "image_url", "image_url": {"url": "http://x/owl.png"}}]
+    with pytest.raises(InvalidRequestError, match="not a text part") as info:
+        fmt.encode({"prompt": [{"role": "user", "content": image}], "response": "An owl."}, index=2)
+    assert info.value.param == "items[2].prompt[0].content"
+
+
+def test_tool_calls_reach_a_template_that_renders_them(chat_tok):
+    import copy
+
+    tok = copy.deepcopy(chat_tok)
+    tok.chat_template = TOOL_TEMPLATE
+    ids = _fmt(tok).encode({"messages": TOOL_CONVERSATION}).input_ids
+    rendered = tok.apply_chat_template(
+        [{k: v for k, v in m.items() if v is not None} for m in TOOL_CONVERSATION], tokenize=False
+    )
+    assert '<call>count {"bird": "owl"}</call>' in rendered and "[c1]" in rendered
+    assert ids == tuple(tok(rendered)["input_ids"][1:])  # the template's BOS once
+
+
+@pytest.mark.parametrize("template", ["chat", "raw"])
+def test_tool_calls_a_template_would_drop_are_refused(chat_tok, template):
+    """The demo's template renders content only and ``raw`` joins contents: the calls would vanish from what the
+    reward model reads, so the item is refused (naming its messages), not scored without them."""
+    with pytest.raises(InvalidRequestError, match="tool_calls") as info:
+        _fmt(chat_tok, template=template).encode({"messages": TOOL_CONVERSATION}, index=4)
+    assert (info.value.param, info.value.status) == ("items[4].messages", 422)
+
+
+@pytest.mark.parametrize(
+    ("message", "match"),
+    [
+        ({"role": "user"}, "content is required"),
+        ({"role": "user", "content": "x", "tool_calls": [{"type": "function"}]}, "only an assistant message"),
+        ({"role": "user", "content": "x", "reasoning": "y"}, "Extra inputs"),
+    ],
+)
+def test_malformed_messages_are_refused(chat_tok, message, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        _fmt(chat_tok).encode({"messages": [message, OWL_TURNS[1]]})
+
+
 def test_raw_join_uses_separator(chat_tok):
     ids = _fmt(chat_tok, template="raw", separator=" || ").encode(PAIR).input_ids
     assert ids == tuple(chat_tok(PAIR["prompt"] + " || " + PAIR["response"])["input_ids"])

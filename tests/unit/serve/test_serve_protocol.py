@@ -41,7 +41,11 @@ def test_each_item_form_is_recognised_by_its_keys():
         ({"items": [{"foo": 1}]}, "items[0]: an item is exactly one of", "items[0]"),
         ({"items": ["just a string"]}, "items[0]: an item is exactly one of", "items[0]"),
         ({"items": [{"prompt": 5, "response": "r"}]}, "items[0].prompt: Input should be a valid string", None),
-        ({"items": [{"prompt": [{"role": "user"}], "response": "r"}]}, "items[0].prompt[0].content: Field", None),
+        (
+            {"items": [{"prompt": [{"role": "user"}], "response": "r"}]},
+            "items[0].prompt[0].content: content is required",
+            None,
+        ),
         ({"items": [{"input_ids": [1, 2.5]}]}, "items[0].input_ids[1]: Input should be a valid integer", None),
         ({"items": [{"input_ids": []}]}, "items[0].input_ids: List should have at least 1 item", None),
         ({"items": [{"text": "a"}], "extra": 1}, "extra: Extra inputs are not permitted", "extra"),
