@@ -2,7 +2,8 @@
 routes"): vLLM's routes and SGLang's names for them.
 
 * ``POST /sleep?level=1`` (default) — weights to host memory, caches dropped; ``?level=2`` — weights dropped, reloaded
-  from the checkpoint on wake. SGLang's ``POST /release_memory_occupation`` is the same route (its body is ignored).
+  from the checkpoint on wake; a JSON body ``{"level": 2}`` says the same. SGLang's ``POST
+  /release_memory_occupation`` is the same route (its ``{"tags": ...}`` body changes nothing).
 * ``POST /wake_up`` (SGLang: ``POST /resume_memory_occupation``) — weights back, scoring resumes.
 * ``GET /is_sleeping`` — ``{"is_sleeping": bool}``: true only when every replica of every served model sleeps.
 
@@ -21,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -33,6 +35,7 @@ from rmserve.model.residency import check_level
 from rmserve.serve.routing.model_routing import ModelLane
 
 Respond = Callable[..., Awaitable[Response]]  # routes.create_http_app's respond(request, action, *, protected, drains)
+MAX_SLEEP_BODY = 1 << 16  # a larger body is not read for a level
 LEVEL_PARAMETER = {
     "name": "level",
     "in": "query",
@@ -68,15 +71,24 @@ class SleepService:
         return IsSleepingResponse(is_sleeping=all(states))
 
 
-def level_of(query: Any) -> int:
-    """The ``level`` query parameter (1 when absent), or a 422 naming it."""
-    text = query.get("level")
-    if text is None:
-        return 1
+def level_of(query: Any, body: bytes = b"") -> int:
+    """The ``level`` query parameter, or a JSON body's ``level`` (``{"level": 2}``, as a client that posts JSON sends
+    it); 1 when neither gives one; a 422 naming it when it is not 1 or 2 or the two disagree. Any other body (SGLang's
+    ``{"tags": ...}``, none) leaves the level alone."""
+    given = [text] if (text := query.get("level")) is not None else []
     try:
-        return check_level(int(text))
-    except ValueError:
-        raise InvalidRequestError(f"level must be 1 or 2, got {text!r}", param="level") from None
+        parsed = json.loads(body) if body.strip() else None
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if isinstance(parsed, dict) and "level" in parsed:
+        given.append(parsed["level"])
+    try:
+        levels = {check_level(int(value)) for value in given if not isinstance(value, bool | float)}
+    except (TypeError, ValueError):
+        levels = set()
+    if len(levels) != 1 and given:
+        raise InvalidRequestError(f"level must be 1 or 2 (query or JSON body), got {given}", param="level")
+    return levels.pop() if levels else 1
 
 
 def add_sleep_routes(app: FastAPI, sleep: SleepService, respond: Respond, *, protected: bool) -> None:
@@ -84,7 +96,11 @@ def add_sleep_routes(app: FastAPI, sleep: SleepService, respond: Respond, *, pro
     shared plumbing (API key, deadline, error mapping), ``protected`` whether operational routes need the key."""
 
     async def sleep_route(request: Request) -> Response:
-        return await respond(request, lambda: sleep.sleep(level_of(request.query_params)), protected=protected)
+        async def action() -> IsSleepingResponse:
+            body = await request.body() if int(request.headers.get("content-length") or 0) <= MAX_SLEEP_BODY else b""
+            return await sleep.sleep(level_of(request.query_params, body))
+
+        return await respond(request, action, protected=protected)
 
     async def wake_route(request: Request) -> Response:
         return await respond(request, sleep.wake_up, protected=protected)

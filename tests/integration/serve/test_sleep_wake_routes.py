@@ -113,7 +113,10 @@ async def test_sleep_refuse_wake_and_the_same_rewards(app: LiveApp, client, leve
     metrics_before = await scrape(client)
     assert (await client.get("/is_sleeping")).json() == {"is_sleeping": False}
 
-    response = await client.post("/sleep", params={"level": level})
+    # level 1 as vLLM's query parameter, level 2 as a JSON body (what a client that posts JSON sends)
+    response = await (
+        client.post("/sleep", params={"level": 1}) if level == 1 else client.post("/sleep", json={"level": 2})
+    )
     assert response.status_code == 200 and response.json() == {"is_sleeping": True}
     assert (await client.get("/is_sleeping")).json() == {"is_sleeping": True}
     assert (await client.get("/ready")).status_code == 200  # up, and reachable for /wake_up
@@ -163,9 +166,11 @@ async def test_sglang_aliases_and_the_sdk(app: LiveApp, client):
 
 
 async def test_an_invalid_level_is_refused(client):
-    for level in ("0", "3", "two"):
-        response = await client.post("/sleep", params={"level": level})
-        assert response.status_code == 422
+    refused = [{"params": {"level": level}} for level in ("0", "3", "two")]
+    refused += [{"json": {"level": 3}}, {"json": {"level": True}}, {"params": {"level": 1}, "json": {"level": 2}}]
+    for request in refused:
+        response = await client.post("/sleep", **request)
+        assert response.status_code == 422, request
         assert response.json()["error"]["param"] == "level" and response.json()["error"]["type"] == "invalid_request"
     assert (await client.get("/is_sleeping")).json() == {"is_sleeping": False}
 
