@@ -52,12 +52,17 @@ from .stats import EngineStats, StatsMeter
 
 # The per-forward overhead, in tokens, until ``calibrate`` measures it on the machine at hand.
 DEFAULT_OVERHEAD_TOKENS = 64
-# The share of the prefix cache's byte budget that the last forwards' keys and values may take while held.
-HELD_SHARE = 0.25
+# The share of the prefix cache's byte budget that the last forwards' keys and values may take while held: a GRPO
+# step's first samples are held whole (prompt and response) until their groups' second samples show where the prompt
+# ends, and the prompts then stored take about as much again.
+HELD_SHARE = 0.5
 # After this many items in a row that shared nothing (PPO traffic), forwards are no longer held for later batches:
 # keeping every layer's keys and values through a forward costs a CPU ~5 % (bench-20M bf16, 37-item PPO batches:
 # 68.5 vs 72.0 items/s). ``SeenPrefixes`` still records every item, so a group's next sample shows sharing again.
+# A GRPO step whose groups are many sends that many first samples before any second one: when sharing shows after
+# a longer run, the limit becomes twice that run (the next step's first samples are held), up to MAX_IDLE_ITEMS.
 IDLE_ITEMS = 64
+MAX_IDLE_ITEMS = 8192
 
 __all__ = ["BatchPlan", "EngineStats", "ScoringEngine", "last_token_index", "padded_tokens", "plan_microbatches"]
 
@@ -102,6 +107,7 @@ class ScoringEngine:
         self.reward_cache = RewardCache(reward_cache_items)
         self.seen = SeenPrefixes()  # which prefixes earlier items had: what an item's states are kept for
         self._unshared = 0  # items computed in a row that shared nothing (``_holds``)
+        self.idle_items = IDLE_ITEMS  # how many of those stop the holding; learnt from the traffic (``_holds``)
         # Per-forward cost in tokens' worth of compute: the planner trades padding against forwards with it,
         # and a shared prefix must save at least this much to get a level of its own.
         self.overhead_tokens = overhead_tokens
@@ -168,6 +174,7 @@ class ScoringEngine:
             self.reward_cache = RewardCache(reward_cache_items)
             self.seen.clear()
             self._unshared = 0
+            self.idle_items = IDLE_ITEMS
             self._generation += 1
 
     def drop_caches(self) -> None:
@@ -316,16 +323,18 @@ class ScoringEngine:
 
     def _holds(self, plan: BatchPlan) -> bool:
         """Whether this batch's forwards are held for later batches: states are kept, and the batch shares something
-        (a prefix row, a row on cached states, an item sharing with an earlier one) or fewer than ``IDLE_ITEMS`` items
+        (a prefix row, a row on cached states, an item sharing with an earlier one) or fewer than ``idle_items`` items
         in a row have shared nothing (then what is held is let go). Call once per batch run."""
         if not self._keeps_states():
             return False
         rows = (r for level in plan.microbatches for chunk in level for r in chunk)
         if any(r.item is None or r.start > 0 or r.store for r in rows):
+            if self.idle_items <= self._unshared <= MAX_IDLE_ITEMS // 2:  # a wave of first samples outran the limit
+                self.idle_items = 2 * self._unshared
             self._unshared = 0
         else:
             self._unshared += len(plan.computed)
-        if self._unshared < IDLE_ITEMS:
+        if self._unshared < self.idle_items:
             return True
         self.recent.clear()  # what is still held from before is not read either: its memory goes back
         return False

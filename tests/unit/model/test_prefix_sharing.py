@@ -444,6 +444,45 @@ def test_traffic_that_shares_nothing_stops_holding_forwards_until_an_item_shares
     assert computed == len(group[0]) + len(group[1]) + len(group[2]) - len(prompt)
 
 
+def test_a_grpo_step_with_more_groups_than_idle_items_holds_its_first_samples_the_next_step(demo_model):
+    """A GRPO step whose first samples (one per group, ``IDLE_ITEMS`` + 36 groups) all come before the second ones
+    outruns the limit: the groups past it compute their prompt twice. The limit then becomes twice that run, so the
+    next such step computes each prompt once (held with its first sample, stored when the second shows the
+    boundary); rewards as unshared."""
+    engine = demo_model.engine
+    rng = random.Random(29)
+    groups = IDLE_ITEMS + 36
+
+    def step() -> tuple[int, list, list]:
+        prompts = [[rng.randrange(3, 300) for _ in range(rng.randint(30, 40))] for _ in range(groups)]
+        pairs = [[p + [rng.randrange(3, 300) for _ in range(rng.randint(4, 9))] for _ in range(2)] for p in prompts]
+        order = [pair[k] for k in range(2) for pair in pairs]  # every first sample, then every second one
+        before, got = engine.stats.real_tokens, []
+        for k in range(0, len(order), 4):
+            got += engine.score_batch(order[k : k + 4])
+        return engine.stats.real_tokens - before, order, got
+
+    try:
+        sharing(engine, cache_bytes=1 << 26)
+        first_computed, first_order, _ = step()
+        learnt = engine.idle_items
+        computed, order, got = step()
+    finally:
+        engine.configure_sharing(prefix_sharing=True, prefix_cache_bytes=1 << 30, reward_cache_items=65536)
+    whole = sum(len(seq) for seq in order[:groups])  # the first samples, computed whole
+    suffixes = sum(len(b) - _common(a, b) for a, b in zip(order[:groups], order[groups:], strict=True))
+    assert learnt >= 2 * groups > IDLE_ITEMS
+    assert computed == whole + suffixes < first_computed, (computed, whole + suffixes, first_computed)
+    assert got == pytest.approx(unshared_rewards(engine, order), abs=FP32_TOL)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def test_items_that_share_only_a_template_start_are_computed_whole_and_not_held(demo_model):
     """Every item of PPO traffic starts with the chat template's first tokens: a stretch that short (under
     ``MIN_REUSED_TOKENS``) gets no level and no row reads it from the cache (the causal kernel, nothing copied), so
