@@ -11,10 +11,15 @@ without prefix sharing), ``batch`` (the same batch with sharing), ``stream-off``
 batches of ``--stream-batch`` in interleaved order, one sample per request as OpenRLHF and verl send them; with
 sharing, the prefix cache carries prompts across batches). Reported: seconds, tokens received, tokens computed,
 their ratio, the speed-up of each sharing mode over its ``off`` twin, and the largest reward difference from
-``off`` next to the rewards' standard deviation.
+``off`` next to the rewards' standard deviation. With ``--steps N`` the stream modes run N training steps back to
+back, each with groups of its own, and report the last one (what the engine learnt from the earlier steps counts:
+a step with more groups than ``IDLE_ITEMS`` holds its first samples from the second step on); ``off`` and ``batch``
+take that last step's items.
 
     python -m rmserve.benchmarks.prefix --config bench-20M --dtype fp32 --groups 4            # CPU
     python -m rmserve.benchmarks.prefix --config 8B-shape --dtype bf16 --groups 16 --max-batch-tokens 65536
+    python -m rmserve.benchmarks.prefix --config bench-20M --dtype bf16 --groups 96 --workloads grpo --steps 3 \
+        --cache-gb 2.4 --repeats 1                                                                  # many groups
 """
 
 from __future__ import annotations
@@ -53,11 +58,18 @@ def group_sequences(workload: str, groups: int, vocab: int, seed: int = 0) -> li
 MODES = ("off", "batch", "stream-off", "stream")
 
 
-def run(engine, seqs: list[list[int]], mode: str, *, stream_batch: int, cache_bytes: int, device: str) -> dict:
+def run(engine, steps: list[list[list[int]]], mode: str, *, stream_batch: int, cache_bytes: int, device: str) -> dict:
+    """One mode over ``steps`` (each a step's items); what is measured is the last step, after the others ran in
+    the stream modes."""
     sharing = not mode.endswith("off")
     engine.configure_sharing(
         prefix_sharing=sharing, prefix_cache_bytes=cache_bytes if mode == "stream" else 0, reward_cache_items=0
     )
+    if mode.startswith("stream"):
+        for earlier in steps[:-1]:
+            for k in range(0, len(earlier), stream_batch):
+                engine.score_batch(earlier[k : k + stream_batch])
+    seqs = steps[-1]
     before = engine.stats.real_tokens
     synchronize(device)
     started = time.perf_counter()
@@ -83,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--cache-gb", type=float, default=8.0, help="prefix cache budget in the 'stream' mode")
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode; the fastest counts (noise only slows)")
+    parser.add_argument("--steps", type=int, default=1, help="training steps of fresh groups; the last is measured")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -96,11 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"config": args.config, "dtype": args.dtype, "device": _device_name(args.device),
                "overhead_tokens": overhead, "runs": []}  # fmt: skip
     for workload in args.workloads.split(","):
-        seqs = group_sequences(workload, args.groups, vocab)
+        steps = [group_sequences(workload, args.groups, vocab, seed=step) for step in range(max(1, args.steps))]
+        seqs = steps[-1]
         received = sum(len(s) for s in seqs)
         measured: dict[str, dict] = {}
         for mode in MODES:
-            runs = [run(engine, seqs, mode, stream_batch=args.stream_batch, cache_bytes=int(args.cache_gb * 2**30),
+            runs = [run(engine, steps, mode, stream_batch=args.stream_batch, cache_bytes=int(args.cache_gb * 2**30),
                         device=args.device) for _ in range(max(1, args.repeats))]  # fmt: skip
             r = measured[mode] = min(runs, key=lambda x: x["seconds"])
             twin = measured["stream-off" if mode.startswith("stream") else "off"]
