@@ -35,7 +35,7 @@ from rmserve.model.residency import check_level
 from rmserve.serve.routing.model_routing import ModelLane
 
 Respond = Callable[..., Awaitable[Response]]  # routes.create_http_app's respond(request, action, *, protected, drains)
-MAX_SLEEP_BODY = 1 << 16  # a larger body is not read for a level
+MAX_SLEEP_BODY = 1 << 16  # a larger body (or one without a Content-Length) is not read for a level
 LEVEL_PARAMETER = {
     "name": "level",
     "in": "query",
@@ -97,7 +97,8 @@ def add_sleep_routes(app: FastAPI, sleep: SleepService, respond: Respond, *, pro
 
     async def sleep_route(request: Request) -> Response:
         async def action() -> IsSleepingResponse:
-            body = await request.body() if int(request.headers.get("content-length") or 0) <= MAX_SLEEP_BODY else b""
+            declared = request.headers.get("content-length", "")  # a body of unknown length is not read
+            body = await request.body() if declared.isdigit() and 0 < int(declared) <= MAX_SLEEP_BODY else b""
             return await sleep.sleep(level_of(request.query_params, body))
 
         return await respond(request, action, protected=protected)
