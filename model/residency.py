@@ -89,8 +89,8 @@ class WeightResidency:
 
 
 def check_level(level: object) -> int:
-    """``level`` when it is a sleep level (1 or 2), else a 422 naming the ``level`` parameter."""
-    if isinstance(level, bool) or level not in LEVELS:
+    """``level`` when it is a sleep level (the int 1 or 2), else a 422 naming the ``level`` parameter."""
+    if type(level) is not int or level not in LEVELS:  # not True, not 2.0
         raise InvalidRequestError(
             f"level must be 1 (weights to host memory) or 2 (weights dropped), got {level!r}", param="level"
         )

@@ -73,21 +73,20 @@ class SleepService:
 
 def level_of(query: Any, body: bytes = b"") -> int:
     """The ``level`` query parameter, or a JSON body's ``level`` (``{"level": 2}``, as a client that posts JSON sends
-    it); 1 when neither gives one; a 422 naming it when it is not 1 or 2 or the two disagree. Any other body (SGLang's
-    ``{"tags": ...}``, none) leaves the level alone."""
-    given = [text] if (text := query.get("level")) is not None else []
+    it); 1 when neither gives one; a 422 naming it when one is not 1 or 2 (``check_level``) or the two disagree. Any
+    other body (SGLang's ``{"tags": ...}``, none) leaves the level alone."""
+    given = []
+    if (text := query.get("level")) is not None:
+        given.append(int(text) if text.isdigit() else text)
     try:
         parsed = json.loads(body) if body.strip() else None
     except (ValueError, UnicodeDecodeError):
         parsed = None
     if isinstance(parsed, dict) and "level" in parsed:
         given.append(parsed["level"])
-    try:
-        levels = {check_level(int(value)) for value in given if not isinstance(value, bool | float)}
-    except (TypeError, ValueError):
-        levels = set()
-    if len(levels) != 1 and given:
-        raise InvalidRequestError(f"level must be 1 or 2 (query or JSON body), got {given}", param="level")
+    levels = {check_level(value) for value in given}
+    if len(levels) > 1:
+        raise InvalidRequestError(f"the query's level and the body's differ: {given}", param="level")
     return levels.pop() if levels else 1
 
 

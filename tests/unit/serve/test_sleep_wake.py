@@ -113,7 +113,7 @@ def test_level_1_moves_the_weights_to_pinned_host_memory_and_back(demo_model_dir
     assert model.score(ITEMS) == before
 
 
-@pytest.mark.parametrize("level", [0, 3, True, "1", None])
+@pytest.mark.parametrize("level", [0, 3, True, "1", None, 2.0])
 def test_only_levels_1_and_2_exist(level):
     with pytest.raises(InvalidRequestError) as info:
         check_level(level)
